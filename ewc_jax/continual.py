@@ -1,0 +1,212 @@
+"""The continual-learning protocol: train task after task, evaluate, consolidate.
+
+:func:`run` is the one loop every benchmark shares. It compiles each piece once, ahead of time
+(epoch order, a chunk of train steps, evaluation of every task, consolidation = Fisher + memory
+update), so the compile time is measured on its own and no task triggers a recompile: task data
+are padded to one shape and the task index is an array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax import algorithms
+from ewc_jax import fisher as fisher_lib
+from ewc_jax import heads
+from ewc_jax import metrics as metrics_lib
+from ewc_jax import train as train_lib
+
+PyTree = Any
+
+ALGOS = ("ewc", "finetune")
+PENALTIES = ("standard", "seed", "clarena")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Plain-data configuration of one continual-learning run (defaults: the peers' protocol)."""
+  algo: str = "ewc"
+  penalty: str = "standard"
+  lam: float = 1000.0
+  p: float = 2.0
+  fisher: str = "empirical"
+  fisher_batch_size: int = 256
+  fisher_normalize: bool = False
+  epochs: int = 2
+  batch_size: int = 128
+  lr: float = 1e-3
+  seed: int = 0
+  hidden: tuple[int, ...] = (400, 400)
+  chunk_steps: int = 16
+
+  def validate(self) -> None:
+    """Raises ``ValueError`` naming the first bad field (flag), its value and what is allowed."""
+    def bad(name, value, allowed):
+      raise ValueError(f"--{name}={value!r} is invalid: expected {allowed}.")
+    if self.algo not in ALGOS:
+      bad("algo", self.algo, "one of " + ", ".join(ALGOS))
+    if self.penalty not in PENALTIES:
+      bad("penalty", self.penalty, "one of " + ", ".join(PENALTIES))
+    if self.fisher not in fisher_lib.KINDS:
+      bad("fisher", self.fisher, "one of " + ", ".join(fisher_lib.KINDS))
+    if not np.isfinite(self.lam) or self.lam <= 0:
+      bad("lam", self.lam, "a finite number > 0")
+    if not np.isfinite(self.p) or self.p <= 0:
+      bad("p", self.p, "a finite number > 0")
+    if not np.isfinite(self.lr) or self.lr <= 0:
+      bad("lr", self.lr, "a finite number > 0")
+    for name in ("epochs", "batch_size", "fisher_batch_size", "chunk_steps"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        bad(name, value, "an integer >= 1")
+    if not self.hidden or any(h < 1 for h in self.hidden):
+      bad("hidden", self.hidden, "positive layer widths")
+
+
+class Result(NamedTuple):
+  acc_matrix: np.ndarray          # [T, T]: R[i, j] after task i on task j
+  curves: list[dict[str, list[float]]]  # per task: per-epoch mean of each train metric
+  timings: dict[str, float]
+  params: PyTree
+  memory: PyTree
+
+
+def make_algorithm(cfg: Config) -> algorithms.Algorithm:
+  if cfg.algo == "finetune":
+    return algorithms.finetune()
+  return algorithms.ewc(cfg.penalty)
+
+
+def hyper_of(cfg: Config) -> algorithms.Hyper:
+  return algorithms.Hyper(*(jnp.asarray(v, jnp.float32) for v in (cfg.lam, cfg.p, 1.0, cfg.lr)))
+
+
+class Programs(NamedTuple):
+  """The pure functions of one run, ready to ``jit`` (or ``vmap`` then ``jit`` for sweeps)."""
+  init: Callable        # (key) -> params
+  order: Callable       # (key, count) -> [steps_max * B] int32
+  chunk: Callable       # (state, data, order, start_step, task, memory, hyper) -> (state, metrics)
+  evaluate: Callable    # (params, test) -> [T]
+  consolidate: Callable  # (memory, params, data, task, key, hyper) -> memory
+  steps_per_epoch: int  # for the largest task
+
+
+def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
+             train: train_lib.TaskData, preprocess: Callable = train_lib.scale_pixels) -> Programs:
+  tx = train_lib.make_optimizer()
+  n_max = train.inputs.shape[1]
+  steps = -(-n_max // cfg.batch_size)
+  example = preprocess(train.inputs[0, :1])
+
+  def consolidate(memory, params, data, task_index, key, hyper):
+    x = preprocess(data.inputs[task_index])
+    mask = jnp.arange(x.shape[0]) < data.counts[task_index]
+    logits_fn = heads.backbone_logits_fn(net, params["heads"], task_index)
+    importance = fisher_lib.fisher_diagonal(
+        logits_fn, params["backbone"], x, data.labels[task_index], kind=cfg.fisher,
+        batch_size=cfg.fisher_batch_size, key=key, mask=mask,
+        normalize_by_num_params=cfg.fisher_normalize)
+    return algo.consolidate(memory, params["backbone"], importance, task_index, hyper)
+
+  return Programs(
+      init=lambda key: heads.init_params(net, key, example),
+      order=lambda key, count: train_lib.epoch_order(key, count, n_max, steps * cfg.batch_size),
+      chunk=functools.partial(train_lib.train_chunk, net, algo, tx, preprocess, cfg.batch_size,
+                              cfg.chunk_steps),
+      evaluate=functools.partial(train_lib.evaluate, net, preprocess),
+      consolidate=consolidate,
+      steps_per_epoch=steps)
+
+
+def _i32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.int32)
+
+
+def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_lib.TaskData,
+        *, preprocess: Callable = train_lib.scale_pixels,
+        progress: Callable[[int, int], Any] | None = None) -> Result:
+  """Trains tasks ``0..T-1`` in order; returns the accuracy matrix, curves and timings.
+
+  ``progress(task_index, total_steps)`` may return a tqdm-like bar (``update(n)``,
+  ``set_postfix(dict)``, ``close()``).
+  """
+  cfg.validate()
+  num_tasks = int(train.inputs.shape[0])
+  algo = make_algorithm(cfg)
+  progs = programs(cfg, net, algo, train, preprocess)
+  hyper = hyper_of(cfg)
+  tx = train_lib.make_optimizer()
+  timings = {"compile": 0.0, "train": 0.0, "fisher": 0.0, "eval": 0.0}
+
+  key = jax.random.key(cfg.seed)
+  k_init, k_order, k_fisher = jax.random.split(key, 3)
+  t0 = time.perf_counter()
+  init = jax.jit(progs.init).lower(k_init).compile()
+  params = init(k_init)
+  memory = jax.jit(algo.init, static_argnums=1)(params["backbone"], num_tasks)
+  state = train_lib.init_train_state(tx, params, hyper.lr)
+  zero = _i32(0)
+  order_c = jax.jit(progs.order).lower(k_order, zero).compile()
+  order0 = order_c(k_order, zero)
+  chunk_c = jax.jit(progs.chunk, donate_argnums=0).lower(
+      state, train, order0, zero, zero, memory, hyper).compile()
+  eval_c = jax.jit(progs.evaluate).lower(params, test).compile()
+  consolidate_c = None
+  if algo.needs_importance and num_tasks > 1:
+    consolidate_c = jax.jit(progs.consolidate, donate_argnums=0).lower(
+        memory, params, train, zero, k_fisher, hyper).compile()
+  timings["compile"] = time.perf_counter() - t0
+
+  counts = np.asarray(train.counts)
+  acc = np.zeros((num_tasks, num_tasks))
+  curves = []
+  for t in range(num_tasks):
+    state = train_lib.init_train_state(tx, params, hyper.lr)
+    steps = -(-int(counts[t]) // cfg.batch_size)
+    bar = progress(t, steps * cfg.epochs) if progress else None
+    curve = {k: [] for k in train_lib.METRIC_NAMES}
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+      order = order_c(jax.random.fold_in(jax.random.fold_in(k_order, t), epoch), _i32(counts[t]))
+      sums = {k: 0.0 for k in train_lib.METRIC_NAMES}
+      total = 0.0
+      for start in range(0, steps, cfg.chunk_steps):
+        state, m = chunk_c(state, train, order, _i32(start), _i32(t), memory, hyper)
+        m = jax.device_get(m)
+        n = m["count"]
+        total += float(n.sum())
+        for k in sums:
+          sums[k] += float(np.sum(m[k] * n))
+        if bar is not None:
+          bar.update(min(cfg.chunk_steps, steps - start))
+          bar.set_postfix({k: f"{float(np.sum(m[k] * n) / max(n.sum(), 1)):.4f}"
+                           for k in ("loss_cls", "loss_reg", "acc")})
+      for k in sums:
+        curve[k].append(sums[k] / max(total, 1.0))
+    params = jax.block_until_ready(state.params)
+    timings["train"] += time.perf_counter() - t0
+    if bar is not None:
+      bar.close()
+    curves.append(curve)
+
+    t0 = time.perf_counter()
+    acc[t] = np.asarray(eval_c(params, test))
+    timings["eval"] += time.perf_counter() - t0
+
+    if consolidate_c is not None and t < num_tasks - 1:
+      t0 = time.perf_counter()
+      memory = jax.block_until_ready(
+          consolidate_c(memory, params, train, _i32(t), jax.random.fold_in(k_fisher, t), hyper))
+      timings["fisher"] += time.perf_counter() - t0
+  return Result(acc_matrix=acc, curves=curves, timings=timings, params=params, memory=memory)
+
+
+def summary(result: Result) -> dict:
+  return metrics_lib.summarize(result.acc_matrix)

@@ -1,0 +1,166 @@
+"""Training and evaluation steps: jitted pure functions, one compiled program for every task.
+
+Shapes never depend on the task: every task's data are padded to one ``[N_max, ...]`` shape with a
+count of valid rows, the task index is an int32 array, and the regulariser's memory (e.g. stacked
+anchors with zero-importance free slots) has a fixed shape. The train step takes that memory as an
+*argument*; :func:`bind_memory` gives the closure over it (anchors change only between tasks, by
+building a new closure, never by mutation), without baking them into the program as constants.
+
+The loss of a step is ``loss = loss_cls + loss_reg`` and the step reports ``loss``, ``loss_cls``,
+``loss_reg`` and the batch accuracy ``acc``, like the reference's training step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from ewc_jax import algorithms
+from ewc_jax import heads
+
+PyTree = Any
+METRIC_NAMES = ("loss", "loss_cls", "loss_reg", "acc")
+
+
+class TrainState(NamedTuple):
+  params: PyTree
+  opt_state: PyTree
+
+
+class TaskData(NamedTuple):
+  """Every task's examples padded to one shape.
+
+  Attributes:
+    inputs: ``[T, N_max, ...]`` (any dtype; ``preprocess`` turns a batch into model inputs).
+    labels: ``[T, N_max]`` int32 labels within the task.
+    counts: ``[T]`` int32 number of valid rows of each task (the first ``counts[t]`` rows).
+  """
+  inputs: jax.Array
+  labels: jax.Array
+  counts: jax.Array
+
+
+def scale_pixels(x: jax.Array) -> jax.Array:
+  """uint8 images -> float32 in [0, 1], flattened to ``[B, H*W*C]``."""
+  return x.reshape((x.shape[0], -1)).astype(jnp.float32) / 255.0
+
+
+def make_optimizer() -> optax.GradientTransformation:
+  """Adam whose learning rate lives in the optimizer state (so sweeps can vmap over it)."""
+  return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+
+
+def init_train_state(tx: optax.GradientTransformation, params: PyTree, lr: Any) -> TrainState:
+  """A fresh optimizer state (the protocol restarts Adam at each task)."""
+  opt_state = tx.init(params)
+  # A fresh buffer: the state may be donated to the train step while ``lr`` is still in use.
+  opt_state.hyperparams["learning_rate"] = jnp.array(lr, jnp.float32, copy=True)
+  return TrainState(params=params, opt_state=opt_state)
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
+  """Mean cross-entropy and accuracy over the rows with weight 1."""
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return jnp.sum(weights * xent) / count, jnp.sum(weights * correct) / count
+
+
+def loss_fn(net: heads.Network, algo: algorithms.Algorithm, params: PyTree, x, y, w,
+            task_index, memory, hyper):
+  """``loss_cls + loss_reg`` and its parts; the penalty sees only the backbone."""
+  logits = heads.logits(net, params, x, task_index)
+  loss_cls, acc = masked_cross_entropy(logits, y, w)
+  loss_reg = algo.penalty(params["backbone"], memory, hyper, task_index).astype(jnp.float32)
+  return loss_cls + loss_reg, (loss_cls, loss_reg, acc)
+
+
+def train_step(net: heads.Network, algo: algorithms.Algorithm, tx: optax.GradientTransformation,
+               state: TrainState, batch, task_index, memory, hyper):
+  """One optimizer step on ``batch = (x, y, w)``; returns ``(state, metrics)``.
+
+  Pure; jit it with ``net``, ``algo`` and ``tx`` static (see :func:`make_train_step`).
+  """
+  x, y, w = batch
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, net, algo), has_aux=True)
+  (loss, (loss_cls, loss_reg, acc)), grads = grad_fn(state.params, x, y, w, task_index,
+                                                     memory, hyper)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "loss_cls": loss_cls, "loss_reg": loss_reg, "acc": acc}
+  return TrainState(params, opt_state), metrics
+
+
+def make_train_step(net, algo, tx) -> Callable:
+  """The jitted core ``step(state, batch, task_index, memory, hyper)``."""
+  return jax.jit(functools.partial(train_step, net, algo, tx))
+
+
+def bind_memory(step: Callable, memory: PyTree, hyper: algorithms.Hyper) -> Callable:
+  """``step(state, batch, task_index)`` closing over an (immutable) memory, e.g. anchors.
+
+  The memory is passed to the jitted core as an argument, so a new closure after each task
+  reuses the same compiled program.
+  """
+  return lambda state, batch, task_index: step(state, batch, task_index, memory, hyper)
+
+
+def epoch_order(key: jax.Array, count: jax.Array, n_max: int, length: int) -> jax.Array:
+  """A random order of the first ``count`` of ``n_max`` rows first, padded to ``length``."""
+  r = jax.random.uniform(key, (n_max,))
+  r = jnp.where(jnp.arange(n_max) < count, r, 2.0)
+  order = jnp.argsort(r).astype(jnp.int32)
+  return jnp.pad(order, (0, length - n_max))
+
+
+def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
+                state: TrainState, data: TaskData, order: jax.Array, start_step,
+                task_index, memory, hyper):
+  """``num_steps`` steps of one epoch (``lax.scan``), from batch ``start_step`` of ``order``.
+
+  Batches past the task's data are skipped (no optimizer update); the last partial batch is
+  masked. Returns ``(state, metrics)`` with ``metrics[name]`` of shape ``[num_steps]`` and
+  ``metrics["count"]`` the number of examples of each step (0 for a skipped step).
+  """
+  count = data.counts[task_index]
+  inputs, labels = data.inputs[task_index], data.labels[task_index]
+
+  def body(state, i):
+    step = start_step + i
+    idx = lax.dynamic_slice(order, (step * batch_size,), (batch_size,))
+    w = ((step * batch_size + jnp.arange(batch_size)) < count).astype(jnp.float32)
+    batch = (preprocess(inputs[idx]), labels[idx], w)
+    n = jnp.sum(w)
+
+    def do(state):
+      return train_step(net, algo, tx, state, batch, task_index, memory, hyper)
+
+    def skip(state):
+      zero = jnp.zeros((), jnp.float32)
+      return state, {k: zero for k in METRIC_NAMES}
+
+    state, metrics = lax.cond(n > 0, do, skip, state)
+    return state, dict(metrics, count=n)
+
+  return lax.scan(body, state, jnp.arange(num_steps))
+
+
+def evaluate(net, preprocess, params: PyTree, data: TaskData, head_of=None) -> jax.Array:
+  """``[T]`` test accuracy of every task with its own head (task-incremental).
+
+  ``head_of(t)`` may map an evaluated task to the head index to use (default: t).
+  """
+  num_tasks = data.inputs.shape[0]
+
+  def accuracy(t):
+    x = preprocess(data.inputs[t])
+    lg = heads.logits(net, params, x, t if head_of is None else head_of(t))
+    w = (jnp.arange(x.shape[0]) < data.counts[t]).astype(jnp.float32)
+    return masked_cross_entropy(lg, data.labels[t], w)[1]
+
+  return lax.map(accuracy, jnp.arange(num_tasks))

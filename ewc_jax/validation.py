@@ -1,0 +1,101 @@
+"""Argument checks at the API boundary, in the reference's ``sanity_check`` style.
+
+Every check names the argument, shows the value and says what is allowed. Checks run only on
+concrete (non-traced) values, so the same functions stay usable under ``jit``/``vmap``/``grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` holds a value now (not a tracer inside ``jit``/``vmap``/``grad``)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _scalar_values(name: str, value: Any) -> np.ndarray | None:
+  if not is_concrete(value):
+    return None
+  try:
+    return np.asarray(value, dtype=np.float64).reshape(-1)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"`{name}` must be a number, got {value!r}.") from err
+
+
+def check_positive(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless every concrete value of ``value`` is finite and > 0."""
+  vals = _scalar_values(name, value)
+  if vals is not None and not np.all(np.isfinite(vals) & (vals > 0)):
+    bad = vals[~(np.isfinite(vals) & (vals > 0))][0]
+    raise ValueError(f"`{name}` should be positive and finite, but got {name}={_fmt(bad)}.")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless every concrete value of ``value`` is finite and >= 0."""
+  vals = _scalar_values(name, value)
+  if vals is not None and not np.all(np.isfinite(vals) & (vals >= 0)):
+    bad = vals[~(np.isfinite(vals) & (vals >= 0))][0]
+    raise ValueError(f"`{name}` should be >= 0 and finite, but got {name}={_fmt(bad)}.")
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless every concrete value lies in (0, 1]."""
+  vals = _scalar_values(name, value)
+  if vals is not None and not np.all((vals > 0) & (vals <= 1)):
+    bad = vals[~((vals > 0) & (vals <= 1))][0]
+    raise ValueError(f"`{name}` should be in (0, 1], but got {name}={_fmt(bad)}.")
+
+
+def check_importance(name: str, importance: Any) -> None:
+  """Raises ``ValueError`` when a concrete importance pytree holds a negative or non-finite entry."""
+  leaves = jax.tree_util.tree_flatten_with_path(importance)[0]
+  for path, leaf in leaves:
+    if not is_concrete(leaf):
+      return
+    arr = np.asarray(leaf)
+    ok = np.isfinite(arr) & (arr >= 0)
+    if not np.all(ok):
+      bad = arr[~ok].reshape(-1)[0]
+      raise ValueError(
+          f"`{name}` must be finite and >= 0 everywhere, but leaf "
+          f"{jax.tree_util.keystr(path)} has value {_fmt(bad)}.")
+
+
+def check_same_structure(name: str, reference: Any, other: Any, reference_name: str = "params") -> None:
+  """Raises ``ValueError`` naming the first leaf path where ``other`` differs from ``reference``.
+
+  Compares tree structure (paths) and every leaf's shape.
+  """
+  ref = jax.tree_util.tree_flatten_with_path(reference)[0]
+  oth = jax.tree_util.tree_flatten_with_path(other)[0]
+  ref_paths = [jax.tree_util.keystr(p) for p, _ in ref]
+  oth_paths = [jax.tree_util.keystr(p) for p, _ in oth]
+  for i, path in enumerate(ref_paths):
+    if i >= len(oth_paths) or oth_paths[i] != path:
+      if path not in oth_paths:
+        raise ValueError(
+            f"`{name}` does not match `{reference_name}`: leaf {path} is missing from `{name}`.")
+      extra = oth_paths[i]
+      raise ValueError(
+          f"`{name}` does not match `{reference_name}`: unexpected leaf {extra} in `{name}`.")
+    ref_shape, oth_shape = np.shape(ref[i][1]), np.shape(oth[i][1])
+    if ref_shape != oth_shape:
+      raise ValueError(
+          f"`{name}` does not match `{reference_name}`: leaf {path} has shape {oth_shape} in "
+          f"`{name}` but {ref_shape} in `{reference_name}`.")
+  if len(oth_paths) > len(ref_paths):
+    raise ValueError(
+        f"`{name}` does not match `{reference_name}`: unexpected leaf "
+        f"{oth_paths[len(ref_paths)]} in `{name}`.")
+
+
+def _fmt(x: float) -> str:
+  x = float(x)
+  if math.isnan(x) or math.isinf(x):
+    return str(x)
+  return f"{x:g}"

@@ -1,0 +1,50 @@
+"""Turning a labelled image dataset into a padded sequence of tasks (``ewc_jax.train.TaskData``)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from ewc_jax.train import TaskData
+
+SPLIT_MNIST_CLASSES = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+
+
+def pad_tasks(task_inputs: Sequence[np.ndarray], task_labels: Sequence[np.ndarray]) -> TaskData:
+  """Stacks tasks of different sizes into ``[T, N_max, ...]`` arrays with per-task counts."""
+  counts = np.array([len(x) for x in task_inputs], np.int32)
+  n_max = int(counts.max())
+  inputs = np.zeros((len(task_inputs), n_max) + task_inputs[0].shape[1:], task_inputs[0].dtype)
+  labels = np.zeros((len(task_inputs), n_max), np.int32)
+  for t, (x, y) in enumerate(zip(task_inputs, task_labels)):
+    inputs[t, :len(x)] = x
+    labels[t, :len(y)] = y
+  return TaskData(inputs=inputs, labels=labels, counts=counts)
+
+
+def split_by_classes(images: np.ndarray, labels: np.ndarray,
+                     class_groups: Sequence[Sequence[int]] = SPLIT_MNIST_CLASSES,
+                     relabel: bool = True) -> TaskData:
+  """One task per class group, examples in dataset order.
+
+  ``relabel=True`` maps a group's classes to 0..len(group)-1 (task/domain-incremental);
+  ``False`` keeps the global labels (class-incremental).
+  """
+  xs, ys = [], []
+  for group in class_groups:
+    group = np.asarray(group)
+    keep = np.isin(labels, group)
+    y = labels[keep]
+    if relabel:
+      y = np.searchsorted(group, y) if np.all(np.diff(group) > 0) else np.array(
+          [int(np.where(group == v)[0][0]) for v in y])
+    xs.append(images[keep])
+    ys.append(y.astype(np.int32))
+  return pad_tasks(xs, ys)
+
+
+def to_device(data: TaskData) -> TaskData:
+  """Puts a whole task sequence on the default device once."""
+  return TaskData(*(jax.device_put(np.asarray(a)) for a in data))
