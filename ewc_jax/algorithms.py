@@ -82,8 +82,12 @@ def _standard_distance(backbone, memory: EWCMemory, p):
                   lambda: penalty_lib.weighted_distance(backbone, memory.anchors, p))
 
 
-def ewc(penalty: str = "standard") -> Algorithm:
+def ewc(penalty: str = "standard", p: float | None = None) -> Algorithm:
   """EWC with one anchor per previous task (stacked in ``num_tasks - 1`` slots).
+
+  ``p``: a Python number fixes the exponent at trace time (p = 2 then reads the merged statistics
+  only); ``None`` takes ``hyper.p`` at run time (for sweeps over p), choosing the branch with a
+  ``lax.cond`` whose gradient keeps residuals of both branches (slower).
 
   ``penalty``:
     * ``"standard"``: (λ/2) Σ_k Σ_i F_ki |θ_i − θ*_ki|^p  (Kirkpatrick et al. 2017).
@@ -93,10 +97,11 @@ def ewc(penalty: str = "standard") -> Algorithm:
   """
   if penalty == "standard":
     def pen(backbone, memory, hyper, task_index):
-      return 0.5 * hyper.lam * _standard_distance(backbone, memory, hyper.p)
+      return 0.5 * hyper.lam * _standard_distance(backbone, memory, hyper.p if p is None else p)
   elif penalty == "seed":
     def pen(backbone, memory, hyper, task_index):
-      return penalty_lib.seed_parity_loss(backbone, memory.anchors, factor=hyper.lam, p=hyper.p,
+      return penalty_lib.seed_parity_loss(backbone, memory.anchors, factor=hyper.lam,
+                                          p=hyper.p if p is None else p,
                                           task_id=jnp.asarray(task_index) + 1)
   elif penalty == "clarena":
     def pen(backbone, memory, hyper, task_index):

@@ -81,7 +81,7 @@ class Result(NamedTuple):
 def make_algorithm(cfg: Config) -> algorithms.Algorithm:
   if cfg.algo == "finetune":
     return algorithms.finetune()
-  return algorithms.ewc(cfg.penalty)
+  return algorithms.ewc(cfg.penalty, p=float(cfg.p))
 
 
 def hyper_of(cfg: Config) -> algorithms.Hyper:
