@@ -1,0 +1,41 @@
+# Fresh machine: `make run` (creates .venv, installs, runs Split MNIST EWC) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: install run test bench bench-peers prepare-data clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Prepares MNIST first only when no prepared copy is found (that step installs tensorflow-cpu).
+run: install
+	@$(BIN)/python -m experiments.prepare_data --check >/dev/null 2>&1 || $(MAKE) prepare-data
+	$(BIN)/python -m experiments.split_mnist --algo=ewc $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+# Offline: make prepare-data MANUAL_DIR=../shared/data/mnist
+prepare-data: install
+	$(BIN)/python -m pip install --quiet -e '.[prepare,test]'
+	$(BIN)/python -m experiments.prepare_data $(if $(MANUAL_DIR),--manual_dir=$(MANUAL_DIR))
+
+bench: install
+	$(BIN)/python -m benchmarks.train_step
+	$(BIN)/python -m benchmarks.fisher
+	$(BIN)/python -m benchmarks.end_to_end
+
+bench-peers: install
+	bash benchmarks/peers/setup.sh
+	$(PYTHON) benchmarks/peers/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,29 @@
+"""Test-wide settings: no downloads, a private cache, the real data folder when present."""
+
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TFDS = ROOT.parent / "shared" / "tensorflow_datasets"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir():
+  """The prepared MNIST beside the checkout (read-only); skips when it is not there."""
+  if not (SHARED_TFDS / "mnist").is_dir():
+    pytest.skip(f"real MNIST not found at {SHARED_TFDS}")
+  return str(SHARED_TFDS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+  """Decoded-data and compile caches of the test session live in a temporary folder."""
+  old = os.environ.get("EWC_JAX_CACHE_DIR")
+  os.environ["EWC_JAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("ewc_jax_cache"))
+  yield
+  if old is None:
+    os.environ.pop("EWC_JAX_CACHE_DIR", None)
+  else:
+    os.environ["EWC_JAX_CACHE_DIR"] = old
