@@ -51,6 +51,9 @@ def define_flags(default_workdir: str) -> None:
   flags.DEFINE_string("manual_dir", None, "Folder with the raw dataset files, to prepare the "
                       "dataset offline when data_dir does not hold it (needs tensorflow-cpu).")
   flags.DEFINE_string("workdir", default_workdir, "Where results.json is written.")
+  flags.DEFINE_integer("num_tasks", None, "Run only the first N tasks (default: all).")
+  flags.DEFINE_integer("max_examples", None, "Keep at most N train and N test examples per task "
+                       "(quick checks; default: all).")
   flags.DEFINE_bool("progress", True, "Show a progress bar per task.")
   flags.DEFINE_bool("compile_cache", True, "Use JAX's persistent compilation cache.")
   flags.DEFINE_bool("debug", False, "Show full tracebacks for user errors.")
@@ -61,6 +64,17 @@ def config_from_flags() -> continual.Config:
       algo=FLAGS.algo, penalty=FLAGS.penalty, lam=FLAGS.lam, p=FLAGS.p, fisher=FLAGS.fisher,
       fisher_batch_size=FLAGS.fisher_batch_size, fisher_normalize=FLAGS.fisher_normalize,
       epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr, seed=FLAGS.seed)
+
+
+def check_subset_flags(available_tasks: int) -> tuple[int, int | None]:
+  """Validated ``(--num_tasks, --max_examples)``."""
+  num_tasks = available_tasks if FLAGS.num_tasks is None else FLAGS.num_tasks
+  if not 1 <= num_tasks <= available_tasks:
+    raise ValueError(f"--num_tasks={FLAGS.num_tasks} is invalid: expected an integer in "
+                     f"1..{available_tasks}.")
+  if FLAGS.max_examples is not None and FLAGS.max_examples < 1:
+    raise ValueError(f"--max_examples={FLAGS.max_examples} is invalid: expected an integer >= 1.")
+  return num_tasks, FLAGS.max_examples
 
 
 def enable_compile_cache() -> Path:

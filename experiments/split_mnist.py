@@ -27,21 +27,24 @@ def train_and_evaluate(config, workdir, *, import_seconds: float = 0.0) -> dict:
   from ewc_jax import continual, heads  # pylint: disable=import-outside-toplevel
   from experiments import data, tasks  # pylint: disable=import-outside-toplevel
 
+  num_tasks, max_examples = cli.check_subset_flags(len(tasks.SPLIT_MNIST_CLASSES))
+  groups = tasks.SPLIT_MNIST_CLASSES[:num_tasks]
   t0 = time.perf_counter()
   ds = data.load_dataset("mnist", data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
-  train = tasks.to_device(tasks.split_by_classes(ds.train_images, ds.train_labels))
-  test = tasks.to_device(tasks.split_by_classes(ds.test_images, ds.test_labels))
+  train = tasks.to_device(tasks.split_by_classes(ds.train_images, ds.train_labels, groups,
+                                                 max_examples=max_examples))
+  test = tasks.to_device(tasks.split_by_classes(ds.test_images, ds.test_labels, groups,
+                                                max_examples=max_examples))
   data_seconds = time.perf_counter() - t0
 
-  net = heads.task_incremental(num_tasks=len(tasks.SPLIT_MNIST_CLASSES), classes_per_task=2,
-                               hidden=config.hidden)
+  net = heads.task_incremental(num_tasks=num_tasks, classes_per_task=2, hidden=config.hidden)
   result = continual.run(config, net, train, test, progress=cli.make_progress(FLAGS.progress))
   timings = {"import": import_seconds, "data": data_seconds, **result.timings,
              "data_from_cache": bool(ds.from_cache)}
   timings["total"] = time.perf_counter() - _START
   record = cli.results_record(config, result, timings, {
       "name": "split_mnist", "scenario": "task", "dataset": f"{ds.name}:{ds.version}",
-      "class_groups": [list(g) for g in tasks.SPLIT_MNIST_CLASSES]})
+      "class_groups": [list(g) for g in groups], "max_examples": max_examples})
   cli.write_json_atomic(workdir / "results.json", record)
 
   print(f"\nSplit MNIST (task-incremental), algo={config.algo}, lam={config.lam:g}, "

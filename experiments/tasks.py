@@ -26,11 +26,12 @@ def pad_tasks(task_inputs: Sequence[np.ndarray], task_labels: Sequence[np.ndarra
 
 def split_by_classes(images: np.ndarray, labels: np.ndarray,
                      class_groups: Sequence[Sequence[int]] = SPLIT_MNIST_CLASSES,
-                     relabel: bool = True) -> TaskData:
+                     relabel: bool = True, max_examples: int | None = None) -> TaskData:
   """One task per class group, examples in dataset order.
 
   ``relabel=True`` maps a group's classes to 0..len(group)-1 (task/domain-incremental);
-  ``False`` keeps the global labels (class-incremental).
+  ``False`` keeps the global labels (class-incremental). ``max_examples`` keeps the first N
+  examples of each task.
   """
   xs, ys = [], []
   for group in class_groups:
@@ -40,8 +41,8 @@ def split_by_classes(images: np.ndarray, labels: np.ndarray,
     if relabel:
       y = np.searchsorted(group, y) if np.all(np.diff(group) > 0) else np.array(
           [int(np.where(group == v)[0][0]) for v in y])
-    xs.append(images[keep])
-    ys.append(y.astype(np.int32))
+    xs.append(images[keep][:max_examples])
+    ys.append(y.astype(np.int32)[:max_examples])
   return pad_tasks(xs, ys)
 
 

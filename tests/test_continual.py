@@ -1,0 +1,100 @@
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ewc_jax import continual, heads, train
+
+D, T = 16, 3
+
+
+def synthetic_tasks(n_per_task, seed, task_seed=0):
+  """T binary tasks on shared inputs statistics, each labelled by its own random projection."""
+  rng = np.random.default_rng(seed)
+  directions = np.random.default_rng(task_seed).normal(size=(T, D))
+  xs, ys = [], []
+  sizes = [n_per_task - 7 * t for t in range(T)]  # different sizes: one program must serve all
+  for n, direction in zip(sizes, directions):
+    x = rng.integers(0, 256, (n, D)).astype(np.uint8)
+    y = ((x.astype(np.float32) / 255 - 0.5) @ direction > 0).astype(np.int32)
+    xs.append(x)
+    ys.append(y)
+  from experiments.tasks import pad_tasks  # pylint: disable=import-outside-toplevel
+  return pad_tasks(xs, ys)
+
+
+CFG = continual.Config(epochs=2, batch_size=32, hidden=(32,), lam=100.0, chunk_steps=4,
+                       fisher_batch_size=64)
+
+
+def run(cfg, seed=0):
+  net = heads.task_incremental(T, 2, hidden=cfg.hidden)
+  return continual.run(cfg, net, synthetic_tasks(200, seed), synthetic_tasks(100, seed + 100))
+
+
+def test_no_compilation_after_the_first_task(monkeypatch):
+  events = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, secs, **kw: events.append(name) if "backend_compile" in name else None)
+  seen = {}
+
+  class Bar:
+    def update(self, n): pass
+    def set_postfix(self, d): pass
+    def close(self): pass
+
+  def progress(task, total):
+    seen[task] = len(events)
+    return Bar()
+
+  net = heads.task_incremental(T, 2, hidden=(24,))
+  cfg = dataclasses.replace(CFG, hidden=(24,), seed=11)
+  result = continual.run(cfg, net, synthetic_tasks(200, 0), synthetic_tasks(100, 1),
+                         progress=progress)
+  compiles_after_task_2_starts = len(events) - seen[1]
+  assert seen[0] > 0, "the ahead-of-time compilation should be observed"
+  assert compiles_after_task_2_starts == 0, events[seen[1]:]
+  assert result.acc_matrix.shape == (T, T)
+
+
+def test_same_seed_same_results_other_seed_differs():
+  a, b = run(CFG), run(CFG)
+  np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)
+  assert a.curves == b.curves
+  c = run(dataclasses.replace(CFG, seed=1))
+  assert not np.array_equal(a.acc_matrix, c.acc_matrix) or a.curves != c.curves
+
+
+def test_ewc_remembers_better_than_finetune():
+  strong = dataclasses.replace(CFG, lam=1e3, epochs=10, lr=1e-2)
+  ewc = run(strong)
+  ft = run(dataclasses.replace(strong, algo="finetune"))
+  assert ewc.acc_matrix[0, 0] > 0.8 and ft.acc_matrix[0, 0] > 0.8
+  # After the last task, task 1 is better kept with EWC.
+  assert ewc.acc_matrix[-1, 0] > ft.acc_matrix[-1, 0]
+  assert all(c["loss_reg"][-1] > 0 for c in ewc.curves[1:])
+  assert all(c["loss_reg"] == [0.0] * strong.epochs for c in ft.curves)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("algo", "bogus"), ("penalty", "nope"), ("fisher", "exact"), ("lam", 0.0),
+    ("lam", float("nan")), ("p", -1.0), ("lr", 0.0), ("epochs", 0), ("batch_size", -1),
+    ("fisher_batch_size", 0)])
+def test_config_validation_names_the_flag(field, value):
+  with pytest.raises(ValueError, match=f"--{field}="):
+    dataclasses.replace(CFG, **{field: value}).validate()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true", "sampled", "predicted", "batch_squared"])
+def test_every_fisher_kind_runs(fisher):
+  result = run(dataclasses.replace(CFG, fisher=fisher, epochs=1))
+  assert np.all(np.isfinite(result.acc_matrix))
+  assert all(np.isfinite(result.curves[-1]["loss_reg"]))
+
+
+@pytest.mark.parametrize("penalty", ["seed", "clarena"])
+def test_parity_penalties_run(penalty):
+  result = run(dataclasses.replace(CFG, penalty=penalty, fisher="batch_squared", epochs=1,
+                                   fisher_normalize=penalty == "seed"))
+  assert result.curves[1]["loss_reg"][0] > 0

@@ -1,0 +1,125 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ewc_jax import algorithms, heads, penalty, train
+
+D = 12
+
+
+@pytest.fixture(scope="module")
+def setup():
+  net = heads.task_incremental(num_tasks=3, classes_per_task=2, hidden=(16,))
+  params = heads.init_params(net, jax.random.key(0), jnp.ones((1, D)))
+  tx = train.make_optimizer()
+  return net, params, tx
+
+
+def _batch(n, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(k1, (n, D)), jax.random.randint(k2, (n,), 0, 2), jnp.ones((n,))
+
+
+def _ewc_memory(params, algo):
+  memory = algo.init(params["backbone"], 3)
+  imp = jax.tree.map(lambda x: jnp.full(x.shape, 0.5), params["backbone"])
+  ref = jax.tree.map(lambda x: x + 0.1, params["backbone"])
+  return algo.consolidate(memory, ref, imp, 0, algorithms.Hyper())
+
+
+def test_step_reports_loss_parts_and_accuracy(setup):
+  net, params, tx = setup
+  algo = algorithms.ewc(p=2.0)
+  memory = _ewc_memory(params, algo)
+  hyper = algorithms.Hyper(lam=jnp.float32(3.0))
+  state = train.init_train_state(tx, params, 1e-3)
+  x, y, w = _batch(8)
+  step = train.make_train_step(net, algo, tx)
+  new_state, m = step(state, (x, y, w), jnp.int32(1), memory, hyper)
+  assert set(m) == {"loss", "loss_cls", "loss_reg", "acc"}
+  logits = heads.logits(net, params, x, 1)
+  np.testing.assert_allclose(
+      m["loss_cls"], optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["acc"], np.mean(np.argmax(logits, -1) == y), rtol=1e-6)
+  # loss_reg = (lam/2) * sum F (theta - theta*)^2 = 1.5 * 0.5 * 0.01 * num_params
+  n = sum(x.size for x in jax.tree.leaves(params["backbone"]))
+  np.testing.assert_allclose(m["loss_reg"], 1.5 * 0.5 * 0.01 * n, rtol=1e-4)
+  np.testing.assert_allclose(m["loss"], m["loss_cls"] + m["loss_reg"], rtol=1e-6)
+  # Only the trained task's head and the backbone move.
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_state.params)
+  assert moved["heads"]["task_2"]["kernel"] and not moved["heads"]["task_1"]["kernel"]
+  assert moved["backbone"]["Dense_0"]["kernel"]
+
+
+def test_bound_step_reuses_one_program_for_new_anchors(setup):
+  net, params, tx = setup
+  algo = algorithms.ewc(p=2.0)
+  core = train.make_train_step(net, algo, tx)
+  state = train.init_train_state(tx, params, 1e-3)
+  hyper = algorithms.Hyper(lam=jnp.float32(1.0))
+  batch = _batch(8)
+  memory = algo.init(params["backbone"], 3)
+  losses = []
+  for t in range(3):
+    step = train.bind_memory(core, memory, hyper)  # a new closure per task, never mutation
+    state, m = step(state, batch, jnp.int32(t))
+    losses.append(float(m["loss_reg"]))
+    memory = _ewc_memory(state.params, algo)
+  assert core._cache_size() == 1
+  assert losses[0] == 0.0 and losses[1] > 0
+
+
+def test_masked_partial_batch_equals_unpadded_batch(setup):
+  net, params, tx = setup
+  algo = algorithms.finetune()
+  x, y, _ = _batch(5, seed=3)
+  state = train.init_train_state(tx, params, 1e-3)
+  ref_state, ref_m = train.train_step(net, algo, tx, state, (x, y, jnp.ones(5)), 0, (),
+                                      algorithms.Hyper())
+  xp = jnp.concatenate([x, 100 * jnp.ones((3, D))])
+  yp = jnp.concatenate([y, jnp.ones(3, jnp.int32)])
+  w = jnp.array([1.0] * 5 + [0.0] * 3)
+  state = train.init_train_state(tx, params, 1e-3)
+  pad_state, pad_m = train.train_step(net, algo, tx, state, (xp, yp, w), 0, (), algorithms.Hyper())
+  for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(pad_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(ref_m["loss"], pad_m["loss"], rtol=1e-6)
+
+
+def test_epoch_order_puts_valid_rows_first():
+  order = np.asarray(train.epoch_order(jax.random.key(0), jnp.int32(7), 10, 16))
+  assert sorted(order[:7]) == list(range(7))
+  assert sorted(order[7:10]) == [7, 8, 9]
+  assert len(order) == 16
+  other = np.asarray(train.epoch_order(jax.random.key(1), jnp.int32(7), 10, 16))
+  assert not np.array_equal(order[:7], other[:7])
+
+
+def test_chunk_skips_steps_past_the_data(setup):
+  net, params, tx = setup
+  algo = algorithms.finetune()
+  n_max, bs = 10, 4
+  x = jax.random.randint(jax.random.key(0), (2, n_max, D), 0, 255).astype(jnp.uint8)
+  data = train.TaskData(x, jnp.zeros((2, n_max), jnp.int32), jnp.array([6, 10], jnp.int32))
+  order = train.epoch_order(jax.random.key(0), data.counts[0], n_max, 12)
+  chunk = functools.partial(train.train_chunk, net, algo, tx, train.scale_pixels, bs, 3)
+  state = train.init_train_state(tx, params, 1e-3)
+  state, m = jax.jit(chunk)(state, data, order, jnp.int32(0), jnp.int32(0), (), algorithms.Hyper())
+  np.testing.assert_array_equal(m["count"], [4, 2, 0])  # 6 examples: 4 + a partial 2 + skip
+  assert int(state.opt_state.count if hasattr(state.opt_state, "count")
+             else state.opt_state.inner_state[0].count) == 2
+
+
+def test_evaluate_uses_each_tasks_head(setup):
+  net, params, _ = setup
+  x = jax.random.randint(jax.random.key(5), (3, 7, D), 0, 255).astype(jnp.uint8)
+  preds = jnp.stack([jnp.argmax(heads.logits(net, params, train.scale_pixels(x[t]), t), -1)
+                     for t in range(3)])
+  data = train.TaskData(x, preds.astype(jnp.int32), jnp.array([7, 3, 5], jnp.int32))
+  np.testing.assert_allclose(train.evaluate(net, train.scale_pixels, params, data), [1, 1, 1])
+  flipped = data._replace(labels=1 - data.labels)
+  np.testing.assert_allclose(train.evaluate(net, train.scale_pixels, params, flipped), [0, 0, 0])
