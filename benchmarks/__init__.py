@@ -1,0 +1,1 @@
+"""Benchmarks: each prints JSON and writes it to benchmarks/results/<name>.json."""
