@@ -1,0 +1,29 @@
+"""ewc_jax: Elastic Weight Consolidation for continual learning in JAX.
+
+Pure functions on pytrees: :func:`fisher_diagonal` (importance), :func:`ewc_loss` (penalty),
+:class:`Anchor` (what is remembered of a task), plus the parity penalties of the reference.
+"""
+
+from ewc_jax.fisher import KINDS as FISHER_KINDS
+from ewc_jax.fisher import fisher_diagonal
+from ewc_jax.fisher import num_parameters
+from ewc_jax.penalty import Anchor
+from ewc_jax.penalty import Merged
+from ewc_jax.penalty import clarena_loss
+from ewc_jax.penalty import empty_anchors
+from ewc_jax.penalty import empty_merged
+from ewc_jax.penalty import ewc_loss
+from ewc_jax.penalty import merge_anchor
+from ewc_jax.penalty import merged_distance
+from ewc_jax.penalty import seed_parity_loss
+from ewc_jax.penalty import set_anchor
+from ewc_jax.penalty import stack_anchors
+from ewc_jax.penalty import weighted_distance
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Anchor", "FISHER_KINDS", "Merged", "clarena_loss", "empty_anchors", "empty_merged",
+    "ewc_loss", "fisher_diagonal", "merge_anchor", "merged_distance", "num_parameters",
+    "seed_parity_loss", "set_anchor", "stack_anchors", "weighted_distance",
+]
