@@ -25,17 +25,19 @@ from ewc_jax import train as train_lib
 
 PyTree = Any
 
-ALGOS = ("ewc", "finetune")
-PENALTIES = ("standard", "seed", "clarena")
+ALGOS = algorithms.NAMES
+PENALTIES = algorithms.PENALTIES
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Plain-data configuration of one continual-learning run (defaults: the peers' protocol)."""
   algo: str = "ewc"
+  scenario: str = "task"
   penalty: str = "standard"
   lam: float = 1000.0
   p: float = 2.0
+  gamma: float = 1.0
   fisher: str = "empirical"
   fisher_batch_size: int = 256
   fisher_normalize: bool = False
@@ -52,8 +54,16 @@ class Config:
       raise ValueError(f"--{name}={value!r} is invalid: expected {allowed}.")
     if self.algo not in ALGOS:
       bad("algo", self.algo, "one of " + ", ".join(ALGOS))
+    if self.scenario not in heads.SCENARIOS:
+      bad("scenario", self.scenario, "one of " + ", ".join(heads.SCENARIOS))
     if self.penalty not in PENALTIES:
       bad("penalty", self.penalty, "one of " + ", ".join(PENALTIES))
+    if self.penalty != "standard" and self.algo != "ewc":
+      bad("penalty", self.penalty, "standard unless --algo=ewc")
+    if self.algo == "ewc_merged" and self.p != 2:
+      bad("p", self.p, "2 with --algo=ewc_merged (a merged quadratic)")
+    if not (0 < self.gamma <= 1):
+      bad("gamma", self.gamma, "a number in (0, 1]")
     if self.fisher not in fisher_lib.KINDS:
       bad("fisher", self.fisher, "one of " + ", ".join(fisher_lib.KINDS))
     if not np.isfinite(self.lam) or self.lam <= 0:
@@ -79,13 +89,33 @@ class Result(NamedTuple):
 
 
 def make_algorithm(cfg: Config) -> algorithms.Algorithm:
-  if cfg.algo == "finetune":
-    return algorithms.finetune()
-  return algorithms.ewc(cfg.penalty, p=float(cfg.p))
+  return algorithms.make(cfg.algo, penalty=cfg.penalty, p=float(cfg.p))
 
 
 def hyper_of(cfg: Config) -> algorithms.Hyper:
-  return algorithms.Hyper(*(jnp.asarray(v, jnp.float32) for v in (cfg.lam, cfg.p, 1.0, cfg.lr)))
+  return algorithms.Hyper(*(jnp.asarray(v, jnp.float32)
+                            for v in (cfg.lam, cfg.p, cfg.gamma, cfg.lr)))
+
+
+def cumulative(data: train_lib.TaskData) -> train_lib.TaskData:
+  """Training sets for joint training: set t holds the examples of tasks 0..t (with task ids)."""
+  inputs, labels, counts = (np.asarray(a) for a in data[:3])
+  ids = (np.asarray(data.task_ids) if data.task_ids is not None else
+         np.broadcast_to(np.arange(len(counts))[:, None], labels.shape))
+  num_tasks, total = len(counts), int(counts.sum())
+  out_x = np.zeros((num_tasks, total) + inputs.shape[2:], inputs.dtype)
+  out_y = np.zeros((num_tasks, total), np.int32)
+  out_t = np.zeros((num_tasks, total), np.int32)
+  out_n = np.zeros(num_tasks, np.int32)
+  for t in range(num_tasks):
+    rows = [(inputs[k, :counts[k]], labels[k, :counts[k]], ids[k, :counts[k]])
+            for k in range(t + 1)]
+    n = sum(len(r[1]) for r in rows)
+    out_x[t, :n] = np.concatenate([r[0] for r in rows])
+    out_y[t, :n] = np.concatenate([r[1] for r in rows])
+    out_t[t, :n] = np.concatenate([r[2] for r in rows])
+    out_n[t] = n
+  return train_lib.TaskData(*(jax.device_put(a) for a in (out_x, out_y, out_n, out_t)))
 
 
 class Programs(NamedTuple):
@@ -93,7 +123,7 @@ class Programs(NamedTuple):
   init: Callable        # (key) -> params
   order: Callable       # (key, count) -> [steps_max * B] int32
   chunk: Callable       # (state, data, order, start_step, task, memory, hyper) -> (state, metrics)
-  evaluate: Callable    # (params, test) -> [T]
+  evaluate: Callable    # (params, test, trained_task) -> [T]
   consolidate: Callable  # (memory, params, data, task, key, hyper) -> memory
   steps_per_epoch: int  # for the largest task
 
@@ -106,13 +136,16 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
   example = preprocess(train.inputs[0, :1])
 
   def consolidate(memory, params, data, task_index, key, hyper):
-    x = preprocess(data.inputs[task_index])
-    mask = jnp.arange(x.shape[0]) < data.counts[task_index]
-    logits_fn = heads.backbone_logits_fn(net, params["heads"], task_index)
-    importance = fisher_lib.fisher_diagonal(
-        logits_fn, params["backbone"], x, data.labels[task_index], kind=cfg.fisher,
-        batch_size=cfg.fisher_batch_size, key=key, mask=mask,
-        normalize_by_num_params=cfg.fisher_normalize)
+    if algo.importance == "unit":
+      importance = jax.tree.map(jnp.ones_like, params["backbone"])
+    else:
+      x = preprocess(data.inputs[task_index])
+      mask = jnp.arange(x.shape[0]) < data.counts[task_index]
+      logits_fn = heads.backbone_logits_fn(net, params["heads"], task_index)
+      importance = fisher_lib.fisher_diagonal(
+          logits_fn, params["backbone"], x, data.labels[task_index], kind=cfg.fisher,
+          batch_size=cfg.fisher_batch_size, key=key, mask=mask,
+          normalize_by_num_params=cfg.fisher_normalize)
     return algo.consolidate(memory, params["backbone"], importance, task_index, hyper)
 
   return Programs(
@@ -140,6 +173,8 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   cfg.validate()
   num_tasks = int(train.inputs.shape[0])
   algo = make_algorithm(cfg)
+  if algo.joint:
+    train = cumulative(train)
   progs = programs(cfg, net, algo, train, preprocess)
   hyper = hyper_of(cfg)
   tx = train_lib.make_optimizer()
@@ -157,9 +192,9 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   order0 = order_c(k_order, zero)
   chunk_c = jax.jit(progs.chunk, donate_argnums=0).lower(
       state, train, order0, zero, zero, memory, hyper).compile()
-  eval_c = jax.jit(progs.evaluate).lower(params, test).compile()
+  eval_c = jax.jit(progs.evaluate).lower(params, test, zero).compile()
   consolidate_c = None
-  if algo.needs_importance and num_tasks > 1:
+  if algo.importance is not None and num_tasks > 1:
     consolidate_c = jax.jit(progs.consolidate, donate_argnums=0).lower(
         memory, params, train, zero, k_fisher, hyper).compile()
   timings["compile"] = time.perf_counter() - t0
@@ -197,7 +232,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     curves.append(curve)
 
     t0 = time.perf_counter()
-    acc[t] = np.asarray(eval_c(params, test))
+    acc[t] = np.asarray(eval_c(params, test, _i32(t)))
     timings["eval"] += time.perf_counter() - t0
 
     if consolidate_c is not None and t < num_tasks - 1:

@@ -1,11 +1,19 @@
 """Backbone + heads: the continual-learning network as plain Flax modules and pure functions.
 
 The network is a backbone module (shared across tasks, the only part EWC consolidates) and a
-``dict`` of head modules keyed by task name (task-incremental: one head per task, each with that
-task's classes). Parameters are one pytree ``{"backbone": ..., "heads": {name: ...}}``.
+``dict`` of head modules. Parameters are one pytree ``{"backbone": ..., "heads": {name: ...}}``.
+Three scenarios (van de Ven & Tolias 2019):
 
-The head is picked with an *array* task index through ``lax.switch``, so one compiled program
-serves every task (the task index is data, not a Python constant).
+* task-incremental (``"task"``): one head per task, each with that task's classes; the task id
+  picks the head at training and test time.
+* domain-incremental (``"domain"``): one shared head with the per-task number of classes; the
+  task id is never used.
+* class-incremental (``"class"``): one head over all classes; on task t (and when evaluating
+  after task t) only the classes seen so far are active, the others are masked out.
+
+Heads are picked by an *array* of head ids (a scalar, or one per example, e.g. for joint
+training on several tasks at once): every head's logits are computed (heads are tiny next to the
+backbone) and selected per example, so one compiled program serves every task, also under vmap.
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ from typing import Any, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 
 PyTree = Any
+SCENARIOS = ("task", "domain", "class")
+_MASKED = -1e9
 
 
 class MLP(nn.Module):
@@ -33,13 +43,29 @@ class MLP(nn.Module):
 
 
 class Network(NamedTuple):
-  """A backbone module and a dict of per-task head modules (keys ordered by task)."""
+  """A backbone, a dict of head modules, and how tasks map onto them.
+
+  Attributes:
+    backbone: the shared feature extractor.
+    heads: head modules by name, in head-id order.
+    scenario: ``"task" | "domain" | "class"``.
+    head_of_task: head id of each task.
+    active_classes: for class-incremental, ``active_classes[t][c]`` is True when class c has been
+      seen by the end of task t (tuple of tuples; ``None`` for the other scenarios).
+  """
   backbone: nn.Module
   heads: dict[str, nn.Module]
+  scenario: str = "task"
+  head_of_task: tuple[int, ...] = ()
+  active_classes: tuple[tuple[bool, ...], ...] | None = None
 
   @property
   def task_names(self) -> list[str]:
     return list(self.heads)
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.head_of_task)
 
 
 def task_name(index: int) -> str:
@@ -47,15 +73,57 @@ def task_name(index: int) -> str:
   return f"task_{index + 1}"
 
 
+def _check(num_tasks: int, classes: int, what: str) -> None:
+  if num_tasks < 1:
+    raise ValueError(f"`num_tasks` should be >= 1, but got num_tasks={num_tasks}.")
+  if classes < 1:
+    raise ValueError(f"`{what}` should be >= 1, but got {what}={classes}.")
+
+
 def task_incremental(num_tasks: int, classes_per_task: int,
                      hidden: Sequence[int] = (400, 400)) -> Network:
   """MLP backbone and one ``nn.Dense(classes_per_task)`` head per task."""
-  if num_tasks < 1:
-    raise ValueError(f"`num_tasks` should be >= 1, but got num_tasks={num_tasks}.")
-  if classes_per_task < 1:
-    raise ValueError(f"`classes_per_task` should be >= 1, but got classes_per_task={classes_per_task}.")
+  _check(num_tasks, classes_per_task, "classes_per_task")
   heads = {task_name(t): nn.Dense(classes_per_task, name=task_name(t)) for t in range(num_tasks)}
-  return Network(backbone=MLP(hidden=tuple(hidden)), heads=heads)
+  return Network(MLP(hidden=tuple(hidden)), heads, "task", tuple(range(num_tasks)))
+
+
+def domain_incremental(num_tasks: int, classes_per_task: int,
+                       hidden: Sequence[int] = (400, 400)) -> Network:
+  """MLP backbone and one shared ``nn.Dense(classes_per_task)`` head."""
+  _check(num_tasks, classes_per_task, "classes_per_task")
+  return Network(MLP(hidden=tuple(hidden)), {"shared": nn.Dense(classes_per_task, name="shared")},
+                 "domain", (0,) * num_tasks)
+
+
+def class_incremental(class_groups: Sequence[Sequence[int]],
+                      hidden: Sequence[int] = (400, 400)) -> Network:
+  """MLP backbone and one head over all classes; classes become active task by task."""
+  groups = [list(g) for g in class_groups]
+  num_classes = 1 + max(c for g in groups for c in g)
+  _check(len(groups), num_classes, "num_classes")
+  active, seen = [], np.zeros(num_classes, bool)
+  for g in groups:
+    seen[g] = True
+    active.append(tuple(bool(v) for v in seen))
+  return Network(MLP(hidden=tuple(hidden)), {"shared": nn.Dense(num_classes, name="shared")},
+                 "class", (0,) * len(groups), tuple(active))
+
+
+def make_network(scenario: str, class_groups: Sequence[Sequence[int]],
+                 hidden: Sequence[int] = (400, 400)) -> Network:
+  """The network of ``scenario`` for tasks made of ``class_groups`` (equal-sized for task/domain)."""
+  if scenario not in SCENARIOS:
+    raise ValueError(f"`scenario` must be one of {', '.join(SCENARIOS)}, but got "
+                     f"scenario={scenario!r}.")
+  if scenario == "class":
+    return class_incremental(class_groups, hidden)
+  sizes = {len(g) for g in class_groups}
+  if len(sizes) != 1:
+    raise ValueError(f"`class_groups` must all have the same size for scenario={scenario!r}, "
+                     f"got sizes {sorted(sizes)}.")
+  build = task_incremental if scenario == "task" else domain_incremental
+  return build(len(class_groups), sizes.pop(), hidden)
 
 
 def init_params(net: Network, key: jax.Array, example: jax.Array) -> PyTree:
@@ -74,21 +142,37 @@ def features(net: Network, backbone_params: PyTree, x: jax.Array) -> jax.Array:
 
 
 def head_logits(net: Network, head_params: dict[str, PyTree], feats: jax.Array,
-                task_index: Any) -> jax.Array:
-  """Logits of the head of ``task_index`` (an int or a traced int32 scalar)."""
-  modules = list(net.heads.items())
-  branches = [
-      (lambda f, hp, name=name, m=m: m.apply({"params": hp[name]}, f)) for name, m in modules
-  ]
-  if len(branches) == 1:
-    return branches[0](feats, head_params)
-  index = jnp.clip(jnp.asarray(task_index, jnp.int32), 0, len(branches) - 1)
-  return lax.switch(index, branches, feats, head_params)
+                task_ids: Any, seen_through: Any = None) -> jax.Array:
+  """``[B, C]`` logits of the head of each example's task.
+
+  Args:
+    task_ids: task index (int or int32 array), a scalar or one per example ``[B]``.
+    seen_through: class-incremental only: mask classes not seen by the end of this task
+      (defaults to ``task_ids``).
+  """
+  task_ids = jnp.asarray(task_ids, jnp.int32)
+  outs = [m.apply({"params": head_params[name]}, feats) for name, m in net.heads.items()]
+  if len(outs) == 1:
+    logits = outs[0]
+  else:
+    if len({o.shape[-1] for o in outs}) != 1:
+      raise ValueError("all heads must have the same number of classes to be selected by id")
+    stacked = jnp.stack(outs, axis=1)  # [B, H, C]
+    head_ids = jnp.asarray(net.head_of_task, jnp.int32)[task_ids]
+    head_ids = jnp.broadcast_to(head_ids, feats.shape[:1])
+    logits = jnp.take_along_axis(stacked, head_ids[:, None, None], axis=1)[:, 0]
+  if net.active_classes is not None:
+    through = task_ids if seen_through is None else jnp.asarray(seen_through, jnp.int32)
+    active = jnp.asarray(np.array(net.active_classes))[through]
+    logits = jnp.where(active, logits, _MASKED)
+  return logits
 
 
-def logits(net: Network, params: PyTree, x: jax.Array, task_index: Any) -> jax.Array:
-  """``[B, C]`` logits of the whole network for the head of ``task_index``."""
-  return head_logits(net, params["heads"], features(net, params["backbone"], x), task_index)
+def logits(net: Network, params: PyTree, x: jax.Array, task_ids: Any,
+           seen_through: Any = None) -> jax.Array:
+  """``[B, C]`` logits of the whole network (see :func:`head_logits`)."""
+  return head_logits(net, params["heads"], features(net, params["backbone"], x), task_ids,
+                     seen_through)
 
 
 def backbone_logits_fn(net: Network, head_params: dict[str, PyTree], task_index: Any):

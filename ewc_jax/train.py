@@ -37,12 +37,15 @@ class TaskData(NamedTuple):
 
   Attributes:
     inputs: ``[T, N_max, ...]`` (any dtype; ``preprocess`` turns a batch into model inputs).
-    labels: ``[T, N_max]`` int32 labels within the task.
+    labels: ``[T, N_max]`` int32 labels (within the task, or global for class-incremental).
     counts: ``[T]`` int32 number of valid rows of each task (the first ``counts[t]`` rows).
+    task_ids: optional ``[T, N_max]`` int32 task of each example, when a training set mixes
+      tasks (joint training); ``None`` means every example of set t belongs to task t.
   """
   inputs: jax.Array
   labels: jax.Array
   counts: jax.Array
+  task_ids: jax.Array | None = None
 
 
 def scale_pixels(x: jax.Array) -> jax.Array:
@@ -72,9 +75,14 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Arra
 
 
 def loss_fn(net: heads.Network, algo: algorithms.Algorithm, params: PyTree, x, y, w,
-            task_index, memory, hyper):
-  """``loss_cls + loss_reg`` and its parts; the penalty sees only the backbone."""
-  logits = heads.logits(net, params, x, task_index)
+            task_index, memory, hyper, example_tasks=None):
+  """``loss_cls + loss_reg`` and its parts; the penalty sees only the backbone.
+
+  ``example_tasks`` (``[B]``) gives each example's head when a batch mixes tasks; classes
+  stay masked as of ``task_index`` (class-incremental).
+  """
+  ids = task_index if example_tasks is None else example_tasks
+  logits = heads.logits(net, params, x, ids, seen_through=task_index)
   loss_cls, acc = masked_cross_entropy(logits, y, w)
   loss_reg = algo.penalty(params["backbone"], memory, hyper, task_index).astype(jnp.float32)
   return loss_cls + loss_reg, (loss_cls, loss_reg, acc)
@@ -82,14 +90,16 @@ def loss_fn(net: heads.Network, algo: algorithms.Algorithm, params: PyTree, x, y
 
 def train_step(net: heads.Network, algo: algorithms.Algorithm, tx: optax.GradientTransformation,
                state: TrainState, batch, task_index, memory, hyper):
-  """One optimizer step on ``batch = (x, y, w)``; returns ``(state, metrics)``.
+  """One optimizer step on ``batch = (x, y, w)`` or ``(x, y, w, example_tasks)``.
 
-  Pure; jit it with ``net``, ``algo`` and ``tx`` static (see :func:`make_train_step`).
+  Returns ``(state, metrics)``. Pure; jit it with ``net``, ``algo`` and ``tx`` static (see
+  :func:`make_train_step`).
   """
-  x, y, w = batch
+  x, y, w = batch[:3]
+  example_tasks = batch[3] if len(batch) > 3 else None
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, net, algo), has_aux=True)
   (loss, (loss_cls, loss_reg, acc)), grads = grad_fn(state.params, x, y, w, task_index,
-                                                     memory, hyper)
+                                                     memory, hyper, example_tasks)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "loss_cls": loss_cls, "loss_reg": loss_reg, "acc": acc}
@@ -135,6 +145,8 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
     idx = lax.dynamic_slice(order, (step * batch_size,), (batch_size,))
     w = ((step * batch_size + jnp.arange(batch_size)) < count).astype(jnp.float32)
     batch = (preprocess(inputs[idx]), labels[idx], w)
+    if data.task_ids is not None:
+      batch = batch + (data.task_ids[task_index][idx],)
     n = jnp.sum(w)
 
     def do(state):
@@ -150,16 +162,19 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
   return lax.scan(body, state, jnp.arange(num_steps))
 
 
-def evaluate(net, preprocess, params: PyTree, data: TaskData, head_of=None) -> jax.Array:
-  """``[T]`` test accuracy of every task with its own head (task-incremental).
+def evaluate(net, preprocess, params: PyTree, data: TaskData, trained_task=None) -> jax.Array:
+  """``[T]`` test accuracy on every task after training ``trained_task``.
 
-  ``head_of(t)`` may map an evaluated task to the head index to use (default: t).
+  Each task is scored with its own head (task-incremental) or the shared one; class-incremental
+  predictions pick among the classes seen by the end of ``trained_task`` (default: all tasks).
   """
   num_tasks = data.inputs.shape[0]
+  if trained_task is None:
+    trained_task = num_tasks - 1
 
   def accuracy(t):
     x = preprocess(data.inputs[t])
-    lg = heads.logits(net, params, x, t if head_of is None else head_of(t))
+    lg = heads.logits(net, params, x, t, seen_through=trained_task)
     w = (jnp.arange(x.shape[0]) < data.counts[t]).astype(jnp.float32)
     return masked_cross_entropy(lg, data.labels[t], w)[1]
 

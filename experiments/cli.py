@@ -1,13 +1,16 @@
 """What every experiment CLI shares: flags -> Config, the run, the printed table and the outputs.
 
-Thin by design (like flax/examples/mnist): ``main`` parses flags into a plain :class:`Config` and
-calls ``train_and_evaluate(config, workdir)``. User errors (bad flag values, missing data) print
-one line naming the flag and exit with status 2, writing nothing.
+Thin by design (like flax/examples/mnist): ``main`` parses flags into a plain
+:class:`ewc_jax.continual.Config` and calls :func:`train_and_evaluate`. User errors (bad flag
+values, missing data, an unwritable workdir) print one line naming the flag and exit with status
+2, writing nothing.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -19,24 +22,39 @@ from typing import Callable
 
 from absl import flags
 
+from ewc_jax import algorithms
 from ewc_jax import continual
 from ewc_jax import fisher as fisher_lib
+from ewc_jax import heads as heads_lib
 
 FLAGS = flags.FLAGS
 
 
-def define_flags(default_workdir: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """What differs between the experiment scripts."""
+  name: str                 # "split_mnist" | "permuted_mnist"
+  title: str
+  max_tasks: int | None     # None: any number
+  default_tasks: int
+
+
+def define_flags(bench: Benchmark) -> None:
   """Defines the flags shared by every benchmark (defaults: the peers' Split MNIST protocol)."""
   d = continual.Config()
-  flags.DEFINE_string("algo", d.algo, f"Algorithm: {'|'.join(continual.ALGOS)}.")
+  flags.DEFINE_string("algo", d.algo, f"Algorithm: {'|'.join(algorithms.NAMES)}.")
+  flags.DEFINE_string("scenario", d.scenario,
+                      "task (a head per task, task id known) | domain (one shared head) | "
+                      "class (one head over all classes seen so far).")
   flags.DEFINE_string("penalty", d.penalty,
-                      "EWC penalty: standard = (lam/2)*sum F|theta-theta*|^p (Kirkpatrick 2017); "
-                      "seed = the seed reference's per-tensor p-norm / task id; "
-                      "clarena = CLArena 1.1.0's 0.5*lam*sum F (theta-theta*)^2.")
+                      "EWC penalty (with --algo=ewc): standard = (lam/2)*sum F|theta-theta*|^p "
+                      "(Kirkpatrick 2017); seed = the seed reference's per-tensor p-norm / task "
+                      "id; clarena = CLArena 1.1.0's 0.5*lam*sum F (theta-theta*)^2.")
   flags.DEFINE_float("lam", d.lam, "Regularisation strength lambda (> 0). Convention: the loss "
                      "adds (lam/2) * sum_k sum_i F_ki |theta_i - theta*_ki|^p, with F the mean "
                      "per-example Fisher (no 1/num_params).")
   flags.DEFINE_float("p", d.p, "Exponent p of |theta - theta*| (> 0).")
+  flags.DEFINE_float("gamma", d.gamma, "Online EWC decay of the accumulated importance, (0, 1].")
   flags.DEFINE_string("fisher", d.fisher, f"Importance estimator: {'|'.join(fisher_lib.KINDS)}.")
   flags.DEFINE_integer("fisher_batch_size", d.fisher_batch_size,
                        "Examples per Fisher scan step (changes the result only for batch_squared).")
@@ -45,36 +63,61 @@ def define_flags(default_workdir: str) -> None:
   flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (>= 1).")
   flags.DEFINE_integer("batch_size", d.batch_size, "Training batch size (>= 1).")
   flags.DEFINE_float("lr", d.lr, "Adam learning rate, optimizer restarted at every task (> 0).")
-  flags.DEFINE_integer("seed", d.seed, "PRNG seed: initialisation, shuffling, sampled labels.")
+  flags.DEFINE_list("hidden", [str(h) for h in d.hidden], "Backbone MLP layer widths.")
+  flags.DEFINE_integer("seed", d.seed, "PRNG seed: initialisation, shuffling, permutations, "
+                       "sampled labels.")
+  flags.DEFINE_list("seeds", None, "Several seeds (e.g. 0,1,2): one run each, mean ± std.")
+  flags.DEFINE_string("dataset", "mnist", "Any TFDS 28x28 10-class image dataset "
+                      "(mnist, fashion_mnist, kmnist, ...).")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: $TFDS_DATA_DIR, else "
                       "../shared/tensorflow_datasets when present, else TFDS's default).")
   flags.DEFINE_string("manual_dir", None, "Folder with the raw dataset files, to prepare the "
                       "dataset offline when data_dir does not hold it (needs tensorflow-cpu).")
-  flags.DEFINE_string("workdir", default_workdir, "Where results.json is written.")
-  flags.DEFINE_integer("num_tasks", None, "Run only the first N tasks (default: all).")
+  flags.DEFINE_string("workdir", f"runs/{bench.name}", "Where the outputs are written.")
+  flags.DEFINE_integer("num_tasks", bench.default_tasks, "Number of tasks"
+                       + (f" (at most {bench.max_tasks})." if bench.max_tasks else "."))
   flags.DEFINE_integer("max_examples", None, "Keep at most N train and N test examples per task "
                        "(quick checks; default: all).")
+  flags.DEFINE_bool("plots", True, "Write the PNG plots.")
   flags.DEFINE_bool("progress", True, "Show a progress bar per task.")
   flags.DEFINE_bool("compile_cache", True, "Use JAX's persistent compilation cache.")
   flags.DEFINE_bool("debug", False, "Show full tracebacks for user errors.")
 
 
+def _parse_ints(name: str, values) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"--{name}={','.join(map(str, values))} is invalid: expected integers "
+                     "separated by commas.") from err
+
+
 def config_from_flags() -> continual.Config:
   return continual.Config(
-      algo=FLAGS.algo, penalty=FLAGS.penalty, lam=FLAGS.lam, p=FLAGS.p, fisher=FLAGS.fisher,
-      fisher_batch_size=FLAGS.fisher_batch_size, fisher_normalize=FLAGS.fisher_normalize,
-      epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr, seed=FLAGS.seed)
+      algo=FLAGS.algo, scenario=FLAGS.scenario, penalty=FLAGS.penalty, lam=FLAGS.lam, p=FLAGS.p,
+      gamma=FLAGS.gamma, fisher=FLAGS.fisher, fisher_batch_size=FLAGS.fisher_batch_size,
+      fisher_normalize=FLAGS.fisher_normalize, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+      lr=FLAGS.lr, seed=FLAGS.seed, hidden=_parse_ints("hidden", FLAGS.hidden))
 
 
-def check_subset_flags(available_tasks: int) -> tuple[int, int | None]:
+def seeds_from_flags(config: continual.Config) -> tuple[int, ...]:
+  if not FLAGS.seeds:
+    return (config.seed,)
+  seeds = _parse_ints("seeds", FLAGS.seeds)
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"--seeds={','.join(FLAGS.seeds)} is invalid: expected distinct seeds.")
+  return seeds
+
+
+def check_subset_flags(bench: Benchmark) -> tuple[int, int | None]:
   """Validated ``(--num_tasks, --max_examples)``."""
-  num_tasks = available_tasks if FLAGS.num_tasks is None else FLAGS.num_tasks
-  if not 1 <= num_tasks <= available_tasks:
-    raise ValueError(f"--num_tasks={FLAGS.num_tasks} is invalid: expected an integer in "
-                     f"1..{available_tasks}.")
+  n = FLAGS.num_tasks
+  if n is None or n < 1 or (bench.max_tasks is not None and n > bench.max_tasks):
+    allowed = f"1..{bench.max_tasks}" if bench.max_tasks else ">= 1"
+    raise ValueError(f"--num_tasks={n} is invalid: expected an integer in {allowed}.")
   if FLAGS.max_examples is not None and FLAGS.max_examples < 1:
     raise ValueError(f"--max_examples={FLAGS.max_examples} is invalid: expected an integer >= 1.")
-  return num_tasks, FLAGS.max_examples
+  return n, FLAGS.max_examples
 
 
 def enable_compile_cache() -> Path:
@@ -101,13 +144,12 @@ def check_workdir(workdir: str) -> Path:
   return path
 
 
-def write_json_atomic(path: Path, obj) -> None:
-  """Writes JSON to a temporary file in the same folder, then renames it over ``path``."""
+def write_atomic(path: Path, text: str) -> None:
+  """Writes to a temporary file in the same folder, then renames it over ``path``."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2)
-      f.write("\n")
+      f.write(text)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -115,41 +157,152 @@ def write_json_atomic(path: Path, obj) -> None:
     raise
 
 
-def format_matrix(acc_matrix) -> str:
+def write_json_atomic(path: Path, obj) -> None:
+  write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def format_matrix(acc_matrix, std=None) -> str:
   """The accuracy matrix as a text table (rows: after training task i; columns: task j)."""
   t = len(acc_matrix)
-  head = "after \\ on " + "".join(f"{'T' + str(j + 1):>8}" for j in range(t)) + f"{'mean':>8}"
+  width = 14 if std is not None else 8
+  head = "after \\ on " + "".join(f"{'T' + str(j + 1):>{width}}" for j in range(t)) + f"{'mean':>8}"
   lines = [head, "-" * len(head)]
   for i, row in enumerate(acc_matrix):
     seen = row[:i + 1]
-    lines.append(f"{'T' + str(i + 1):<11}" + "".join(f"{100 * v:8.2f}" for v in row)
-                 + f"{100 * sum(seen) / len(seen):8.2f}")
+    cells = (f"{100 * v:8.2f}" if std is None else f"{100 * v:8.2f}±{100 * std[i][j]:<5.2f}"
+             for j, v in enumerate(row))
+    lines.append(f"{'T' + str(i + 1):<11}" + "".join(cells) + f"{100 * sum(seen) / len(seen):8.2f}")
   return "\n".join(lines)
+
+
+def matrix_csv(acc_matrix) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out)
+  writer.writerow(["after_task"] + [f"task_{j + 1}" for j in range(len(acc_matrix))])
+  for i, row in enumerate(acc_matrix):
+    writer.writerow([i + 1] + [f"{v:.6f}" for v in row])
+  return out.getvalue()
 
 
 def environment() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import flax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+  import ewc_jax  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
-  return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-          "optax": optax.__version__, "backend": jax.default_backend(),
+  return {"ewc_jax": ewc_jax.__version__, "python": platform.python_version(),
+          "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "backend": jax.default_backend(),
           "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-          "num_devices": jax.device_count()}
+          "num_devices": jax.device_count(), "platform": platform.platform()}
 
 
-def make_progress(enabled: bool) -> Callable | None:
+def make_progress(enabled: bool, prefix: str = "") -> Callable | None:
   if not enabled:
     return None
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
   def progress(task_index: int, total: int):
-    return tqdm(total=total, desc=f"task {task_index + 1}", unit="step", leave=True,
+    return tqdm(total=total, desc=f"{prefix}task {task_index + 1}", unit="step", leave=True,
                 dynamic_ncols=True, file=sys.stderr)
   return progress
 
 
-def run_main(train_and_evaluate: Callable, argv, start_time: float) -> None:
+def build_tasks(bench: Benchmark, ds, config: continual.Config, num_tasks: int,
+                max_examples: int | None):
+  import jax  # pylint: disable=import-outside-toplevel
+  from experiments import protocols  # pylint: disable=import-outside-toplevel
+  if bench.name == "split_mnist":
+    return protocols.split(ds, config.scenario, num_tasks, max_examples)
+  key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)  # permutations follow the seed
+  return protocols.permuted(ds, config.scenario, num_tasks, max_examples, key)
+
+
+def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path, *,
+                       seeds: tuple[int, ...], import_seconds: float = 0.0,
+                       start_time: float | None = None) -> dict:
+  """Loads data, runs every seed, prints the accuracy matrix, writes results.json, CSV, PNGs."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  from experiments import data, tasks  # pylint: disable=import-outside-toplevel
+
+  num_tasks, max_examples = check_subset_flags(bench)
+  t0 = time.perf_counter()
+  ds = data.load_dataset(FLAGS.dataset, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
+  if ds.train_images.shape[1:3] != (28, 28) or int(ds.train_labels.max()) != 9:
+    raise ValueError(f"--dataset={FLAGS.dataset!r} is invalid: expected a 28x28 image dataset "
+                     f"with 10 classes, got images {ds.train_images.shape[1:]} and "
+                     f"{int(ds.train_labels.max()) + 1} classes.")
+  load_seconds = time.perf_counter() - t0
+
+  runs = []
+  for seed in seeds:
+    cfg = dataclasses.replace(config, seed=seed)
+    t0 = time.perf_counter()
+    built = build_tasks(bench, ds, cfg, num_tasks, max_examples)
+    train, test = tasks.to_device(built.train), tasks.to_device(built.test)
+    data_seconds = load_seconds + time.perf_counter() - t0
+    net = heads_lib.make_network(cfg.scenario, built.class_groups, cfg.hidden)
+    prefix = f"seed {seed} " if len(seeds) > 1 else ""
+    result = continual.run(cfg, net, train, test,
+                           progress=make_progress(FLAGS.progress, prefix))
+    timings = {"import": import_seconds, "data": data_seconds, **result.timings}
+    runs.append({"seed": seed,
+                 "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
+                 **metrics.summarize(result.acc_matrix), "curves": result.curves,
+                 "timings": timings})
+    load_seconds, import_seconds = 0.0, 0.0
+
+  mats = np.array([r["acc_matrix"] for r in runs])
+  mean, std = mats.mean(0), mats.std(0)
+  summary = metrics.summarize(mean)
+  per_seed = {k: [r[k] for r in runs] for k in ("average_accuracy", "bwt", "mean_forgetting")}
+  timings = {k: float(sum(r["timings"][k] for r in runs)) for k in runs[0]["timings"]}
+  timings["data_from_cache"] = bool(ds.from_cache)
+  if start_time is not None:
+    timings["total"] = time.perf_counter() - start_time
+  record = {
+      "benchmark": {"name": bench.name, "scenario": config.scenario,
+                    "dataset": f"{ds.name}:{ds.version}", "num_tasks": num_tasks,
+                    "max_examples": max_examples, **built.info},
+      "acc_matrix": mean.tolist(),
+      "acc_matrix_std": std.tolist(),
+      **summary,
+      "seeds": list(seeds),
+      "average_accuracy_mean": float(np.mean(per_seed["average_accuracy"])),
+      "average_accuracy_std": float(np.std(per_seed["average_accuracy"])),
+      "bwt_mean": float(np.mean(per_seed["bwt"])),
+      "bwt_std": float(np.std(per_seed["bwt"])),
+      "curves": runs[0]["curves"] if len(runs) == 1 else [r["curves"] for r in runs],
+      "runs": runs,
+      "config": dataclasses.asdict(config),
+      "timings": timings,
+      "environment": environment(),
+  }
+  write_json_atomic(workdir / "results.json", record)
+  write_atomic(workdir / "acc_matrix.csv", matrix_csv(mean))
+  title = (f"{bench.title} ({config.scenario}-incremental), {config.algo}, "
+           f"λ={config.lam:g}, fisher={config.fisher}, seeds={','.join(map(str, seeds))}")
+  if FLAGS.plots:
+    from experiments import plots  # pylint: disable=import-outside-toplevel
+    plots.accuracy_heatmap(mean, workdir / "acc_matrix.png", title)
+    plots.accuracy_over_training(mean, std if len(runs) > 1 else None,
+                                 workdir / "accuracy_over_training.png", title)
+
+  print(f"\n{title}")
+  print(format_matrix(mean.tolist(), std.tolist() if len(runs) > 1 else None))
+  aa = 100 * np.array(per_seed["average_accuracy"])
+  bwt = 100 * np.array(per_seed["bwt"])
+  print(f"average accuracy {aa.mean():.2f} ± {aa.std():.2f}  BWT {bwt.mean():+.2f} ± "
+        f"{bwt.std():.2f}  mean forgetting {100 * summary['mean_forgetting']:.2f}"
+        + (f"  ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+  print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()
+                                if isinstance(v, float)))
+  print(f"wrote {workdir}/results.json, acc_matrix.csv" + (", *.png" if FLAGS.plots else ""))
+  return record
+
+
+def run_main(bench: Benchmark, argv, start_time: float) -> None:
   """absl ``main`` body: one clear message and exit status 2 for user errors."""
   del argv
   import_seconds = time.perf_counter() - start_time
@@ -158,10 +311,13 @@ def run_main(train_and_evaluate: Callable, argv, start_time: float) -> None:
   try:
     config = config_from_flags()
     config.validate()
+    seeds = seeds_from_flags(config)
+    check_subset_flags(bench)
     workdir = check_workdir(FLAGS.workdir)
     if FLAGS.compile_cache:
       enable_compile_cache()
-    train_and_evaluate(config, workdir, import_seconds=import_seconds)
+    train_and_evaluate(bench, config, workdir, seeds=seeds, import_seconds=import_seconds,
+                       start_time=start_time)
   except jax.errors.JaxRuntimeError:
     raise  # a fault of ours or of the machine, not of the user's input: keep the traceback
   except (ValueError, data.DataError) as err:
@@ -169,17 +325,3 @@ def run_main(train_and_evaluate: Callable, argv, start_time: float) -> None:
       raise
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
-
-
-def results_record(config: continual.Config, result: continual.Result, timings: dict,
-                   benchmark: dict) -> dict:
-  summary = continual.summary(result)
-  return {
-      "benchmark": benchmark,
-      "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
-      **summary,
-      "curves": result.curves,
-      "config": dataclasses.asdict(config),
-      "timings": timings,
-      "environment": environment(),
-  }

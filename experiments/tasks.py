@@ -48,4 +48,4 @@ def split_by_classes(images: np.ndarray, labels: np.ndarray,
 
 def to_device(data: TaskData) -> TaskData:
   """Puts a whole task sequence on the default device once."""
-  return TaskData(*(jax.device_put(np.asarray(a)) for a in data))
+  return TaskData(*(None if a is None else jax.device_put(np.asarray(a)) for a in data))

@@ -1,0 +1,42 @@
+"""Continual-learning algorithms: one small module each, registered by ``--algo`` name.
+
+An :class:`Algorithm` says what is remembered between tasks (its *memory*, an immutable pytree of
+fixed shape), the penalty it adds to the loss and how the memory is updated after a task. To add
+one: write a module with a constructor returning an :class:`Algorithm` and register it below.
+"""
+
+from __future__ import annotations
+
+from ewc_jax.algorithms.base import Algorithm, Hyper
+from ewc_jax.algorithms.ewc import EWCMemory, PENALTIES, ewc
+from ewc_jax.algorithms.ewc_merged import ewc_merged
+from ewc_jax.algorithms.finetune import finetune
+from ewc_jax.algorithms.joint import joint
+from ewc_jax.algorithms.l2 import l2
+from ewc_jax.algorithms.online_ewc import online_ewc
+
+REGISTRY = {
+    "finetune": finetune,
+    "joint": joint,
+    "l2": l2,
+    "ewc": ewc,
+    "ewc_merged": ewc_merged,
+    "online_ewc": online_ewc,
+}
+NAMES = tuple(REGISTRY)
+
+
+def make(name: str, *, penalty: str = "standard", p: float | None = None) -> Algorithm:
+  """The algorithm registered as ``name``; ``penalty`` applies to ``ewc`` only."""
+  if name not in REGISTRY:
+    raise ValueError(f"`algo` must be one of {', '.join(NAMES)}, but got algo={name!r}.")
+  if penalty != "standard" and name != "ewc":
+    raise ValueError(f"`penalty`={penalty!r} is only available with algo='ewc', got "
+                     f"algo={name!r}.")
+  if name == "ewc":
+    return ewc(penalty, p=p)
+  return REGISTRY[name](p=p)
+
+
+__all__ = ["Algorithm", "EWCMemory", "Hyper", "NAMES", "PENALTIES", "REGISTRY", "ewc",
+           "ewc_merged", "finetune", "joint", "l2", "make", "online_ewc"]

@@ -1,0 +1,74 @@
+r"""EWC with one anchor per previous task (Kirkpatrick et al. 2017).
+
+Memory: the anchors stacked in ``num_tasks - 1`` slots (free slots hold zero importance and add
+exactly nothing) plus their p = 2 sufficient statistics (:class:`ewc_jax.penalty.Merged`).
+
+``penalty``:
+  * ``"standard"``: (λ/2) Σ_k Σ_i F_ki |θ_i − θ*_ki|^p.
+  * ``"seed"``: the seed reference's per-tensor p-norm penalty divided by the task id
+    (:func:`ewc_jax.penalty.seed_parity_loss`; λ is its ``parameter_change_reg_factor``).
+  * ``"clarena"``: CLArena 1.1.0, 0.5 · λ · Σ_k Σ_i F_ki (θ_i − θ*_ki)² (p is ignored: 2).
+
+``p``: a Python number fixes the exponent at trace time; p = 2 then reads the merged statistics
+(same value and gradient, one pass instead of one per anchor). ``None`` takes ``hyper.p`` at run
+time (sweeps over p), choosing with a ``lax.cond`` whose gradient keeps both branches' residuals.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+
+from ewc_jax import penalty as penalty_lib
+from ewc_jax.algorithms.base import Algorithm
+
+PENALTIES = ("standard", "seed", "clarena")
+
+
+class EWCMemory(NamedTuple):
+  anchors: penalty_lib.Anchor
+  merged: penalty_lib.Merged
+
+
+def _init(backbone, num_tasks: int) -> EWCMemory:
+  return EWCMemory(anchors=penalty_lib.empty_anchors(backbone, max(num_tasks - 1, 1)),
+                   merged=penalty_lib.empty_merged(backbone))
+
+
+def _consolidate(memory, backbone, importance, task_index, hyper):
+  del hyper
+  anchor = penalty_lib.Anchor(params=backbone, importance=importance)
+  return EWCMemory(anchors=penalty_lib.set_anchor(memory.anchors, task_index, anchor),
+                   merged=penalty_lib.merge_anchor(memory.merged, anchor))
+
+
+def _distance(backbone, memory: EWCMemory, p):
+  if isinstance(p, (int, float)):
+    if p == 2:
+      return penalty_lib.merged_distance(backbone, memory.merged)
+    return penalty_lib.weighted_distance(backbone, memory.anchors, p)
+  return lax.cond(jnp.asarray(p) == 2,
+                  lambda: penalty_lib.merged_distance(backbone, memory.merged),
+                  lambda: penalty_lib.weighted_distance(backbone, memory.anchors, p))
+
+
+def ewc(penalty: str = "standard", p: float | None = None, **unused) -> Algorithm:
+  del unused
+  if penalty == "standard":
+    def pen(backbone, memory, hyper, task_index):
+      return 0.5 * hyper.lam * _distance(backbone, memory, hyper.p if p is None else p)
+  elif penalty == "seed":
+    def pen(backbone, memory, hyper, task_index):
+      return penalty_lib.seed_parity_loss(backbone, memory.anchors, factor=hyper.lam,
+                                          p=hyper.p if p is None else p,
+                                          task_id=jnp.asarray(task_index) + 1)
+  elif penalty == "clarena":
+    def pen(backbone, memory, hyper, task_index):
+      return 0.5 * hyper.lam * _distance(backbone, memory, 2.0)
+  else:
+    raise ValueError(f"`penalty` must be one of {', '.join(PENALTIES)}, but got "
+                     f"penalty={penalty!r}.")
+  return Algorithm(name="ewc" if penalty == "standard" else f"ewc_{penalty}",
+                   init=_init, penalty=pen, consolidate=_consolidate, importance="fisher")

@@ -1,0 +1,25 @@
+r"""EWC with merged anchors (p = 2 only): memory O(1) in the number of tasks.
+
+Σ_k F_k (θ − θ*_k)² = A (θ − m)² + c with A = Σ_k F_k, m = Σ_k F_k θ*_k / A (see
+:class:`ewc_jax.penalty.Merged`): exactly the value and gradient of :mod:`ewc` with p = 2, while
+keeping two pytrees and a scalar instead of one anchor per task.
+"""
+
+from __future__ import annotations
+
+from ewc_jax import penalty as penalty_lib
+from ewc_jax.algorithms.base import Algorithm
+
+
+def ewc_merged(p: float | None = 2.0, **unused) -> Algorithm:
+  del unused
+  if p is not None and p != 2:
+    raise ValueError(f"`p` must be 2 for ewc_merged (a merged quadratic), but got p={p}.")
+  return Algorithm(
+      name="ewc_merged",
+      init=lambda backbone, num_tasks: penalty_lib.empty_merged(backbone),
+      penalty=lambda backbone, memory, hyper, task_index: (
+          0.5 * hyper.lam * penalty_lib.merged_distance(backbone, memory)),
+      consolidate=lambda memory, backbone, importance, task_index, hyper: (
+          penalty_lib.merge_anchor(memory, penalty_lib.Anchor(backbone, importance))),
+      importance="fisher")

@@ -1,0 +1,68 @@
+"""The benchmarks' task sequences: Split and Permuted versions of a 28x28 10-class dataset.
+
+Each builder returns a :class:`Tasks`: padded train/test :class:`ewc_jax.train.TaskData` and the
+class groups (what each task's classes are, for building the network of a scenario).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from ewc_jax.train import TaskData
+from experiments import tasks as tasks_lib
+
+
+class Tasks(NamedTuple):
+  train: TaskData
+  test: TaskData
+  class_groups: tuple[tuple[int, ...], ...]
+  info: dict
+
+
+def split(ds, scenario: str, num_tasks: int, max_examples: int | None,
+          class_groups: Sequence[Sequence[int]] = tasks_lib.SPLIT_MNIST_CLASSES) -> Tasks:
+  """Split benchmark: task t holds the classes of group t (labels 0..k-1 inside a task, except
+  class-incremental, where labels stay global)."""
+  groups = tuple(tuple(g) for g in class_groups[:num_tasks])
+  relabel = scenario != "class"
+  train = tasks_lib.split_by_classes(ds.train_images, ds.train_labels, groups, relabel,
+                                     max_examples)
+  test = tasks_lib.split_by_classes(ds.test_images, ds.test_labels, groups, relabel, max_examples)
+  return Tasks(train, test, groups, {"class_groups": [list(g) for g in groups]})
+
+
+def permutations(key: jax.Array, num_tasks: int, num_pixels: int,
+                 identity_first: bool = True) -> np.ndarray:
+  """``[T, num_pixels]`` pixel permutations, one per task, from a PRNG key (task 1: identity)."""
+  keys = jax.random.split(key, num_tasks)
+  perms = np.stack([np.asarray(jax.random.permutation(k, num_pixels)) for k in keys])
+  if identity_first:
+    perms[0] = np.arange(num_pixels)
+  return perms
+
+
+def permuted(ds, scenario: str, num_tasks: int, max_examples: int | None,
+             key: jax.Array) -> Tasks:
+  """Permuted benchmark: every task has all 10 classes with its own fixed pixel permutation.
+
+  Class-incremental labels are offset by 10·t (a 10·T-way head); otherwise labels are 0..9.
+  """
+  num_classes = int(ds.train_labels.max()) + 1
+  pixels = int(np.prod(ds.train_images.shape[1:]))
+  perms = permutations(key, num_tasks, pixels)
+
+  def build(images, labels):
+    images = images.reshape(len(images), pixels)[:max_examples]
+    labels = labels[:max_examples].astype(np.int32)
+    xs = [images[:, perm] for perm in perms]
+    ys = [labels + (num_classes * t if scenario == "class" else 0) for t in range(num_tasks)]
+    return tasks_lib.pad_tasks(xs, ys)
+
+  groups = tuple(tuple(range(num_classes * t, num_classes * (t + 1))) if scenario == "class"
+                 else tuple(range(num_classes)) for t in range(num_tasks))
+  return Tasks(build(ds.train_images, ds.train_labels), build(ds.test_images, ds.test_labels),
+               groups, {"permutation_seed_derived": True, "identity_first": True,
+                        "num_classes_per_task": num_classes})
