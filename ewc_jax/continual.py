@@ -162,85 +162,183 @@ def _i32(x) -> jax.Array:
   return jnp.asarray(x, jnp.int32)
 
 
+class RunState(NamedTuple):
+  """Where a run stands: everything needed to continue it exactly (see :func:`run`).
+
+  ``epoch == cfg.epochs`` means task ``task`` is trained but not yet evaluated/consolidated.
+  ``epoch == 0 and step == 0`` means task ``task`` starts now (a fresh optimizer is created from
+  ``train_state.params``). With a sweep every array has a leading config axis.
+  """
+  task: int
+  epoch: int
+  step: int
+  train_state: train_lib.TrainState
+  memory: PyTree
+  acc: np.ndarray                       # [(K,) T, T]
+  curves: list                          # per task: {metric: [per-epoch mean]} (per config)
+  epoch_sums: dict                      # running sums of the current epoch's metrics
+
+
+class Compiled(NamedTuple):
+  init: Callable
+  order: Callable
+  chunk: Callable
+  evaluate: Callable
+  consolidate: Callable | None
+  steps_per_epoch: int
+
+
+def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
+                     train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array,
+                     hyper: algorithms.Hyper, preprocess: Callable, batched: bool) -> Compiled:
+  """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
+
+  The sweep path is literally ``jax.vmap`` of the single-run functions, data shared.
+  """
+  progs = programs(cfg, net, algo, train, preprocess)
+  num_tasks = int(train.inputs.shape[0])
+  tx = train_lib.make_optimizer()
+  vm = (lambda f, axes: jax.vmap(f, in_axes=axes)) if batched else (lambda f, axes: f)
+  init = jax.jit(vm(progs.init, 0)).lower(key).compile()
+  params = init(key)
+  memory = jax.jit(vm(lambda b: algo.init(b, num_tasks), 0))(params["backbone"])
+  state = jax.jit(vm(lambda p, lr: train_lib.init_train_state(tx, p, lr), 0))(params, hyper.lr)
+  zero = _i32(0)
+  order = jax.jit(vm(progs.order, (0, None))).lower(key, zero).compile()
+  order0 = order(key, zero)
+  chunk = jax.jit(vm(progs.chunk, (0, None, 0, None, None, 0, 0)), donate_argnums=0).lower(
+      state, train, order0, zero, zero, memory, hyper).compile()
+  evaluate = jax.jit(vm(progs.evaluate, (0, None, None))).lower(params, test, zero).compile()
+  consolidate = None
+  if algo.importance is not None and num_tasks > 1:
+    consolidate = jax.jit(vm(progs.consolidate, (0, 0, None, None, 0, 0)),
+                          donate_argnums=0).lower(memory, params, train, zero, key, hyper).compile()
+  return Compiled(init, order, chunk, evaluate, consolidate, progs.steps_per_epoch)
+
+
 def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_lib.TaskData,
         *, preprocess: Callable = train_lib.scale_pixels,
-        progress: Callable[[int, int], Any] | None = None) -> Result:
+        progress: Callable[[int, int], Any] | None = None,
+        hyper: algorithms.Hyper | None = None, seeds: Sequence[int] | None = None,
+        resume: RunState | None = None,
+        on_checkpoint: Callable[[RunState, str], None] | None = None) -> Result:
   """Trains tasks ``0..T-1`` in order; returns the accuracy matrix, curves and timings.
 
-  ``progress(task_index, total_steps)`` may return a tqdm-like bar (``update(n)``,
-  ``set_postfix(dict)``, ``close()``).
+  Args:
+    cfg: the configuration (its ``lam``, ``p``, ``gamma``, ``lr`` and ``seed`` are overridden
+      by ``hyper``/``seeds`` in a sweep).
+    net, train, test: the network and padded task data (test: one set per task).
+    progress: ``progress(task_index, total_steps, done_steps)`` may return a tqdm-like bar
+      (``update(n)``, ``set_postfix(dict)``, ``close()``).
+    hyper, seeds: a sweep: ``hyper`` fields with a leading axis of K configs and ``seeds`` of
+      length K. Every piece is then ``jax.vmap``-ed over that axis (same functions, data shared)
+      and results carry a leading K axis.
+    resume: continue from a :class:`RunState` (e.g. restored from a checkpoint).
+    on_checkpoint: called with ``(RunState, reason)`` after every train chunk
+      (``reason="chunk"``) and after each task is consolidated (``reason="task"``).
   """
   cfg.validate()
   num_tasks = int(train.inputs.shape[0])
   algo = make_algorithm(cfg)
   if algo.joint:
     train = cumulative(train)
-  progs = programs(cfg, net, algo, train, preprocess)
-  hyper = hyper_of(cfg)
+  batched = seeds is not None
+  if batched:
+    hyper = algorithms.Hyper(*(jnp.asarray(v, jnp.float32) for v in hyper))
+    keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
+    splits = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+    k_init, k_order, k_fisher = splits[:, 0], splits[:, 1], splits[:, 2]
+  else:
+    hyper = hyper_of(cfg) if hyper is None else hyper
+    k_init, k_order, k_fisher = jax.random.split(jax.random.key(cfg.seed), 3)
   tx = train_lib.make_optimizer()
   timings = {"compile": 0.0, "train": 0.0, "fisher": 0.0, "eval": 0.0}
+  fold = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if batched else jax.random.fold_in)
+  new_state = (jax.vmap(lambda p, lr: train_lib.init_train_state(tx, p, lr)) if batched else
+               (lambda p, lr: train_lib.init_train_state(tx, p, lr)))
 
-  key = jax.random.key(cfg.seed)
-  k_init, k_order, k_fisher = jax.random.split(key, 3)
   t0 = time.perf_counter()
-  init = jax.jit(progs.init).lower(k_init).compile()
-  params = init(k_init)
-  memory = jax.jit(algo.init, static_argnums=1)(params["backbone"], num_tasks)
-  state = train_lib.init_train_state(tx, params, hyper.lr)
-  zero = _i32(0)
-  order_c = jax.jit(progs.order).lower(k_order, zero).compile()
-  order0 = order_c(k_order, zero)
-  chunk_c = jax.jit(progs.chunk, donate_argnums=0).lower(
-      state, train, order0, zero, zero, memory, hyper).compile()
-  eval_c = jax.jit(progs.evaluate).lower(params, test, zero).compile()
-  consolidate_c = None
-  if algo.importance is not None and num_tasks > 1:
-    consolidate_c = jax.jit(progs.consolidate, donate_argnums=0).lower(
-        memory, params, train, zero, k_fisher, hyper).compile()
+  c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched)
   timings["compile"] = time.perf_counter() - t0
 
   counts = np.asarray(train.counts)
-  acc = np.zeros((num_tasks, num_tasks))
-  curves = []
-  for t in range(num_tasks):
-    state = train_lib.init_train_state(tx, params, hyper.lr)
+  lead = (len(seeds),) if batched else ()
+  if resume is None:
+    params = c.init(k_init)
+    memory = jax.jit(jax.vmap(lambda b: algo.init(b, num_tasks)) if batched else
+                     (lambda b: algo.init(b, num_tasks)))(params["backbone"])
+    rs = RunState(task=0, epoch=0, step=0, train_state=new_state(params, hyper.lr),
+                  memory=memory, acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[],
+                  epoch_sums={})
+  else:
+    rs = resume
+
+  def epoch_means(sums):
+    total = np.maximum(sums["count"], 1.0)
+    return {k: sums[k] / total for k in train_lib.METRIC_NAMES}
+
+  while rs.task < num_tasks:
+    t = rs.task
     steps = -(-int(counts[t]) // cfg.batch_size)
-    bar = progress(t, steps * cfg.epochs) if progress else None
-    curve = {k: [] for k in train_lib.METRIC_NAMES}
+    state = rs.train_state
+    if rs.epoch == 0 and rs.step == 0:
+      state = new_state(state.params, hyper.lr)  # Adam restarts at every task
+      rs = rs._replace(curves=rs.curves[:t] + [{k: [] for k in train_lib.METRIC_NAMES}],
+                       epoch_sums={})
+    done = rs.epoch * steps + rs.step
+    bar = progress(t, steps * cfg.epochs, done) if progress and rs.epoch < cfg.epochs else None
     t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-      order = order_c(jax.random.fold_in(jax.random.fold_in(k_order, t), epoch), _i32(counts[t]))
-      sums = {k: 0.0 for k in train_lib.METRIC_NAMES}
-      total = 0.0
-      for start in range(0, steps, cfg.chunk_steps):
-        state, m = chunk_c(state, train, order, _i32(start), _i32(t), memory, hyper)
+    epoch, start, sums, curves = rs.epoch, rs.step, dict(rs.epoch_sums), rs.curves
+    while epoch < cfg.epochs:
+      order = c.order(fold(fold(k_order, t), epoch), _i32(counts[t]))
+      if not sums:
+        sums = {k: np.zeros(lead) for k in ("count",) + train_lib.METRIC_NAMES}
+      while start < steps:
+        prev = start
+        state, m = c.chunk(state, train, order, _i32(start), _i32(t), rs.memory, hyper)
         m = jax.device_get(m)
         n = m["count"]
-        total += float(n.sum())
-        for k in sums:
-          sums[k] += float(np.sum(m[k] * n))
+        sums = {"count": sums["count"] + n.sum(-1),
+                **{k: sums[k] + np.sum(m[k] * n, -1) for k in train_lib.METRIC_NAMES}}
+        start = min(start + cfg.chunk_steps, steps)
         if bar is not None:
-          bar.update(min(cfg.chunk_steps, steps - start))
-          bar.set_postfix({k: f"{float(np.sum(m[k] * n) / max(n.sum(), 1)):.4f}"
-                           for k in ("loss_cls", "loss_reg", "acc")})
-      for k in sums:
-        curve[k].append(sums[k] / max(total, 1.0))
-    params = jax.block_until_ready(state.params)
+          bar.update(start - prev)
+          means = {k: float(np.mean(np.sum(m[k] * n, -1) / np.maximum(n.sum(-1), 1)))
+                   for k in ("loss_cls", "loss_reg", "acc")}
+          bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+        finished = start >= steps
+        if finished:
+          means = epoch_means(sums)
+          cur = curves[t]
+          curves = curves[:t] + [{k: cur[k] + [means[k].tolist()] for k in cur}]
+          epoch, start, sums = epoch + 1, 0, {}
+        rs = rs._replace(epoch=epoch, step=start, train_state=state, curves=curves,
+                         epoch_sums=sums)
+        if on_checkpoint is not None:
+          on_checkpoint(rs, "chunk")
+        if finished:
+          break
+    jax.block_until_ready(state.params)
     timings["train"] += time.perf_counter() - t0
     if bar is not None:
       bar.close()
-    curves.append(curve)
 
     t0 = time.perf_counter()
-    acc[t] = np.asarray(eval_c(params, test, _i32(t)))
+    acc = rs.acc.copy()
+    acc[..., t, :] = np.asarray(c.evaluate(state.params, test, _i32(t)))
     timings["eval"] += time.perf_counter() - t0
-
-    if consolidate_c is not None and t < num_tasks - 1:
+    memory = rs.memory
+    if c.consolidate is not None and t < num_tasks - 1:
       t0 = time.perf_counter()
-      memory = jax.block_until_ready(
-          consolidate_c(memory, params, train, _i32(t), jax.random.fold_in(k_fisher, t), hyper))
+      memory = jax.block_until_ready(c.consolidate(
+          memory, state.params, train, _i32(t), fold(k_fisher, t), hyper))
       timings["fisher"] += time.perf_counter() - t0
-  return Result(acc_matrix=acc, curves=curves, timings=timings, params=params, memory=memory)
+    rs = RunState(task=t + 1, epoch=0, step=0, train_state=state, memory=memory, acc=acc,
+                  curves=rs.curves, epoch_sums={})
+    if on_checkpoint is not None:
+      on_checkpoint(rs, "task")
+  return Result(acc_matrix=rs.acc, curves=rs.curves, timings=timings,
+                params=rs.train_state.params, memory=rs.memory)
 
 
 def summary(result: Result) -> dict:

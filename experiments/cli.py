@@ -202,9 +202,9 @@ def make_progress(enabled: bool, prefix: str = "") -> Callable | None:
     return None
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
-  def progress(task_index: int, total: int):
-    return tqdm(total=total, desc=f"{prefix}task {task_index + 1}", unit="step", leave=True,
-                dynamic_ncols=True, file=sys.stderr)
+  def progress(task_index: int, total: int, done: int = 0):
+    return tqdm(total=total, initial=done, desc=f"{prefix}task {task_index + 1}", unit="step",
+                leave=True, dynamic_ncols=True, file=sys.stderr)
   return progress
 
 

@@ -44,7 +44,7 @@ def test_no_compilation_after_the_first_task(monkeypatch):
     def set_postfix(self, d): pass
     def close(self): pass
 
-  def progress(task, total):
+  def progress(task, total, done=0):
     seen[task] = len(events)
     return Bar()
 
