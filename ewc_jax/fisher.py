@@ -112,13 +112,22 @@ def fisher_diagonal(
   weights = jnp.ones((n,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
   if weights.shape != (n,):
     raise ValueError(f"`mask` must have shape ({n},) to match `inputs`, got {weights.shape}.")
+  if mask is not None:
+    # Masked-out rows take the values of a counted row: their weight is 0, but 0 * NaN = NaN,
+    # so garbage there (NaN/inf in padded data) would otherwise poison every sum.
+    keep = weights > 0
+    first = jnp.argmax(keep)
+    inputs = jnp.where(keep.reshape((n,) + (1,) * (inputs.ndim - 1)), inputs, inputs[first])
+    labels = jnp.where(keep, labels, labels[first])
 
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
-  def batched(a):
-    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+  def batched(a, mode):
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode=mode)
     return a.reshape((num_batches, batch_size) + a.shape[1:])
-  xs, ys, ws = batched(inputs), batched(labels.astype(jnp.int32)), batched(weights)
+  # Padding rows repeat the last row (zeros may lie outside the model's domain) with weight 0.
+  xs, ys = batched(inputs, "edge"), batched(labels.astype(jnp.int32), "edge")
+  ws = batched(weights, "constant")
 
   sq_grad_sum = _make_sq_grad_sum(logits_fn, params, inputs[0], method)
   contribution = _make_batch_contribution(logits_fn, kind, sq_grad_sum)
