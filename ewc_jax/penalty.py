@@ -80,11 +80,14 @@ def merge_anchor(merged: Merged, anchor: Anchor, decay: Any = 1.0) -> Merged:
     center = jnp.where(total > 0, (a * m + f * t) / safe, t)
     extra = jnp.sum(a * jnp.square(m - center) + f * jnp.square(t - center))
     return total, center, extra
-  out = jax.tree.map(leaf, merged.weight, merged.center, anchor.importance, anchor.params)
-  is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
-  weight = jax.tree.map(lambda x: x[0], out, is_leaf=is_triple)
-  center = jax.tree.map(lambda x: x[1], out, is_leaf=is_triple)
-  extra = sum(jax.tree.leaves(jax.tree.map(lambda x: x[2], out, is_leaf=is_triple)))
+  # Flat lists, not a tree of (total, center, extra) triples: a params tree may itself contain
+  # 3-tuples, which an ``is_leaf`` test for triples would mistake for results.
+  treedef = jax.tree.structure(merged.weight)
+  out = [leaf(*xs) for xs in zip(*(treedef.flatten_up_to(t) for t in (
+      merged.weight, merged.center, anchor.importance, anchor.params)))]
+  weight = jax.tree.unflatten(treedef, [o[0] for o in out])
+  center = jax.tree.unflatten(treedef, [o[1] for o in out])
+  extra = sum(o[2] for o in out)
   return Merged(weight=weight, center=center, const=decay * merged.const + extra)
 
 
