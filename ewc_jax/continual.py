@@ -80,6 +80,48 @@ class Config:
       bad("hidden", self.hidden, "positive layer widths")
 
 
+class NumericalError(ArithmeticError):
+  """The training loss became NaN or infinite: the run stops before that state is kept.
+
+  Attributes (0-based): ``task``, ``epoch``, ``step`` (within the epoch), ``task_step`` (within
+  the task), ``part`` (``"cls"``, ``"reg"``, ``"cls and reg"``, or ``"sum"`` when only their
+  sum overflows), ``value`` (the bad loss value) and ``config`` (sweep index, or None).
+  """
+
+  def __init__(self, message: str, *, task: int, epoch: int, step: int, task_step: int,
+               part: str, value: float, config: int | None = None):
+    super().__init__(message)
+    self.task, self.epoch, self.step, self.task_step = task, epoch, step, task_step
+    self.part, self.value, self.config = part, value, config
+
+
+def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start: int,
+                 steps: int) -> None:
+  """Raises :class:`NumericalError` at the first step of a chunk whose loss is not finite."""
+  parts = [np.asarray(metrics[k]) for k in ("loss_cls", "loss_reg", "loss")]
+  bad = [~np.isfinite(a) for a in parts]
+  any_bad = bad[0] | bad[1] | bad[2]
+  if not np.any(any_bad):
+    return
+  config, i = (None, int(np.argmax(any_bad))) if any_bad.ndim == 1 else (
+      tuple(int(v) for v in np.argwhere(any_bad.T)[0][::-1]))
+  at = (i,) if config is None else (config, i)
+  cls_bad, reg_bad = bool(bad[0][at]), bool(bad[1][at])
+  part = ("cls and reg" if cls_bad and reg_bad else "cls" if cls_bad else "reg" if reg_bad
+          else "sum")
+  value = float(parts[0 if cls_bad else 1 if reg_bad else 2][at])
+  name = {"cls": "loss_cls", "reg": "loss_reg", "cls and reg": "loss_cls and loss_reg",
+          "sum": "loss_cls + loss_reg"}[part]
+  step = start + i
+  where = f" of sweep config {config}" if config is not None else ""
+  raise NumericalError(
+      f"the training loss became {value} at task {task + 1}/{num_tasks}, epoch {epoch + 1}, "
+      f"step {step + 1}/{steps}{where}: {name} is not finite (the {part} part of the loss). "
+      "Stopped before keeping that state; try a smaller --lr or --lam.",
+      task=task, epoch=epoch, step=step, task_step=epoch * steps + step, part=part,
+      value=value, config=config)
+
+
 class Result(NamedTuple):
   acc_matrix: np.ndarray          # [T, T]: R[i, j] after task i on task j
   curves: list[dict[str, list[float]]]  # per task: per-epoch mean of each train metric
@@ -297,6 +339,12 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
         prev = start
         state, m = c.chunk(state, train, order, _i32(start), _i32(t), rs.memory, hyper)
         m = jax.device_get(m)
+        try:  # before anything of this chunk is kept (sums, RunState, checkpoint)
+          check_finite(m, task=t, num_tasks=num_tasks, epoch=epoch, start=start, steps=steps)
+        except NumericalError:
+          if bar is not None:
+            bar.close()
+          raise
         n = m["count"]
         sums = {"count": sums["count"] + n.sum(-1),
                 **{k: sums[k] + np.sum(m[k] * n, -1) for k in train_lib.METRIC_NAMES}}
