@@ -130,8 +130,9 @@ class Result(NamedTuple):
   memory: PyTree
 
 
-def make_algorithm(cfg: Config) -> algorithms.Algorithm:
-  return algorithms.make(cfg.algo, penalty=cfg.penalty, p=float(cfg.p))
+def make_algorithm(cfg: Config, dynamic_p: bool = False) -> algorithms.Algorithm:
+  """``dynamic_p``: p is read from ``Hyper.p`` at run time (a sweep over p) instead of fixed."""
+  return algorithms.make(cfg.algo, penalty=cfg.penalty, p=None if dynamic_p else float(cfg.p))
 
 
 def hyper_of(cfg: Config) -> algorithms.Hyper:
@@ -230,31 +231,52 @@ class Compiled(NamedTuple):
   steps_per_epoch: int
 
 
+def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> Callable:
+  """``jit(f)``, ``jit(vmap(f, axes))`` when ``batched``; with a config ``sharding``
+  (a ``NamedSharding`` whose first spec entry names the config mesh axis) the vmapped arguments
+  (axis 0) and the outputs marked 0 in ``out`` (a prefix of the outputs) are sharded along the
+  config axis; the shared arguments (None) and outputs marked None are replicated on the mesh
+  (small results read back on the host: readable on every process of a multi-host mesh)."""
+  if batched:
+    spmd = None if sharding is None else sharding.spec[0]
+    f = jax.vmap(f, in_axes=axes, spmd_axis_name=spmd)
+  if sharding is None:
+    return jax.jit(f, **kw)
+  replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  place = lambda a: replicated if a is None else sharding  # noqa: E731
+  return jax.jit(f, in_shardings=tuple(map(place, axes)),
+                 out_shardings=tuple(map(place, out)) if isinstance(out, tuple) else place(out),
+                 **kw)
+
+
 def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
                      train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array,
-                     hyper: algorithms.Hyper, preprocess: Callable, batched: bool) -> Compiled:
+                     hyper: algorithms.Hyper, preprocess: Callable, batched: bool,
+                     sharding=None) -> Compiled:
   """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
 
-  The sweep path is literally ``jax.vmap`` of the single-run functions, data shared.
+  The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
+  ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
   """
   progs = programs(cfg, net, algo, train, preprocess)
   num_tasks = int(train.inputs.shape[0])
   tx = train_lib.make_optimizer()
-  vm = (lambda f, axes: jax.vmap(f, in_axes=axes)) if batched else (lambda f, axes: f)
-  init = jax.jit(vm(progs.init, 0)).lower(key).compile()
+  jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
+  init = jit(progs.init, 0).lower(key).compile()
   params = init(key)
-  memory = jax.jit(vm(lambda b: algo.init(b, num_tasks), 0))(params["backbone"])
-  state = jax.jit(vm(lambda p, lr: train_lib.init_train_state(tx, p, lr), 0))(params, hyper.lr)
+  memory = jit(lambda b: algo.init(b, num_tasks), 0)(params["backbone"])
+  state = jit(lambda p, lr: train_lib.init_train_state(tx, p, lr), (0, 0))(params, hyper.lr)
   zero = _i32(0)
-  order = jax.jit(vm(progs.order, (0, None))).lower(key, zero).compile()
+  order = jit(progs.order, (0, None)).lower(key, zero).compile()
   order0 = order(key, zero)
-  chunk = jax.jit(vm(progs.chunk, (0, None, 0, None, None, 0, 0)), donate_argnums=0).lower(
-      state, train, order0, zero, zero, memory, hyper).compile()
-  evaluate = jax.jit(vm(progs.evaluate, (0, None, None))).lower(params, test, zero).compile()
+  chunk = jit(progs.chunk, (0, None, 0, None, None, 0, 0), out=(0, None),
+              donate_argnums=0).lower(state, train, order0, zero, zero, memory, hyper).compile()
+  evaluate = jit(progs.evaluate, (0, None, None), out=None).lower(params, test, zero).compile()
   consolidate = None
   if algo.importance is not None and num_tasks > 1:
-    consolidate = jax.jit(vm(progs.consolidate, (0, 0, None, None, 0, 0)),
-                          donate_argnums=0).lower(memory, params, train, zero, key, hyper).compile()
+    consolidate = jit(progs.consolidate, (0, 0, None, None, 0, 0),
+                      donate_argnums=0).lower(memory, params, train, zero, key, hyper).compile()
   return Compiled(init, order, chunk, evaluate, consolidate, progs.steps_per_epoch)
 
 
@@ -263,7 +285,8 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
         progress: Callable[[int, int], Any] | None = None,
         hyper: algorithms.Hyper | None = None, seeds: Sequence[int] | None = None,
         resume: RunState | None = None,
-        on_checkpoint: Callable[[RunState, str], None] | None = None) -> Result:
+        on_checkpoint: Callable[[RunState, str], None] | None = None,
+        dynamic_p: bool = False, sharding: jax.sharding.NamedSharding | None = None) -> Result:
   """Trains tasks ``0..T-1`` in order; returns the accuracy matrix, curves and timings.
 
   Args:
@@ -278,18 +301,29 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     resume: continue from a :class:`RunState` (e.g. restored from a checkpoint).
     on_checkpoint: called with ``(RunState, reason)`` after every train chunk
       (``reason="chunk"``) and after each task is consolidated (``reason="task"``).
+    dynamic_p: take p from ``hyper.p`` at run time (needed when a sweep varies p).
+    sharding: (sweeps) a ``NamedSharding`` of the config axis over a device mesh, e.g.
+      ``NamedSharding(mesh, P("config"))``; K must be a multiple of that mesh axis. Data are
+      replicated on the mesh. See :mod:`ewc_jax.sweep`.
   """
   cfg.validate()
   num_tasks = int(train.inputs.shape[0])
-  algo = make_algorithm(cfg)
+  algo = make_algorithm(cfg, dynamic_p)
   if algo.joint:
     train = cumulative(train)
   batched = seeds is not None
+  if sharding is not None and not batched:
+    raise ValueError("`sharding` needs a sweep (`seeds` and `hyper` with a config axis).")
   if batched:
     hyper = algorithms.Hyper(*(jnp.asarray(v, jnp.float32) for v in hyper))
     keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
     splits = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
     k_init, k_order, k_fisher = splits[:, 0], splits[:, 1], splits[:, 2]
+    if sharding is not None:
+      replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+      hyper, k_init, k_order, k_fisher = jax.device_put((hyper, k_init, k_order, k_fisher),
+                                                        sharding)
+      train, test = jax.device_put((train, test), replicated)
   else:
     hyper = hyper_of(cfg) if hyper is None else hyper
     k_init, k_order, k_fisher = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -298,17 +332,22 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   fold = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if batched else jax.random.fold_in)
   new_state = (jax.vmap(lambda p, lr: train_lib.init_train_state(tx, p, lr)) if batched else
                (lambda p, lr: train_lib.init_train_state(tx, p, lr)))
+  if sharding is not None:  # keep every config-axis array on the mesh, as compiled
+    fold = sweep_jit(jax.random.fold_in, (0, None), True, sharding)
+    new_state = sweep_jit(lambda p, lr: train_lib.init_train_state(tx, p, lr), (0, 0), True,
+                          sharding)
 
   t0 = time.perf_counter()
-  c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched)
+  c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
+                       sharding)
   timings["compile"] = time.perf_counter() - t0
 
   counts = np.asarray(train.counts)
   lead = (len(seeds),) if batched else ()
   if resume is None:
     params = c.init(k_init)
-    memory = jax.jit(jax.vmap(lambda b: algo.init(b, num_tasks)) if batched else
-                     (lambda b: algo.init(b, num_tasks)))(params["backbone"])
+    memory = sweep_jit(lambda b: algo.init(b, num_tasks), 0, batched, sharding)(
+        params["backbone"])
     rs = RunState(task=0, epoch=0, step=0, train_state=new_state(params, hyper.lr),
                   memory=memory, acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[],
                   epoch_sums={})
