@@ -1,9 +1,12 @@
 """ewc_jax: Elastic Weight Consolidation for continual learning in JAX.
 
 Pure functions on pytrees: :func:`fisher_diagonal` (importance), :func:`ewc_loss` (penalty),
-:class:`Anchor` (what is remembered of a task), plus the parity penalties of the reference.
+:class:`Anchor` (what is remembered of a task), plus the parity penalties of the reference;
+:func:`save_anchors` / :func:`restore_anchors` persist anchors (orbax).
 """
 
+from ewc_jax.checkpoint import restore_anchors
+from ewc_jax.checkpoint import save_anchors
 from ewc_jax.fisher import KINDS as FISHER_KINDS
 from ewc_jax.fisher import fisher_diagonal
 from ewc_jax.fisher import num_parameters
@@ -25,5 +28,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Anchor", "FISHER_KINDS", "Merged", "clarena_loss", "empty_anchors", "empty_merged",
     "ewc_loss", "fisher_diagonal", "merge_anchor", "merged_distance", "num_parameters",
-    "seed_parity_loss", "set_anchor", "stack_anchors", "weighted_distance",
+    "restore_anchors", "save_anchors", "seed_parity_loss", "set_anchor", "stack_anchors",
+    "weighted_distance",
 ]

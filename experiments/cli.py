@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Callable
 from absl import flags
 
 from ewc_jax import algorithms
+from ewc_jax import checkpoint
 from ewc_jax import continual
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads as heads_lib
@@ -82,6 +84,46 @@ def define_flags(bench: Benchmark) -> None:
   flags.DEFINE_bool("progress", True, "Show a progress bar per task.")
   flags.DEFINE_bool("compile_cache", True, "Use JAX's persistent compilation cache.")
   flags.DEFINE_bool("debug", False, "Show full tracebacks for user errors.")
+  flags.DEFINE_bool("resume", True, "Continue from the newest complete checkpoint in "
+                    "<workdir>/checkpoints when there is one (re-running the same command does "
+                    "this); --noresume refuses to run over existing checkpoints.")
+  flags.DEFINE_bool("force_restart", False, "Discard the checkpoints in <workdir>/checkpoints "
+                    "and start over (also when they come from another configuration).")
+  flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint within a task every N train "
+                       "steps (rounded up to chunks of 16 steps); 0: only after each task.")
+  flags.DEFINE_integer("keep", 2, "Number of newest checkpoints kept (>= 1).")
+
+
+def parse_flags(argv):
+  """``app.run`` flags parser: an unknown flag or unparsable value gives one line and status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_checkpoint_flags() -> None:
+  if FLAGS.keep is None or FLAGS.keep < 1:
+    raise ValueError(f"--keep={FLAGS.keep} is invalid: expected an integer >= 1.")
+  if FLAGS.checkpoint_every is None or FLAGS.checkpoint_every < 0:
+    raise ValueError(f"--checkpoint_every={FLAGS.checkpoint_every} is invalid: expected an "
+                     "integer >= 0 (0: only after each task).")
+
+
+def prepare_checkpoints(root: Path, identity: dict) -> None:
+  """--force_restart discards old checkpoints; otherwise they must come from this config."""
+  if FLAGS.force_restart:
+    if checkpoint.discard(root):
+      print(f"--force_restart: discarded the checkpoints in {root}")
+    return
+  existing = checkpoint.checkpoint_dirs(root)
+  if existing and not FLAGS.resume:
+    raise checkpoint.CheckpointError(
+        f"--noresume: {root} already holds checkpoints; pass --resume to continue them or "
+        "--force_restart to discard them and start over.")
+  for folder in existing:
+    checkpoint.RunCheckpointer(folder, identity).check_config()
 
 
 def _parse_ints(name: str, values) -> tuple[int, ...]:
@@ -228,6 +270,10 @@ def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path
 
   num_tasks, max_examples = check_subset_flags(bench)
   t0 = time.perf_counter()
+  if (FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir) and FLAGS.manual_dir is None
+      and importlib.util.find_spec("tensorflow") is None):  # nothing could prepare it there
+    raise ValueError(f"--data_dir={FLAGS.data_dir!r} is not an existing folder: expected a "
+                     "TFDS data folder holding the prepared dataset (see `make prepare-data`).")
   ds = data.load_dataset(FLAGS.dataset, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
   if ds.train_images.shape[1:3] != (28, 28) or int(ds.train_labels.max()) != 9:
     raise ValueError(f"--dataset={FLAGS.dataset!r} is invalid: expected a 28x28 image dataset "
@@ -242,12 +288,36 @@ def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path
     built = build_tasks(bench, ds, cfg, num_tasks, max_examples)
     train, test = tasks.to_device(built.train), tasks.to_device(built.test)
     data_seconds = load_seconds + time.perf_counter() - t0
+    if not runs:  # checks and checkpoint preparation, before anything is trained or written
+      counts = np.asarray(built.train.counts)
+      if config.batch_size > int(counts.min()):
+        raise ValueError(
+            f"--batch_size={config.batch_size} is invalid: expected at most {int(counts.min())}, "
+            f"the number of training examples of the smallest task (task "
+            f"{int(counts.argmin()) + 1}).")
+      identity = {"benchmark": bench.name, "dataset": f"{ds.name}:{ds.version}",
+                  "num_tasks": num_tasks, "max_examples": max_examples, "seeds": list(seeds),
+                  **dataclasses.asdict(config)}
+      prepare_checkpoints(workdir / "checkpoints", identity)
     net = heads_lib.make_network(cfg.scenario, built.class_groups, cfg.hidden)
     prefix = f"seed {seed} " if len(seeds) > 1 else ""
-    result = continual.run(cfg, net, train, test,
-                           progress=make_progress(FLAGS.progress, prefix))
-    timings = {"import": import_seconds, "data": data_seconds, **result.timings}
-    runs.append({"seed": seed,
+    with checkpoint.RunCheckpointer(
+        workdir / "checkpoints" / f"seed_{seed}", identity, keep=FLAGS.keep,
+        every=FLAGS.checkpoint_every, chunk_steps=cfg.chunk_steps) as ckpt:
+      resume = ckpt.restore(checkpoint.abstract_run_state(cfg, net, train))
+      resumed_from = None
+      if resume is not None:
+        resumed_from = str(ckpt.step_path(ckpt.latest_step()))
+        where = ("all tasks done" if resume.task >= num_tasks else
+                 f"task {resume.task + 1} trained, evaluation and consolidation next"
+                 if resume.epoch >= cfg.epochs else
+                 f"task {resume.task + 1}, epoch {resume.epoch + 1}, step {resume.step}")
+        print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
+      result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=ckpt,
+                             progress=make_progress(FLAGS.progress, prefix))
+    timings = {"import": import_seconds, "data": data_seconds, **result.timings,
+               "checkpoint": ckpt.save_seconds}
+    runs.append({"seed": seed, "resumed_from": resumed_from,
                  "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
                  **metrics.summarize(result.acc_matrix), "curves": result.curves,
                  "timings": timings})
@@ -306,6 +376,9 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
   """absl ``main`` body: one clear message and exit status 2 for user errors."""
   del argv
   import_seconds = time.perf_counter() - start_time
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  if not FLAGS["verbosity"].present and not FLAGS.debug:  # no INFO lines from TFDS/orbax
+    absl_logging.set_verbosity(absl_logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   from experiments import data  # pylint: disable=import-outside-toplevel
   try:
@@ -313,6 +386,7 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
     config.validate()
     seeds = seeds_from_flags(config)
     check_subset_flags(bench)
+    check_checkpoint_flags()
     workdir = check_workdir(FLAGS.workdir)
     if FLAGS.compile_cache:
       enable_compile_cache()
@@ -323,5 +397,19 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
   except (ValueError, data.DataError) as err:
     if FLAGS.debug:
       raise
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {user_message(err)}", file=sys.stderr)
     sys.exit(2)
+  except continual.NumericalError as err:  # the run diverged: not the input's form, status 3
+    if FLAGS.debug:
+      raise
+    print(f"error: {user_message(err)}", file=sys.stderr)
+    sys.exit(3)
+
+
+def user_message(err: BaseException) -> str:
+  """One line; data errors name their flag (``data_dir '/x' ...`` -> ``--data_dir='/x' ...``)."""
+  text = " ".join(str(err).split())
+  for name in ("data_dir", "dataset", "manual_dir"):
+    if text.startswith(name + " "):
+      return f"--{name}={text[len(name) + 1:]}"
+  return text

@@ -1,0 +1,413 @@
+"""Checkpoints with orbax: a continual run's whole state, and anchors on their own.
+
+Two things are persisted here:
+
+* :class:`RunCheckpointer`, the ``on_checkpoint`` hook of :func:`ewc_jax.continual.run`: it saves
+  the :class:`~ewc_jax.continual.RunState` (position task/epoch/step, parameters and optimizer
+  state, the algorithm's memory = anchors, the accuracy matrix so far, the curves, the current
+  epoch's partial sums) with the run's configuration, after every task and every ``every`` train
+  steps, keeping the newest ``keep``; :meth:`RunCheckpointer.restore` gives it back for
+  ``run(..., resume=...)``. Array leaves go through orbax's ``StandardSave``; the host-side
+  numbers (float64 accuracy matrix, curves, partial sums) through ``JsonSave``, whose shortest
+  round-trip float repr restores them bit for bit.
+* :func:`save_anchors` / :func:`restore_anchors` for users of :func:`ewc_jax.ewc_loss`.
+
+Saves are synchronous and atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and
+renames it to ``<step>`` once complete, so a process killed mid-save leaves the previous
+checkpoint as the newest one (the temporary folder is ignored, then removed by the next run).
+
+orbax is imported lazily: ``import ewc_jax`` stays as fast as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax import continual
+from ewc_jax import heads as heads_lib
+from ewc_jax import penalty as penalty_lib
+from ewc_jax import train as train_lib
+from ewc_jax import validation
+
+PyTree = Any
+FORMAT = "ewc_jax.run_state"
+ANCHORS_FORMAT = "ewc_jax.anchors"
+VERSION = 1
+RESTART_HINT = "pass --force_restart to discard the checkpoints and start over"
+
+# Test hook (used by tests/test_checkpoint.py to kill a run at a known point, deterministically):
+# when the run reaches position "task:epoch:step" (after that checkpoint, if any, is saved), write
+# the file named by EWC_JAX_TEST_MARKER and sleep until killed.
+HANG_ENV, MARKER_ENV = "EWC_JAX_TEST_HANG_AT", "EWC_JAX_TEST_MARKER"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used: corrupt, truncated, or from another configuration."""
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  return ocp
+
+
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip()
+  return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _jsonable(obj: Any) -> Any:
+  """A JSON round trip: tuples become lists, numpy numbers Python numbers (exact)."""
+  return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised)."""
+  saved, current = _jsonable(saved), _jsonable(current)
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if a != b:
+      out.append(f"{key} (checkpoint: {a!r}, now: {b!r})")
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The run state.
+
+def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
+                       train: train_lib.TaskData, *,
+                       preprocess: Callable = train_lib.scale_pixels) -> dict:
+  """Shapes, dtypes and placement of ``{"train_state", "memory"}`` as :func:`continual.run`
+  creates them (the restore target; nothing is computed)."""
+  algo = continual.make_algorithm(cfg)
+  num_tasks = int(train.inputs.shape[0])
+  tx = train_lib.make_optimizer()
+  example = jax.ShapeDtypeStruct((1,) + tuple(train.inputs.shape[2:]), train.inputs.dtype)
+
+  def init(key, x):
+    params = heads_lib.init_params(net, key, preprocess(x))
+    return {"train_state": train_lib.init_train_state(tx, params, cfg.lr),
+            "memory": algo.init(params["backbone"], num_tasks)}
+
+  shapes = jax.eval_shape(init, jax.random.key(0), example)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+
+
+def _all_finite(tree: PyTree) -> bool:
+  return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+
+
+class RunCheckpointer:
+  """Saves and restores a continual run under ``directory`` with an orbax ``CheckpointManager``.
+
+  Use it as ``continual.run(..., on_checkpoint=ckpt, resume=ckpt.restore(like))``. Step numbers
+  are consecutive save indices. Every checkpoint carries ``config`` (a JSON-able dict): restoring
+  under another configuration raises :class:`CheckpointError` naming the differing keys.
+
+  Args:
+    directory: the checkpoint folder (created at the first save, not before).
+    config: what identifies the run (flags, dataset, seed...).
+    keep: how many of the newest checkpoints to keep (>= 1).
+    every: also save within a task once at least ``every`` train steps were done since the last
+      save (counted in whole chunks of ``chunk_steps``); 0: only after each task.
+    chunk_steps: the runner's ``Config.chunk_steps`` (steps between two ``"chunk"`` calls).
+  """
+
+  def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
+               every: int = 0, chunk_steps: int = 16):
+    if not isinstance(keep, (int, np.integer)) or keep < 1:
+      raise ValueError(f"--keep={keep} is invalid: expected an integer >= 1.")
+    if not isinstance(every, (int, np.integer)) or every < 0:
+      raise ValueError(f"--checkpoint_every={every} is invalid: expected an integer >= 0.")
+    self.directory = Path(directory).absolute()
+    self.config = _jsonable(config)
+    self.keep, self.every, self.chunk_steps = int(keep), int(every), int(chunk_steps)
+    self._manager = None
+    self._since = 0
+    self.saved_steps: list[int] = []
+    self.save_seconds = 0.0
+
+  # -- orbax plumbing
+  def _mgr(self):
+    if self._manager is None:
+      ocp = _ocp()
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self.keep, create=True, enable_async_checkpointing=False,
+          cleanup_tmp_directories=True)
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=("state", "meta"))
+    return self._manager
+
+  def close(self) -> None:
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
+      self._manager = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint (temporary, unfinished ones are ignored), or None."""
+    if not self.directory.is_dir():
+      return None
+    return self._mgr().latest_step()
+
+  def step_path(self, step: int) -> Path:
+    return self.directory / str(step)
+
+  def _corrupt(self, step: int, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {self.step_path(step)} is corrupt or truncated ({_first_line(err)}); "
+        f"{RESTART_HINT} (or delete that folder to fall back on an older one).")
+
+  def read_meta(self, step: int | None = None) -> dict:
+    """The JSON part of a checkpoint (position, accuracy matrix, curves, config)."""
+    step = self.latest_step() if step is None else step
+    ocp = _ocp()
+    try:
+      meta = self._mgr().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as err:  # orbax/tensorstore/json raise many types: all mean unreadable
+      raise self._corrupt(step, err) from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+      raise self._corrupt(step, ValueError(f"not an {FORMAT} checkpoint"))
+    return meta
+
+  def check_config(self, step: int | None = None) -> None:
+    """Raises :class:`CheckpointError` when the checkpoint was written by another config."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return
+    diff = config_diff(self.read_meta(step)["config"], self.config)
+    if diff:
+      raise CheckpointError(
+          f"checkpoint {self.step_path(step)} was written by a different configuration: "
+          + "; ".join(diff) + f". Use the same flags to resume, or {RESTART_HINT}.")
+
+  # -- restore / save
+  def restore(self, like: dict, step: int | None = None) -> continual.RunState | None:
+    """The :class:`RunState` of the newest (or given) checkpoint, or None when there is none.
+
+    ``like``: :func:`abstract_run_state` (shapes, dtypes, placement of the arrays).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    self.check_config(step)
+    ocp = _ocp()
+    try:
+      out = self._mgr().restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
+      meta, state = out.meta, out.state
+      rs = continual.RunState(
+          task=int(meta["task"]), epoch=int(meta["epoch"]), step=int(meta["step"]),
+          train_state=state["train_state"], memory=state["memory"],
+          acc=np.asarray(meta["acc"], np.float64), curves=meta["curves"],
+          epoch_sums={k: np.asarray(v, np.float64) for k, v in meta["epoch_sums"].items()})
+    except CheckpointError:
+      raise
+    except Exception as err:  # noqa: BLE001 (truncated array files, missing items, bad JSON)
+      raise self._corrupt(step, err) from err
+    if jax.tree.structure(rs.train_state) != jax.tree.structure(like["train_state"]):
+      raise self._corrupt(step, ValueError("unexpected train state structure"))
+    return rs
+
+  def save(self, rs: continual.RunState, reason: str) -> int:
+    """Writes ``rs`` as the next checkpoint (synchronously; atomic) and returns its step."""
+    if not _all_finite((rs.train_state.params, rs.memory)):
+      what = "parameters" if not _all_finite(rs.train_state.params) else "importance/memory"
+      task = rs.task - 1 if reason == "task" else rs.task
+      raise continual.NumericalError(
+          f"the {what} are not finite after task {task + 1}, epoch {rs.epoch + 1}, step "
+          f"{rs.step}; stopped before saving that state (the last good checkpoint is kept).",
+          task=task, epoch=rs.epoch, step=rs.step, task_step=rs.step, part=what, value=float("nan"))
+    t0 = time.perf_counter()
+    ocp = _ocp()
+    mgr = self._mgr()
+    latest = mgr.latest_step()
+    step = 0 if latest is None else latest + 1
+    meta = {"format": FORMAT, "version": VERSION, "reason": reason, "task": int(rs.task),
+            "epoch": int(rs.epoch), "step": int(rs.step),
+            "acc": np.asarray(rs.acc, np.float64).tolist(), "curves": rs.curves,
+            "epoch_sums": {k: np.asarray(v, np.float64).tolist()
+                           for k, v in rs.epoch_sums.items()},
+            "config": self.config}
+    mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"train_state": rs.train_state, "memory": rs.memory}),
+        meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+    mgr.wait_until_finished()  # synchronous already; also covers any background finalisation
+    self.saved_steps.append(step)
+    self.save_seconds += time.perf_counter() - t0
+    return step
+
+  def __call__(self, rs: continual.RunState, reason: str) -> None:
+    """The ``on_checkpoint`` hook: saves after each task and every ``every`` steps."""
+    if reason == "task":
+      self.save(rs, reason)
+      self._since = 0
+    elif self.every > 0:
+      self._since += self.chunk_steps
+      if self._since >= self.every:
+        self.save(rs, reason)
+        self._since = 0
+    _maybe_hang(rs)
+
+
+def _maybe_hang(rs: continual.RunState) -> None:
+  at = os.environ.get(HANG_ENV)
+  if not at or at != f"{rs.task}:{rs.epoch}:{rs.step}":
+    return
+  marker = os.environ.get(MARKER_ENV)
+  if marker:
+    Path(marker).write_text(at)
+  print(f"[{HANG_ENV}] paused at {at}", file=sys.stderr, flush=True)
+  while True:
+    time.sleep(60)
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+  """The per-run checkpoint folders under ``root`` (``root/seed_<s>``) that hold anything."""
+  root = Path(root)
+  if not root.is_dir():
+    return []
+  return sorted(p for p in root.glob("seed_*") if p.is_dir() and any(p.iterdir()))
+
+
+def discard(root: str | os.PathLike) -> bool:
+  """Removes every checkpoint under ``root`` (``--force_restart``); True when there were any."""
+  root = Path(root)
+  if not root.exists():
+    return False
+  shutil.rmtree(root)
+  return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Anchors.
+
+def _anchor_tree(anchors) -> tuple[str, Any]:
+  """``("stacked", Anchor)`` or ``("sequence", tuple of Anchor)``, validated."""
+  if isinstance(anchors, penalty_lib.Anchor):
+    validation.check_same_structure("anchors.importance", anchors.params, anchors.importance,
+                                    "anchors.params")
+    validation.check_importance("anchors.importance", anchors.importance)
+    return "stacked", anchors
+  if not isinstance(anchors, (list, tuple)):
+    raise ValueError(f"`anchors` must be a sequence of ewc_jax.Anchor or one stacked Anchor, "
+                     f"got {type(anchors).__name__}.")
+  out = []
+  for k, a in enumerate(anchors):
+    if not isinstance(a, penalty_lib.Anchor) and not (isinstance(a, tuple) and len(a) == 2):
+      raise ValueError(f"`anchors[{k}]` must be an ewc_jax.Anchor(params, importance), got "
+                       f"{type(a).__name__}.")
+    a = penalty_lib.Anchor(*a)
+    validation.check_same_structure(f"anchors[{k}].importance", a.params, a.importance,
+                                    f"anchors[{k}].params")
+    validation.check_importance(f"anchors[{k}].importance", a.importance)
+    if out:
+      validation.check_same_structure(f"anchors[{k}].params", out[0].params, a.params,
+                                      "anchors[0].params")
+    out.append(a)
+  return "sequence", tuple(out)
+
+
+def save_anchors(path: str | os.PathLike, anchors, *, overwrite: bool = False) -> None:
+  """Saves a sequence of :class:`~ewc_jax.Anchor` or one stacked Anchor to the folder ``path``.
+
+  Synchronous and atomic (orbax writes a temporary folder, then renames it). Any pytree of
+  arrays works (Flax, Haiku, Equinox, dicts); dtypes are kept.
+
+  Raises:
+    ValueError: ``path`` exists and ``overwrite`` is False; malformed anchors (names the leaf).
+  """
+  kind, tree = _anchor_tree(anchors)
+  path = Path(path).absolute()
+  if path.exists() and not overwrite:
+    raise ValueError(f"`path` {str(path)!r} already exists; pass overwrite=True to replace it.")
+  ocp = _ocp()
+  meta = {"format": ANCHORS_FORMAT, "version": VERSION, "kind": kind,
+          "count": None if kind == "stacked" else len(tree)}
+  args = {"meta": ocp.args.JsonSave(meta)}
+  if kind == "stacked" or tree:
+    args["anchors"] = ocp.args.StandardSave(tree)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=ocp.args.Composite(**args), force=overwrite)
+
+
+def restore_anchors(path: str | os.PathLike, like=None):
+  """Loads what :func:`save_anchors` wrote: a tuple of Anchor, or one stacked Anchor.
+
+  Args:
+    path: the folder given to :func:`save_anchors`.
+    like: optional anchors (arrays or ``jax.ShapeDtypeStruct``) of the same form: the result
+      then has exactly their pytree types and placement. Without it, ``params``/``importance``
+      come back as nested dicts and lists of ``jax.Array`` (orbax's generic form).
+
+  Raises:
+    ValueError: ``path`` holds no anchors, is corrupt, or does not match ``like``.
+  """
+  path = Path(path).absolute()
+  ocp = _ocp()
+  if not path.is_dir():
+    raise ValueError(f"`path` {str(path)!r} is not a folder written by ewc_jax.save_anchors.")
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      if not isinstance(meta, dict) or meta.get("format") != ANCHORS_FORMAT:
+        raise ValueError("no ewc_jax anchors metadata")
+      kind, count = meta["kind"], meta["count"]
+      if kind == "sequence" and count == 0:
+        target = None
+      elif like is None:
+        target = ocp.args.StandardRestore()
+      else:
+        like_kind, like_tree = _like_tree(like)
+        if like_kind != kind or (kind == "sequence" and len(like_tree) != count):
+          what = "one stacked Anchor" if kind == "stacked" else f"a sequence of {count} anchors"
+          got = ("one stacked Anchor" if like_kind == "stacked"
+                 else f"a sequence of {len(like_tree)} anchors")
+          raise ValueError(f"`like` is {got} but {str(path)!r} holds {what}.")
+        target = ocp.args.StandardRestore(like_tree)
+      tree = None if target is None else ckptr.restore(
+          path, args=ocp.args.Composite(anchors=target)).anchors
+  except ValueError as err:
+    raise ValueError(f"cannot restore anchors from {str(path)!r}: {err}") from err
+  except Exception as err:  # noqa: BLE001 (tensorstore/orbax/json errors of a damaged folder)
+    raise ValueError(f"cannot restore anchors from {str(path)!r} (corrupt or truncated?): "
+                     f"{_first_line(err)}") from err
+  if tree is None:
+    return ()
+  if like is not None:
+    return tree
+  as_anchor = lambda a: penalty_lib.Anchor(params=a["params"], importance=a["importance"])  # noqa: E731
+  return as_anchor(tree) if kind == "stacked" else tuple(as_anchor(a) for a in tree)
+
+
+def _like_tree(like):
+  """``like`` in the form it was saved (no importance check: it may hold shapes only)."""
+  if isinstance(like, penalty_lib.Anchor):
+    return "stacked", like
+  if isinstance(like, (list, tuple)):
+    return "sequence", tuple(penalty_lib.Anchor(*a) for a in like)
+  raise ValueError(f"`like` must be a sequence of Anchor or one stacked Anchor, got "
+                   f"{type(like).__name__}.")
+
+
+__all__ = ["CheckpointError", "RunCheckpointer", "abstract_run_state", "checkpoint_dirs",
+           "config_diff", "discard", "restore_anchors", "save_anchors"]
