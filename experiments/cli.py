@@ -260,16 +260,9 @@ def build_tasks(bench: Benchmark, ds, config: continual.Config, num_tasks: int,
   return protocols.permuted(ds, config.scenario, num_tasks, max_examples, key)
 
 
-def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path, *,
-                       seeds: tuple[int, ...], import_seconds: float = 0.0,
-                       start_time: float | None = None) -> dict:
-  """Loads data, runs every seed, prints the accuracy matrix, writes results.json, CSV, PNGs."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
-  from experiments import data, tasks  # pylint: disable=import-outside-toplevel
-
-  num_tasks, max_examples = check_subset_flags(bench)
-  t0 = time.perf_counter()
+def load_dataset():
+  """The --dataset from --data_dir / --manual_dir, checked to be 28x28 with 10 classes."""
+  from experiments import data  # pylint: disable=import-outside-toplevel
   if (FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir) and FLAGS.manual_dir is None
       and importlib.util.find_spec("tensorflow") is None):  # nothing could prepare it there
     raise ValueError(f"--data_dir={FLAGS.data_dir!r} is not an existing folder: expected a "
@@ -279,6 +272,20 @@ def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path
     raise ValueError(f"--dataset={FLAGS.dataset!r} is invalid: expected a 28x28 image dataset "
                      f"with 10 classes, got images {ds.train_images.shape[1:]} and "
                      f"{int(ds.train_labels.max()) + 1} classes.")
+  return ds
+
+
+def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path, *,
+                       seeds: tuple[int, ...], import_seconds: float = 0.0,
+                       start_time: float | None = None) -> dict:
+  """Loads data, runs every seed, prints the accuracy matrix, writes results.json, CSV, PNGs."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  from experiments import tasks  # pylint: disable=import-outside-toplevel
+
+  num_tasks, max_examples = check_subset_flags(bench)
+  t0 = time.perf_counter()
+  ds = load_dataset()
   load_seconds = time.perf_counter() - t0
 
   runs = []
