@@ -111,7 +111,8 @@ def plan(num_configs: int, num_devices: int = 1, max_parallel: int | None = None
     raise ValueError(f"--max_parallel={max_parallel} is invalid: expected an integer >= 1.")
   cap = min(num_configs, max_parallel or num_configs)
   c = max(x for x in range(1, num_devices + 1) if num_devices % x == 0 and x <= cap)
-  per_chunk = cap // c * c                       # <= max_parallel and a multiple of c
+  # A multiple of c: rounded down to stay <= max_parallel, else up (one chunk, padded).
+  per_chunk = cap // c * c if max_parallel else -(-cap // c) * c
   num_chunks = -(-num_configs // per_chunk)
   size = -(-num_configs // num_chunks)           # balanced chunks ...
   size = -(-size // c) * c                       # ... padded to a multiple of c

@@ -1,0 +1,263 @@
+r"""Hyperparameter sweeps: every combination of the listed values, trained at once (vmapped).
+
+    python -m experiments.sweep --benchmark=split_mnist --algo=ewc --lam=1,10,100,1000 --seeds=0,1,2
+    python -m experiments.sweep --algo=ewc --lam=10,1000 --p=1,2 --lr=1e-3,3e-3 --max_parallel=4
+    python -m experiments.sweep --benchmark=permuted_mnist --algo=online_ewc --gamma=0.5,0.9,1
+
+Swept flags take comma-separated lists: --lam, --p, --lr, --gamma and --seeds (or one --seed);
+the sweep is their product. Every other flag of experiments.split_mnist / permuted_mnist keeps
+its meaning and is shared by all configs. All configs are trained together as one program with
+a leading config axis (``jax.vmap`` of the single run; each config gives the single run's
+result), sharded over all devices (``ewc_jax.sweep``); --max_parallel=N runs at most N at a time.
+Permuted MNIST's permutations follow the seed, so there each seed is its own sweep (its data).
+
+Writes under --workdir: results.json (every config's accuracy matrix, its metrics and curves,
+and the table of the swept values sorted by average accuracy, mean ± std over seeds) and
+average_accuracy.png (average accuracy vs λ, one line per other swept combination, seed error
+bars, log x-axis). Checkpointing (--resume etc.) is not supported by sweeps.
+"""
+
+from __future__ import annotations
+
+import time
+
+_START = time.perf_counter()
+
+# pylint: disable=wrong-import-position
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments import cli  # noqa: E402
+
+BENCHMARKS = {
+    "split_mnist": cli.Benchmark(name="split_mnist", title="Split MNIST", max_tasks=5,
+                                 default_tasks=5),
+    "permuted_mnist": cli.Benchmark(name="permuted_mnist", title="Permuted MNIST",
+                                    max_tasks=None, default_tasks=10),
+}
+DEFAULT_SCENARIO = {"split_mnist": "task", "permuted_mnist": "domain"}
+SWEPT_FLAGS = ("lam", "p", "gamma", "lr")
+UNSUPPORTED = ("force_restart", "checkpoint_every", "keep", "resume")  # checkpoint flags
+
+FLAGS = flags.FLAGS
+cli.define_flags(cli.Benchmark(name="sweep", title="Sweep", max_tasks=None, default_tasks=5))
+_defaults = {name: FLAGS[name].default for name in SWEPT_FLAGS}
+_helps = {name: FLAGS[name].help for name in SWEPT_FLAGS}
+for _name in SWEPT_FLAGS:  # the single-run float flags become lists
+  delattr(FLAGS, _name)
+  flags.DEFINE_list(_name, [f"{_defaults[_name]:g}"],
+                    _helps[_name] + " A comma-separated list sweeps it.")
+flags.DEFINE_enum("benchmark", "split_mnist", list(BENCHMARKS), "Task sequence.")
+flags.DEFINE_integer("max_parallel", None, "Train at most N configs at a time (padding to a "
+                     "multiple of the devices included); default: all at once.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
+                  "(one process per host, all with the same flags); the config axis is then "
+                  "sharded over every device of every host. Process 0 writes the outputs.")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 "
+                    "(default: auto-detected by JAX on managed clusters).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
+
+
+def _parse_floats(name: str) -> tuple[float, ...]:
+  raw = FLAGS[name].value or []
+  try:
+    values = tuple(float(v) for v in raw)
+  except ValueError as err:
+    raise ValueError(f"--{name}={','.join(raw)} is invalid: expected numbers separated by "
+                     "commas.") from err
+  if not values:
+    raise ValueError(f"--{name}= is invalid: expected at least one number.")
+  if len(set(values)) != len(values):
+    raise ValueError(f"--{name}={','.join(raw)} is invalid: expected distinct values.")
+  return values
+
+
+def configs_from_flags(bench: cli.Benchmark):
+  """``(base config, {name: values}, [configs])``; raises ValueError naming the bad flag."""
+  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  values = {name: _parse_floats(name) for name in SWEPT_FLAGS}
+  for name in UNSUPPORTED:
+    if FLAGS[name].present:
+      raise ValueError(f"--{name} is not supported by experiments.sweep (no checkpointing of "
+                       "sweeps).")
+  if not FLAGS["scenario"].present:
+    FLAGS.scenario = DEFAULT_SCENARIO[bench.name]
+  # cli.config_from_flags reads every flag; the swept ones are then set per config.
+  base = dataclasses.replace(cli.config_from_flags(),
+                             **{name: vals[0] for name, vals in values.items()})
+  values["seed"] = cli.seeds_from_flags(base)
+  if FLAGS.max_parallel is not None and FLAGS.max_parallel < 1:
+    raise ValueError(f"--max_parallel={FLAGS.max_parallel} is invalid: expected an integer >= 1.")
+  configs = sweep.grid(base, **values)
+  sweep.validate(configs)  # every value of every swept flag
+  return base, values, configs
+
+
+def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: int | None):
+  """Runs the sweep (one per seed for Permuted MNIST: the data follow the seed)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ewc_jax import heads as heads_lib  # pylint: disable=import-outside-toplevel
+  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from experiments import tasks  # pylint: disable=import-outside-toplevel
+
+  data_seed = (lambda c: c.seed) if bench.name == "permuted_mnist" else (lambda c: None)
+  groups: dict = {}
+  for k, cfg in enumerate(configs):
+    groups.setdefault(data_seed(cfg), []).append(k)
+  acc = [None] * len(configs)
+  curves = [None] * len(configs)
+  timings: dict = {"data": 0.0}
+  layouts, built = [], None
+  for g, members in enumerate(groups.values()):
+    first = configs[members[0]]
+    t0 = time.perf_counter()
+    built = cli.build_tasks(bench, ds, first, num_tasks, max_examples)
+    train, test = tasks.to_device(built.train), tasks.to_device(built.test)
+    timings["data"] += time.perf_counter() - t0
+    smallest = int(np.min(built.train.counts))
+    if first.batch_size > smallest:
+      raise ValueError(f"--batch_size={first.batch_size} is invalid: expected at most "
+                       f"{smallest}, the number of training examples of the smallest task.")
+    net = heads_lib.make_network(first.scenario, built.class_groups, first.hidden)
+    bar = {"prefix": ""}
+
+    def on_chunk(i, n, idx, g=g, members=members):
+      parts = ([f"seed group {g + 1}/{len(groups)}"] if len(groups) > 1 else []) + (
+          [f"configs {members[idx.start] + 1}-{members[idx.stop - 1] + 1}"] if n > 1 else [])
+      bar["prefix"] = " ".join(parts) + " " if parts else ""
+
+    def progress(*args):
+      return cli.make_progress(True, bar["prefix"])(*args)
+
+    result = sweep.run([configs[k] for k in members], net, train, test,
+                       max_parallel=FLAGS.max_parallel,
+                       progress=progress if FLAGS.progress else None, chunk_progress=on_chunk)
+    for j, k in enumerate(members):
+      acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
+    for name, sec in result.timings.items():
+      timings[name] = timings.get(name, 0.0) + sec
+    layouts.append(result.layout._asdict())
+  acc = np.stack(acc)
+  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  res = sweep.SweepResult(configs=tuple(configs), swept=sweep.swept_names(configs),
+                          acc_matrix=acc, summaries=[metrics.summarize(a) for a in acc],
+                          curves=curves, timings=timings, layout=result.layout)
+  return res, layouts, built
+
+
+def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: Path,
+                          title: str) -> None:
+  """Average accuracy (mean ± std over seeds) vs λ (or the first swept value), log x for λ/lr."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  keys = [n for n in swept if n != "seed"]
+  x_name = "lam" if ("lam" in keys or not keys) else keys[0]
+  others = [n for n in keys if n != x_name]
+  lines: dict = {}
+  for r in rows:
+    lines.setdefault(tuple(r[n] for n in others), []).append(r)
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for combo, members in sorted(lines.items()):
+    members.sort(key=lambda r: r.get(x_name, 0.0))  # absent: not swept, one point
+    xs = [r.get(x_name, getattr(base, x_name)) for r in members]
+    ys = [100 * r["average_accuracy"] for r in members]
+    es = [100 * r["average_accuracy_std"] for r in members]
+    label = ", ".join(f"{n}={v:g}" for n, v in zip(others, combo)) or None
+    ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, label=label)
+  if x_name in ("lam", "lr"):
+    ax.set_xscale("log")
+  ax.set_xlabel({"lam": "λ", "lr": "learning rate"}.get(x_name, x_name))
+  ax.set_ylabel("average accuracy after the last task (%)")
+  ax.grid(alpha=0.3, which="both")
+  ax.set_title(title, fontsize=10)
+  if others:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  import_seconds = time.perf_counter() - _START
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  if not FLAGS["verbosity"].present and not FLAGS.debug:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  import jax  # pylint: disable=import-outside-toplevel
+  from experiments import data  # pylint: disable=import-outside-toplevel
+  try:
+    bench = BENCHMARKS[FLAGS.benchmark]
+    if not FLAGS["num_tasks"].present:
+      FLAGS.num_tasks = bench.default_tasks
+    base, values, configs = configs_from_flags(bench)
+    num_tasks, max_examples = cli.check_subset_flags(bench)
+    if FLAGS.distributed:
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    writer = jax.process_index() == 0
+    workdir = cli.check_workdir(FLAGS.workdir) if writer else Path(FLAGS.workdir)
+    if FLAGS.compile_cache:
+      cli.enable_compile_cache()
+    t0 = time.perf_counter()
+    ds = cli.load_dataset()
+    load_seconds = time.perf_counter() - t0
+    result, layouts, built = run_sweep(bench, configs, ds, num_tasks, max_examples)
+  except jax.errors.JaxRuntimeError:
+    raise  # a fault of ours or of the machine, not of the user's input: keep the traceback
+  except (ValueError, data.DataError) as err:
+    if FLAGS.debug:
+      raise
+    print(f"error: {cli.user_message(err)}", file=sys.stderr)
+    sys.exit(2)
+  if not writer:
+    return
+  write_outputs(bench, base, values, result, layouts, built, ds, workdir,
+                {"import": import_seconds, "load": load_seconds})
+
+
+def write_outputs(bench, base, values, result, layouts, built, ds, workdir: Path,
+                  extra_timings: dict) -> dict:
+  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  rows = sweep.table(result)
+  keys = [n for n in result.swept if n != "seed"]
+  timings = {**extra_timings, **result.timings, "total": time.perf_counter() - _START}
+  configs = []
+  for k, (cfg, acc, summ, curves) in enumerate(zip(result.configs, result.acc_matrix,
+                                                    result.summaries, result.curves)):
+    configs.append({"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
+                    "acc_matrix": acc.tolist(), **summ, "curves": curves})
+  record = {
+      "benchmark": {"name": bench.name, "scenario": base.scenario,
+                    "dataset": f"{ds.name}:{ds.version}", "num_tasks": int(FLAGS.num_tasks),
+                    "max_examples": FLAGS.max_examples, **built.info},
+      "swept": list(result.swept),
+      "values": {n: list(v) for n, v in values.items()},
+      "num_configs": len(result.configs),
+      "acc_matrix_shape": list(result.acc_matrix.shape),
+      "table": rows,
+      "configs": configs,
+      "base_config": dataclasses.asdict(base),
+      "layout": layouts,
+      "timings": timings,
+      "environment": cli.environment(),
+  }
+  cli.write_json_atomic(workdir / "results.json", record)
+  title = (f"{bench.title} ({base.scenario}-incremental), {base.algo}, fisher={base.fisher}, "
+           f"{len(result.configs)} configs")
+  if FLAGS.plots:
+    plot_average_accuracy(rows, result.swept, base, workdir / "average_accuracy.png", title)
+  print(f"\n{title}, sorted by average accuracy (mean ± std over seeds):")
+  print(sweep.format_table(rows, keys))
+  print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+  print(f"wrote {workdir}/results.json" + (", average_accuracy.png" if FLAGS.plots else ""))
+  return record
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

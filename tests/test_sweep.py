@@ -1,0 +1,151 @@
+"""Sweeps: each config of a vmapped (chunked, sharded) sweep = the single run with that config."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ewc_jax import continual, heads, sweep
+from tests.test_continual import T, synthetic_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = continual.Config(epochs=2, batch_size=32, hidden=(32,), chunk_steps=4,
+                        fisher_batch_size=64)
+# Different lam, p (2 = the merged fast path in the single run), lr and seed in one sweep.
+CONFIGS = [dataclasses.replace(BASE, lam=10.0, p=1.5, lr=1e-2, seed=0),
+           dataclasses.replace(BASE, lam=1000.0, p=2.0, lr=3e-3, seed=1),
+           dataclasses.replace(BASE, lam=100.0, p=3.0, lr=1e-2, seed=2)]
+
+
+def data():
+  return synthetic_tasks(200, 0), synthetic_tasks(100, 100)
+
+
+def net():
+  return heads.task_incremental(T, 2, hidden=BASE.hidden)
+
+
+@pytest.fixture(scope="module")
+def full_sweep():
+  return sweep.run(CONFIGS, net(), *data())
+
+
+def test_each_config_equals_its_single_run(full_sweep):
+  assert full_sweep.acc_matrix.shape == (len(CONFIGS), T, T)
+  assert full_sweep.swept == ("lam", "p", "lr", "seed")
+  for k, cfg in enumerate(CONFIGS):
+    single = continual.run(cfg, net(), *data())
+    np.testing.assert_allclose(full_sweep.acc_matrix[k], single.acc_matrix, atol=1e-6)
+    for got, want in zip(full_sweep.curves[k], single.curves):
+      for name in ("loss_cls", "loss_reg", "acc"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
+    assert full_sweep.summaries[k]["average_accuracy"] == pytest.approx(
+        float(np.mean(single.acc_matrix[-1])), abs=1e-6)
+  assert full_sweep.acc_matrix[:, 0, 0].min() > 0.7  # they learn (a meaningful comparison)
+
+
+def test_max_parallel_chunks_give_the_same_results(full_sweep):
+  chunked = sweep.run(CONFIGS, net(), *data(), max_parallel=2)
+  assert chunked.layout.num_chunks == 2 and chunked.layout.padding == 1
+  np.testing.assert_allclose(chunked.acc_matrix, full_sweep.acc_matrix, atol=1e-6)
+  rows = sweep.table(chunked)
+  assert [r["average_accuracy"] for r in rows] == sorted(
+      (r["average_accuracy"] for r in rows), reverse=True)
+
+
+@pytest.mark.parametrize("k,devices,max_parallel,want", [
+    (12, 4, None, (1, 12, 4, 1)), (6, 4, None, (1, 8, 4, 1)), (3, 4, None, (1, 4, 2, 2)),
+    (1, 4, None, (1, 1, 1, 4)), (10, 1, 4, (3, 4, 1, 1)), (5, 4, 2, (3, 2, 2, 2))])
+def test_plan(k, devices, max_parallel, want):
+  layout = sweep.plan(k, devices, max_parallel)
+  assert (layout.num_chunks, layout.chunk_size, layout.config_parallel,
+          layout.data_parallel) == want
+  assert layout.chunk_size <= (max_parallel or layout.chunk_size)
+  assert layout.num_chunks * layout.chunk_size >= k
+
+
+def test_grid_and_validation_check_every_value():
+  configs = sweep.grid(BASE, lam=[1.0, 10.0], seed=[0, 1, 2])
+  assert [(c.lam, c.seed) for c in configs][:4] == [(1, 0), (1, 1), (1, 2), (10, 0)]
+  with pytest.raises(ValueError, match="--lam=0"):
+    sweep.validate(sweep.grid(BASE, lam=[1.0, 0.0]))
+  with pytest.raises(ValueError, match="--p=-1"):
+    sweep.validate(sweep.grid(BASE, p=[2.0, -1.0]))
+  with pytest.raises(ValueError, match="--epochs differs"):
+    sweep.validate([BASE, dataclasses.replace(BASE, epochs=3)])
+  with pytest.raises(ValueError, match="cannot be swept"):
+    sweep.grid(BASE, epochs=[1, 2])
+
+
+FOUR_DEVICES = textwrap.dedent("""
+    import dataclasses, json, jax, numpy as np
+    from ewc_jax import heads, sweep
+    from tests.test_sweep import CONFIGS, data, net
+    assert jax.device_count() == 4, jax.devices()
+    configs = CONFIGS + [dataclasses.replace(c, seed=c.seed + 10) for c in CONFIGS]  # K = 6
+    one = sweep.run(configs, net(), *data(), devices=jax.devices()[:1])
+    four = sweep.run(configs, net(), *data())      # 'config' axis: 4 devices, K padded to 8
+    pair = sweep.run(configs[:2], net(), *data())  # 2 configs x 2-way data parallel
+    print(json.dumps({
+        "layouts": [four.layout._asdict(), pair.layout._asdict()],
+        "config_sharded": float(np.abs(four.acc_matrix - one.acc_matrix).max()),
+        "data_parallel": float(np.abs(pair.acc_matrix - one.acc_matrix[:2]).max()),
+        "loss_reg_dp": float(np.abs(np.array(pair.curves[0][-1]["loss_reg"])
+                                    - np.array(one.curves[0][-1]["loss_reg"])).max()),
+    }))
+""")
+
+
+def test_sharded_over_four_forced_cpu_devices_equals_unsharded():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  four, pair = out["layouts"]
+  assert (four["config_parallel"], four["chunk_size"], four["num_devices"]) == (4, 8, 4)
+  assert (pair["config_parallel"], pair["data_parallel"]) == (2, 2)
+  assert out["config_sharded"] <= 1e-6
+  assert out["data_parallel"] <= 1e-6
+  assert out["loss_reg_dp"] <= 1e-4
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.sweep", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_real_data_smoke(real_data_dir, tmp_path):
+  proc = run_cli("--benchmark=split_mnist", "--algo=ewc", "--lam=1,1000", "--seeds=0,1",
+                 "--num_tasks=2", "--max_examples=300", f"--data_dir={real_data_dir}",
+                 f"--workdir={tmp_path}", "--noprogress", "--max_parallel=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["num_configs"] == 4 and res["acc_matrix_shape"] == [4, 2, 2]
+  assert res["swept"] == ["lam", "seed"]
+  assert [(c["lam"], c["seed"]) for c in res["configs"]] == [(1, 0), (1, 1), (1000, 0),
+                                                                (1000, 1)]
+  assert all(c["acc_matrix"][0][0] > 0.9 for c in res["configs"])
+  table = res["table"]
+  assert len(table) == 2 and table[0]["average_accuracy"] >= table[1]["average_accuracy"]
+  assert table[0]["seeds"] == [0, 1]
+  assert (tmp_path / "average_accuracy.png").stat().st_size > 0
+  assert "AA (%)" in proc.stdout
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--lam=10,0", "--lam=0.0"), ("--lam=1,x", "--lam=1,x"), ("--p=2,-1", "--p=-1.0"),
+    ("--max_parallel=0", "--max_parallel=0"), ("--benchmark=cifar", "benchmark")])
+def test_cli_bad_flag_one_line_exit_2_nothing_written(flag, needle, tmp_path):
+  proc = run_cli(flag, f"--workdir={tmp_path / 'out'}", "--noprogress")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert needle in proc.stderr and "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not (tmp_path / "out" / "results.json").exists()
