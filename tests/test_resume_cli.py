@@ -1,0 +1,198 @@
+"""The command line killed with SIGKILL and resumed: results bit-identical to an uninterrupted run.
+
+Kills are deterministic: the run pauses at a given position through the EWC_JAX_TEST_HANG_AT
+hook of ewc_jax.checkpoint (after that position's checkpoint, if any, is saved) and writes a
+marker file; the test waits for the marker, then sends SIGKILL. The kill *inside* a save patches
+orbax's rename (tests only) to SIGKILL the process just before a step folder is committed.
+Tiny protocol: 3 tasks of 400 real MNIST examples, batch 16 (25 steps per epoch, chunks of 16
+steps: positions step 16 and epoch ends), 2 epochs, MLP 784-64.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL = ("--num_tasks=3", "--max_examples=400", "--batch_size=16", "--hidden=64",
+            "--epochs=2", "--noprogress", "--noplots")
+
+# Runs the CLI with orbax's step-folder rename replaced by SIGKILL at its KILL_AT_COMMIT-th call.
+KILL_IN_SAVE = r"""
+import os, runpy, signal, sys
+import orbax.checkpoint._src.path.async_path as ap
+orig, count = ap.rename, [0]
+async def rename(src, dst, *a, **k):
+  if "orbax-checkpoint-tmp" not in str(dst):   # a step folder's commit (not an item's)
+    count[0] += 1
+    if count[0] == int(os.environ["KILL_AT_COMMIT"]):
+      os.kill(os.getpid(), signal.SIGKILL)
+  return await orig(src, dst, *a, **k)
+ap.rename = rename
+sys.argv = ["split_mnist"] + sys.argv[1:]
+runpy.run_module("experiments.split_mnist", run_name="__main__")
+"""
+
+
+def cli(workdir, data_dir, *extra, env=None, wrapper=None):
+  cmd = [sys.executable, "-c", wrapper] if wrapper else [sys.executable, "-m",
+                                                          "experiments.split_mnist"]
+  return cmd + [*PROTOCOL, f"--data_dir={data_dir}", f"--workdir={workdir}", *extra], {
+      **os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+def run_ok(workdir, data_dir, *extra):
+  cmd, env = cli(workdir, data_dir, *extra)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def run_until_hang(workdir, data_dir, at, *extra):
+  """Starts the CLI, waits until it pauses at position ``at`` ("task:epoch:step"), SIGKILLs it."""
+  marker = Path(workdir).parent / f"marker-{Path(workdir).name}-{at.replace(':', '_')}"
+  cmd, env = cli(workdir, data_dir, *extra,
+                 env={"EWC_JAX_TEST_HANG_AT": at, "EWC_JAX_TEST_MARKER": str(marker)})
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 600
+  while not marker.exists():
+    if proc.poll() is not None:
+      pytest.fail(f"exited {proc.returncode} before pausing at {at}: {proc.stderr.read()[-3000:]}")
+    assert time.monotonic() < deadline, f"never paused at {at}"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  return proc
+
+
+def numbers(workdir):
+  """results.json without timings and provenance: every number must match bit for bit."""
+  res = json.loads((Path(workdir) / "results.json").read_text())
+  res.pop("timings")
+  res.pop("environment")
+  for r in res["runs"]:
+    r.pop("timings")
+    r.pop("resumed_from")
+  return res
+
+
+def final_state(workdir):
+  """The arrays of the newest checkpoint (the finished run: params, Adam state, anchors)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  folder = Path(workdir) / "checkpoints" / "seed_0"
+  with ocp.CheckpointManager(folder, item_names=("state", "meta")) as mgr:
+    out = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  import jax  # pylint: disable=import-outside-toplevel
+  return out.meta, {jax.tree_util.keystr(k): np.asarray(v)
+                    for k, v in jax.tree_util.tree_flatten_with_path(out.state)[0]}
+
+
+def steps_on_disk(workdir):
+  folder = Path(workdir) / "checkpoints" / "seed_0"
+  return sorted(os.listdir(folder), key=lambda n: (len(n), n))
+
+
+@pytest.fixture(scope="module")
+def reference(real_data_dir, tmp_path_factory):
+  """The uninterrupted run (checkpointing every chunk, which must not change any number)."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  run_ok(workdir, real_data_dir, "--checkpoint_every=16")
+  return workdir
+
+
+def test_same_seed_same_numbers_and_checkpointing_changes_nothing(reference, real_data_dir,
+                                                                   tmp_path):
+  run_ok(tmp_path / "again", real_data_dir)                     # no chunk checkpoints
+  assert numbers(tmp_path / "again") == numbers(reference)
+  assert steps_on_disk(reference) == ["13", "14"]  # 5 saves per task, --keep=2 by default
+
+
+def test_killed_three_times_then_resumed_is_bit_identical(reference, real_data_dir, tmp_path):
+  """Killed mid-epoch, killed inside a save, killed right before the Fisher pass; then finished."""
+  w = tmp_path / "run"
+  every = "--checkpoint_every=16"
+  # 1. Paused in task 1, epoch 2, after step 16 of 25 (checkpoint 2 saved there): SIGKILL.
+  run_until_hang(w, real_data_dir, "0:1:16", every)
+  assert steps_on_disk(w) == ["1", "2"]
+  # 2. Resumes from it; SIGKILLed inside its 3rd save (task 2, step 16) before the commit.
+  cmd, env = cli(w, real_data_dir, every, env={"KILL_AT_COMMIT": "3"}, wrapper=KILL_IN_SAVE)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert "resuming from" in proc.stdout and "(task 1, epoch 2, step 16)" in proc.stdout
+  assert steps_on_disk(w) == ["3", "4", "5.orbax-checkpoint-tmp"]   # 5: written, not committed
+  # 3. Resumes from 4 (task 2 start); paused after training task 2, before its Fisher pass.
+  run_until_hang(w, real_data_dir, "1:2:0", every)
+  # 4. Resumes there: evaluation + Fisher of task 2, then task 3, to the end.
+  proc = run_ok(w, real_data_dir, every)
+  assert "(task 2 trained, evaluation and consolidation next)" in proc.stdout
+  assert numbers(w) == numbers(reference)
+  meta_a, arrays_a = final_state(w)
+  meta_b, arrays_b = final_state(reference)
+  assert meta_a["curves"] == meta_b["curves"] and meta_a["acc"] == meta_b["acc"]
+  assert arrays_a.keys() == arrays_b.keys() and len(arrays_a) > 10
+  for key, value in arrays_a.items():
+    np.testing.assert_array_equal(value, arrays_b[key], err_msg=key)
+
+
+def test_killed_without_chunk_checkpoints_resumes_from_the_last_task(reference, real_data_dir,
+                                                                      tmp_path):
+  """Default --checkpoint_every=0: killed mid-task, the task is redone from its start."""
+  w = tmp_path / "run"
+  run_until_hang(w, real_data_dir, "1:1:16")
+  assert steps_on_disk(w) == ["0"]
+  proc = run_ok(w, real_data_dir)
+  assert "(task 2, epoch 1, step 0)" in proc.stdout
+  assert numbers(w) == numbers(reference)
+  # Re-running the finished command again reproduces the results from the last checkpoint.
+  proc = run_ok(w, real_data_dir)
+  assert "(all tasks done)" in proc.stdout and numbers(w) == numbers(reference)
+
+
+def _run_err(workdir, data_dir, *extra):
+  cmd, env = cli(workdir, data_dir, *extra)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _error_line(proc):
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  return lines[0]
+
+
+def test_checkpoint_errors_are_one_line_exit_2_and_force_restart_recovers(
+    reference, real_data_dir, tmp_path):
+  w = tmp_path / "run"
+  shutil.copytree(reference, w)
+  before = (w / "results.json").read_bytes()
+  # Another configuration: refused, naming every differing key.
+  proc = _run_err(w, real_data_dir, "--lam=10", "--fisher=true")
+  assert proc.returncode == 2
+  line = _error_line(proc)
+  assert "lam (checkpoint: 1000.0, now: 10.0)" in line and "fisher (checkpoint: 'empirical'" in line
+  assert "--force_restart" in line and str(w / "checkpoints" / "seed_0") in line
+  # --noresume over existing checkpoints.
+  proc = _run_err(w, real_data_dir, "--noresume")
+  assert proc.returncode == 2 and "--force_restart" in _error_line(proc)
+  # A truncated checkpoint: its path and --force_restart are named.
+  newest = w / "checkpoints" / "seed_0" / steps_on_disk(w)[-1]
+  for path in (newest / "state" / "d").iterdir():
+    path.write_bytes(path.read_bytes()[:10])
+  proc = _run_err(w, real_data_dir)
+  assert proc.returncode == 2
+  line = _error_line(proc)
+  assert str(newest) in line and "corrupt or truncated" in line and "--force_restart" in line
+  assert (w / "results.json").read_bytes() == before          # nothing written by the failures
+  # --force_restart discards them and runs from scratch: the same numbers.
+  proc = run_ok(w, real_data_dir, "--force_restart")
+  assert "discarded the checkpoints" in proc.stdout
+  assert numbers(w) == numbers(reference)
