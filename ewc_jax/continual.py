@@ -116,7 +116,8 @@ def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start:
   where = f" of sweep config {config}" if config is not None else ""
   raise NumericalError(
       f"the training loss became {value} at task {task + 1}/{num_tasks}, epoch {epoch + 1}, "
-      f"step {step + 1}/{steps}{where}: {name} is not finite (the {part} part of the loss). "
+      f"step {step + 1}/{steps}{where}: {name} {'are' if ' and ' in part else 'is'} not finite "
+      f"(the {part} part of the loss). "
       "Stopped before keeping that state; try a smaller --lr or --lam.",
       task=task, epoch=epoch, step=step, task_step=epoch * steps + step, part=part,
       value=value, config=config)
