@@ -121,7 +121,7 @@ def _builder(name: str, data_dir: str | None) -> Any:
             f"dataset {name!r} is not a known TFDS dataset; expected a registered "
             "TFDS image-classification dataset name such as 'mnist' or 'fashion_mnist'"
         ) from err
-    except ValueError as err:
+    except (ValueError, AssertionError) as err:  # TFDS asserts on an unknown version ('mnist:9.9.9')
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"dataset {name!r} is not a valid TFDS dataset name: {first_line}") from err
 

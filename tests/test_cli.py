@@ -66,3 +66,55 @@ def test_unwritable_workdir(tmp_path):
   proc = run_cli(f"--workdir={blocker / 'sub'}")
   assert proc.returncode == 2
   assert "--workdir=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+MORE_BAD_INPUTS = [  # (arguments, what the one error line must contain)
+    (["--p=0"], "--p=0.0"),
+    (["--p=nan"], "--p=nan"),
+    (["--lam=-3"], "--lam=-3.0"),
+    (["--lr=-1"], "--lr=-1.0"),
+    (["--gamma=0"], "--gamma=0.0"),
+    (["--gamma=1.5"], "--gamma=1.5"),
+    (["--gamma=nan"], "--gamma=nan"),
+    (["--scenario=bogus"], "--scenario='bogus'"),
+    (["--dataset=bogus_dataset_xyz"], "--dataset='bogus_dataset_xyz'"),
+    (["--dataset=mnist:9.9.9"], "--dataset='mnist:9.9.9'"),
+    (["--num_tasks=2", "--max_examples=400", "--batch_size=401"], "--batch_size=401"),
+    (["--fisher_batch_size=0"], "--fisher_batch_size=0"),
+    (["--max_examples=0"], "--max_examples=0"),
+    (["--hidden=a"], "--hidden=a"),
+    (["--seeds=1,1"], "--seeds=1,1"),
+    (["--keep=0"], "--keep=0"),
+    (["--checkpoint_every=-1"], "--checkpoint_every=-1"),
+    (["--epochs=abc"], "--epochs=abc"),          # absl parse errors: one line, status 2 too
+    (["--bogus_flag=1"], "bogus_flag"),
+    (["--data_dir=" + __file__], "--data_dir="),  # a file, not a folder
+]
+
+
+def test_more_bad_inputs_one_line_exit_2_nothing_written(real_data_dir, tmp_path):
+  """One process runs every case (tests/cli_batch.py): each is refused before any work."""
+  jobs = []
+  for i, (args, _) in enumerate(MORE_BAD_INPUTS):
+    data = [] if any(a.startswith("--data_dir") for a in args) else [f"--data_dir={real_data_dir}"]
+    jobs.append([*args, *data, f"--workdir={tmp_path / str(i)}", "--noprogress", "--noplots"])
+  if os.geteuid() != 0:  # root reads everything: an unreadable folder cannot be made
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0)
+    jobs.append([f"--data_dir={locked}", f"--workdir={tmp_path / 'locked_out'}"])
+  (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"),
+                         str(tmp_path / "jobs.json"), str(tmp_path / "results.json")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  needles = [n for _, n in MORE_BAD_INPUTS] + ["--data_dir="] * (len(jobs) - len(MORE_BAD_INPUTS))
+  for job, res, needle in zip(jobs, results, needles):
+    errors = [l for l in res["stderr"].splitlines() if l.startswith("error: ")]
+    assert res["code"] == 2, (job, res["code"], res["stderr"][-2000:])
+    assert len(errors) == 1 and needle in errors[0], (job, res["stderr"][-2000:])
+    assert "Traceback" not in res["stderr"]
+  for folder in tmp_path.iterdir():
+    if folder.is_dir():
+      assert not (folder / "results.json").exists() and not (folder / "checkpoints").exists()
