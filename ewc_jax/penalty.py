@@ -70,7 +70,9 @@ def merge_anchor(merged: Merged, anchor: Anchor, decay: Any = 1.0) -> Merged:
 
   ``decay = 1`` keeps every previous task's term whole (EWC with merged anchors); ``decay < 1``
   down-weights them (online EWC keeps only the newest anchor: see ``ewc_jax.algorithms``).
+  ``decay`` (γ) must lie in (0, 1] (checked when concrete).
   """
+  validation.check_unit_interval("decay", decay)
   def leaf(a, m, f, t):
     a = decay * a
     f = f.astype(jnp.float32)

@@ -574,3 +574,11 @@ def test_abs_pow_is_exact_square_for_p2_and_safe_at_zero():
     nz = x[[0, 2]]
     np.testing.assert_allclose(np.asarray(grad)[[0, 2]], p * np.abs(nz) ** (p - 1) * np.sign(nz),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.5, float("nan")])
+def test_merge_anchor_decay_outside_unit_interval_names_decay(decay):
+  rng = np.random.default_rng(0)
+  anchor = _anchors(rng, 1)[0]
+  with pytest.raises(ValueError, match=re.escape(f"decay={decay:g}")):
+    merge_anchor(empty_merged(anchor.params), anchor, decay)
