@@ -1,0 +1,150 @@
+"""Shared protocol pieces for the PyTorch peer scripts (stdlib + numpy only).
+
+The protocol (identical in every peer script and in our JAX run):
+
+* Split MNIST, task-incremental: 5 tasks with classes {0,1},{2,3},{4,5},{6,7},{8,9};
+  labels mapped to 0/1 inside a task (label - 2*t); one 2-way head per task.
+* Inputs: raw IDX gzip files from ``/work/shared/data/mnist`` (override with
+  ``--data_dir`` or ``$MNIST_DIR``), parsed with numpy + gzip, pixels/255, flattened
+  to 784 float32.
+* Backbone 784-400-400 (two Linear+ReLU layers), then a Linear(400, 2) head per task.
+* Adam(lr=1e-3), created fresh for every task; batch 128, last partial batch kept,
+  reshuffled every epoch; 2 epochs per task by default.
+* After each task: diagonal Fisher on that task's train data, then test accuracy on
+  every task seen so far (one row of the accuracy matrix).
+* Reported: average accuracy (AA) over the 5 tasks after the last task, the
+  accuracy matrix, and phase timings (imports, data, train, fisher, eval) in seconds.
+
+This module deliberately imports no torch, so the scripts can time their own imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+DEFAULT_DATA_DIR = os.environ.get("MNIST_DIR", "/work/shared/data/mnist")
+NUM_TASKS = 5
+BATCH_SIZE = 128
+EVAL_BATCH_SIZE = 1000  # evaluation batch size: affects speed only, not accuracy
+LR = 1e-3
+INPUT_DIM = 784
+HIDDEN = 400
+CLASSES_PER_TASK = 2
+
+
+def parse_args(description: str, default_lam: float) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lam",
+        type=float,
+        default=default_lam,
+        help="EWC strength lambda in the common convention: loss + (lam/2) * "
+        "sum_tasks sum_i F_i (theta_i - theta*_i)^2. Each script converts it "
+        "to its library's own parameter (see the script's docstring).",
+    )
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument(
+        "--flush_denormal",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1 (default): torch.set_flush_denormal(True). XLA's CPU backend (our JAX "
+        "run) flushes subnormal floats to zero; PyTorch does not by default, and on "
+        "this CPU the squared gradients / Adam second moments of a converged MNIST "
+        "model go subnormal, which made the Fisher pass ~15x and training several "
+        "times slower. 0: PyTorch's default behaviour.",
+    )
+    return p.parse_args()
+
+
+def setup_torch(torch, args) -> None:
+    """Thread count, denormal handling and seed, identical in every peer script."""
+    torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    # IDX header: 2 zero bytes, dtype code, ndim, then ndim big-endian uint32 dims.
+    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    return data.reshape(tuple(dims))
+
+
+def load_mnist(data_dir: str = DEFAULT_DATA_DIR):
+    """Returns (x_train, y_train, x_test, y_test): float32 [N,784] in [0,1], int64 [N]."""
+    out = []
+    for split in ("train", "t10k"):
+        x = _read_idx(os.path.join(data_dir, f"{split}-images-idx3-ubyte.gz"))
+        y = _read_idx(os.path.join(data_dir, f"{split}-labels-idx1-ubyte.gz"))
+        out.append(x.reshape(len(x), -1).astype(np.float32) / 255.0)
+        out.append(y.astype(np.int64))
+    return tuple(out)
+
+
+def split_tasks(x: np.ndarray, y: np.ndarray):
+    """[(x_t, y_t)] for the 5 tasks, y_t in {0, 1} (label - 2t), original order kept."""
+    tasks = []
+    for t in range(NUM_TASKS):
+        lo = CLASSES_PER_TASK * t
+        m = (y >= lo) & (y < lo + CLASSES_PER_TASK)
+        tasks.append((np.ascontiguousarray(x[m]), (y[m] - lo).astype(np.int64)))
+    return tasks
+
+
+def load_split_mnist(data_dir: str = DEFAULT_DATA_DIR):
+    """(train_tasks, test_tasks), each a list of 5 (x, y) numpy pairs."""
+    xtr, ytr, xte, yte = load_mnist(data_dir)
+    return split_tasks(xtr, ytr), split_tasks(xte, yte)
+
+
+class Timer:
+    """Accumulates wall time per phase: with timer("train"): ..."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {
+            "imports": 0.0, "data": 0.0, "train": 0.0, "fisher": 0.0, "eval": 0.0
+        }
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[phase] = self.t.get(phase, 0.0) + time.perf_counter() - t0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.t[phase] = self.t.get(phase, 0.0) + seconds
+
+
+def average_accuracy(acc_matrix) -> float:
+    return float(np.mean(acc_matrix[-1]))
+
+
+def emit(peer: str, acc_matrix, timer: Timer, **extra) -> None:
+    """Print the one JSON result line (the last line on stdout)."""
+    rec = {
+        "peer": peer,
+        "average_accuracy": average_accuracy(acc_matrix),
+        "acc_matrix": [[round(float(a), 6) for a in row] for row in acc_matrix],
+        "timings": {k: round(v, 4) for k, v in timer.t.items()},
+    }
+    rec.update(extra)
+    print(json.dumps(rec), flush=True)

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Run our JAX EWC and the PyTorch peers on the same Split MNIST protocol and compare.
+
+Stdlib only; runs with any python3 (3.8+). Each run is a fresh process whose whole
+wall time (interpreter start to exit) is measured here with time.perf_counter around
+subprocess.run. Runs are interleaved round robin (ours, plain_torch, clarena,
+avalanche, ours, ...) so slow drifts of the machine hit every contender alike.
+
+    python3 benchmarks/peers/run.py                       # 3 repeats, all peers + ours
+    python3 benchmarks/peers/run.py --skip_ours --repeats=1
+    python3 benchmarks/peers/run.py --peers=plain_torch,avalanche
+
+Peers need benchmarks/peers/.venv (bash benchmarks/peers/setup.sh). Ours is
+`<repo>/.venv/bin/python -m experiments.split_mnist --algo=ewc --workdir=<tmpdir>`,
+which writes <tmpdir>/results.json with "average_accuracy" and "timings".
+
+Output: JSON on stdout and in benchmarks/results/peers.json (--out): per contender the
+median whole-process wall time, median phase timings, the final average accuracy
+(AA) of every run, and speedup_vs_<peer> = median wall(peer) / median wall(ours).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import resource
+except ImportError:  # not on Unix
+    resource = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+PEERS = {
+    "plain_torch": "plain_torch_ewc.py",
+    "clarena": "clarena_ewc.py",
+    "avalanche": "avalanche_ewc.py",
+}
+PEERS_PY = os.path.join(HERE, ".venv", "bin", "python")
+OURS_PY = os.path.join(REPO, ".venv", "bin", "python")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def tail(text, n=2000):
+    text = text or ""
+    return text[-n:]
+
+
+def last_json_line(stdout):
+    for line in reversed((stdout or "").splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line on stdout")
+
+
+def children_cpu_s():
+    if resource is None:
+        return None
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed_run(cmd, cwd, timeout):
+    """(wall_s, cpu_s, proc, error): wall time by perf_counter around subprocess.run;
+    cpu_s = user+sys CPU seconds of the child (less sensitive to a busy machine)."""
+    c0 = children_cpu_s()
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - t0, None, None, "timeout after %ss" % timeout
+    wall = time.perf_counter() - t0
+    c1 = children_cpu_s()
+    return wall, (None if c0 is None else c1 - c0), proc, None
+
+
+def run_peer(name, args):
+    cmd = [PEERS_PY, os.path.join(HERE, PEERS[name]), "--seed", str(args.seed),
+           "--epochs", str(args.epochs),
+           "--flush_denormal", "0" if args.no_flush_denormal else "1"]
+    if args.lam is not None:
+        cmd += ["--lam", str(args.lam)]
+    wall, cpu, proc, err = timed_run(cmd, HERE, args.timeout)
+    rec = {"wall_s": wall, "cpu_s": cpu, "cmd": " ".join(shlex.quote(c) for c in cmd)}
+    if err:
+        rec["error"] = err
+        return rec
+    if proc.returncode != 0:
+        rec["error"] = "exit %d: %s" % (proc.returncode, tail(proc.stderr))
+        return rec
+    try:
+        out = last_json_line(proc.stdout)
+    except ValueError as e:
+        rec["error"] = "%s; stdout tail: %s" % (e, tail(proc.stdout))
+        return rec
+    rec.update(average_accuracy=out["average_accuracy"], timings=out["timings"],
+               acc_matrix=out.get("acc_matrix"),
+               params={k: v for k, v in out.items()
+                       if k not in ("peer", "average_accuracy", "acc_matrix", "timings")})
+    return rec
+
+
+def ours_missing_reason():
+    if not os.path.exists(OURS_PY):
+        return "%s does not exist (create the repo's JAX venv first)" % OURS_PY
+    if not (os.path.exists(os.path.join(REPO, "experiments", "split_mnist.py"))
+            or os.path.isdir(os.path.join(REPO, "experiments", "split_mnist"))):
+        return "experiments/split_mnist(.py) not found in %s" % REPO
+    return None
+
+
+def run_ours(args):
+    workdir = tempfile.mkdtemp(prefix="ewc_ours_")
+    cmd = [OURS_PY, "-m", "experiments.split_mnist", "--algo=ewc",
+           "--workdir=%s" % workdir] + shlex.split(args.ours_args)
+    try:
+        wall, cpu, proc, err = timed_run(cmd, REPO, args.timeout)
+        rec = {"wall_s": wall, "cpu_s": cpu, "cmd": " ".join(shlex.quote(c) for c in cmd)}
+        if err:
+            rec["error"] = err
+            return rec
+        if proc.returncode != 0:
+            rec["error"] = "exit %d: %s" % (proc.returncode, tail(proc.stderr))
+            return rec
+        path = os.path.join(workdir, "results.json")
+        if not os.path.exists(path):
+            rec["error"] = "%s was not written; stderr tail: %s" % (path, tail(proc.stderr))
+            return rec
+        with open(path) as f:
+            res = json.load(f)
+        rec["average_accuracy"] = res.get("average_accuracy")
+        rec["timings"] = {k: v for k, v in (res.get("timings") or {}).items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "acc_matrix" in res:
+            rec["acc_matrix"] = res["acc_matrix"]
+        return rec
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs):
+    ok = [r for r in runs if "error" not in r]
+    out = {"runs_ok": len(ok), "runs_failed": len(runs) - len(ok)}
+    if len(ok) < len(runs):
+        out["errors"] = [r["error"] for r in runs if "error" in r]
+    if not ok:
+        return out
+    out["median_wall_s"] = round(median([r["wall_s"] for r in ok]), 3)
+    out["min_wall_s"] = round(min(r["wall_s"] for r in ok), 3)
+    out["wall_s"] = [round(r["wall_s"], 3) for r in ok]
+    cpus = [r.get("cpu_s") for r in ok]
+    if all(c is not None for c in cpus):
+        out["median_cpu_s"] = round(median(cpus), 3)
+        out["cpu_s"] = [round(c, 3) for c in cpus]
+    keys = []
+    for r in ok:
+        for k in r.get("timings") or {}:
+            if k not in keys:
+                keys.append(k)
+    out["median_timings_s"] = {
+        k: round(median([(r.get("timings") or {}).get(k) for r in ok]), 4) for k in keys}
+    aas = [r.get("average_accuracy") for r in ok]
+    out["average_accuracy"] = aas
+    out["median_average_accuracy"] = median(aas)
+    out["last_acc_matrix"] = ok[-1].get("acc_matrix")
+    if ok[-1].get("params"):
+        out["params"] = ok[-1]["params"]
+    out["cmd"] = ok[-1]["cmd"]
+    return out
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help="comma-separated subset of: " + ",".join(PEERS))
+    p.add_argument("--skip_ours", action="store_true", help="run the peers only")
+    p.add_argument("--seed", type=int, default=0, help="same seed for every repeat")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lam", type=float, default=None,
+                   help="common-convention EWC lambda for the peers "
+                        "(default: each script's default)")
+    p.add_argument("--no_flush_denormal", action="store_true",
+                   help="run the torch peers with PyTorch's default subnormal handling")
+    p.add_argument("--ours_args", default="",
+                   help="extra arguments appended to our command, e.g. '--seed=0'")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "peers.json"))
+    args = p.parse_args()
+
+    peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    unknown = [s for s in peers if s not in PEERS]
+    if unknown:
+        p.error("unknown peer(s) %s; choose from %s" % (unknown, ",".join(PEERS)))
+    if peers and not os.path.exists(PEERS_PY):
+        sys.exit("run.py: %s not found. Create it with: bash benchmarks/peers/setup.sh"
+                 % PEERS_PY)
+
+    with_ours = not args.skip_ours
+    ours_note = None
+    if with_ours:
+        reason = ours_missing_reason()
+        if reason:
+            ours_note = "our run skipped: " + reason
+            log("run.py: WARNING: %s. Continuing with the peers only; no speedups "
+                "will be reported. Use --skip_ours to silence this." % ours_note)
+            with_ours = False
+
+    order = (["ours"] if with_ours else []) + peers
+    if not order:
+        p.error("nothing to run")
+    runs = {name: [] for name in order}
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    for rep in range(args.repeats):
+        for name in order:
+            log("run.py: repeat %d/%d: %s ..." % (rep + 1, args.repeats, name))
+            rec = run_ours(args) if name == "ours" else run_peer(name, args)
+            runs[name].append(rec)
+            if "error" in rec:
+                log("run.py:   FAILED after %.1fs: %s" % (rec["wall_s"], rec["error"][:500]))
+            else:
+                log("run.py:   %.1fs wall, %s CPU, AA=%s, timings=%s"
+                    % (rec["wall_s"],
+                       "?" if rec.get("cpu_s") is None else "%.1fs" % rec["cpu_s"],
+                       rec["average_accuracy"], json.dumps(rec["timings"])))
+
+    results = {name: summarize(rs) for name, rs in runs.items()}
+    report = {
+        "benchmark": "split_mnist_til_ewc_vs_peers",
+        "protocol": ("Split MNIST task-incremental, 5 tasks {0,1}..{8,9}, labels 0/1 per "
+                     "task; MLP 784-400-400 ReLU + 2-way head per task; Adam lr 1e-3 fresh "
+                     "per task; batch 128 (last partial kept), shuffled each epoch; "
+                     "%d epochs per task; diagonal Fisher on each task's train data; "
+                     "AA = mean test accuracy over the 5 tasks after the last task"
+                     % args.epochs),
+        "wall_time": "whole process, time.perf_counter around subprocess.run; medians "
+                     "over %d interleaved repeats" % args.repeats,
+        "started_utc": started,
+        "git_commit": git_commit(),
+        "machine": {"platform": platform.platform(), "machine": platform.machine(),
+                    "cpu_count": os.cpu_count(),
+                    "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "settings": {"repeats": args.repeats, "seed": args.seed, "epochs": args.epochs,
+                     "lam": args.lam, "flush_denormal": not args.no_flush_denormal,
+                     "peers": peers, "skip_ours": args.skip_ours},
+        "results": results,
+    }
+    if ours_note:
+        report["note"] = ours_note
+    ours_wall = results.get("ours", {}).get("median_wall_s")
+    ours_min = results.get("ours", {}).get("min_wall_s")
+    if ours_wall:
+        for name in peers:
+            w = results[name].get("median_wall_s")
+            if w:
+                report["speedup_vs_%s" % name] = round(w / ours_wall, 3)
+        # Same ratio from the fastest run of each: less sensitive to other jobs on a
+        # shared machine (interference only ever adds time).
+        report["speedup_min_wall"] = {
+            name: round(results[name]["min_wall_s"] / ours_min, 3)
+            for name in peers if results[name].get("min_wall_s")}
+
+    # indent=2, but lists of numbers (wall times, accuracy-matrix rows) on one line
+    text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",
+                  json.dumps(report, indent=2))
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+    log("run.py: wrote %s" % args.out)
+    failed = sum(r.get("runs_failed", 0) for r in results.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
