@@ -61,6 +61,30 @@ def _ocp():
   return ocp
 
 
+def _ignore_closed_loop_callbacks() -> None:
+  """Installed before orbax reads: when it fails on a damaged checkpoint, reads still in flight
+  complete on its already closed event loop and Python prints "RuntimeError: Event loop is
+  closed" with a traceback (harmless: nothing is written). Drop exactly that message (it goes
+  through ``sys.excepthook``/``sys.unraisablehook``) so that a user error stays one line."""
+  if getattr(sys.excepthook, "_ewc_jax_filter", False):
+    return
+
+  def noise(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not noise(exc):
+      previous_except(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not noise(unraisable.exc_value):
+      previous_unraisable(unraisable)
+  excepthook._ewc_jax_filter = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def _first_line(err: BaseException) -> str:
   text = str(err).strip()
   return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
@@ -181,6 +205,7 @@ class RunCheckpointer:
     """The JSON part of a checkpoint (position, accuracy matrix, curves, config)."""
     step = self.latest_step() if step is None else step
     ocp = _ocp()
+    _ignore_closed_loop_callbacks()
     try:
       meta = self._mgr().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as err:  # orbax/tensorstore/json raise many types: all mean unreadable
@@ -211,6 +236,7 @@ class RunCheckpointer:
       return None
     self.check_config(step)
     ocp = _ocp()
+    _ignore_closed_loop_callbacks()
     try:
       out = self._mgr().restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
@@ -233,10 +259,13 @@ class RunCheckpointer:
     if not _all_finite((rs.train_state.params, rs.memory)):
       what = "parameters" if not _all_finite(rs.train_state.params) else "importance/memory"
       task = rs.task - 1 if reason == "task" else rs.task
+      where = (f"after task {task + 1}" if reason == "task" else
+               f"at task {task + 1}, epoch {rs.epoch + 1}, step {rs.step}")
       raise continual.NumericalError(
-          f"the {what} are not finite after task {task + 1}, epoch {rs.epoch + 1}, step "
-          f"{rs.step}; stopped before saving that state (the last good checkpoint is kept).",
-          task=task, epoch=rs.epoch, step=rs.step, task_step=rs.step, part=what, value=float("nan"))
+          f"the {what} are not finite {where}; stopped before saving that state (the last good "
+          "checkpoint is kept). Try a smaller --lr or --lam.",
+          task=task, epoch=rs.epoch, step=rs.step, task_step=rs.step, part=what,
+          value=float("nan"))
     t0 = time.perf_counter()
     ocp = _ocp()
     mgr = self._mgr()
@@ -366,6 +395,7 @@ def restore_anchors(path: str | os.PathLike, like=None):
   ocp = _ocp()
   if not path.is_dir():
     raise ValueError(f"`path` {str(path)!r} is not a folder written by ewc_jax.save_anchors.")
+  _ignore_closed_loop_callbacks()
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

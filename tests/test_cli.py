@@ -89,11 +89,15 @@ MORE_BAD_INPUTS = [  # (arguments, what the one error line must contain)
     (["--epochs=abc"], "--epochs=abc"),          # absl parse errors: one line, status 2 too
     (["--bogus_flag=1"], "bogus_flag"),
     (["--data_dir=" + __file__], "--data_dir="),  # a file, not a folder
+    # Divergence is not a bad input: status 3, one line naming task, step and loss part.
+    (["--num_tasks=2", "--max_examples=100", "--batch_size=16", "--hidden=16", "--lr=1e30"],
+     "at task 1/2, epoch 1, step 2/7: loss_cls"),
 ]
 
 
 def test_more_bad_inputs_one_line_exit_2_nothing_written(real_data_dir, tmp_path):
-  """One process runs every case (tests/cli_batch.py): each is refused before any work."""
+  """One process runs every case (tests/cli_batch.py): each is refused before any work (or, for
+  the diverging run, stopped before anything is written)."""
   jobs = []
   for i, (args, _) in enumerate(MORE_BAD_INPUTS):
     data = [] if any(a.startswith("--data_dir") for a in args) else [f"--data_dir={real_data_dir}"]
@@ -112,7 +116,7 @@ def test_more_bad_inputs_one_line_exit_2_nothing_written(real_data_dir, tmp_path
   needles = [n for _, n in MORE_BAD_INPUTS] + ["--data_dir="] * (len(jobs) - len(MORE_BAD_INPUTS))
   for job, res, needle in zip(jobs, results, needles):
     errors = [l for l in res["stderr"].splitlines() if l.startswith("error: ")]
-    assert res["code"] == 2, (job, res["code"], res["stderr"][-2000:])
+    assert res["code"] == (3 if "--lr=1e30" in job else 2), (job, res["code"], res["stderr"])
     assert len(errors) == 1 and needle in errors[0], (job, res["stderr"][-2000:])
     assert "Traceback" not in res["stderr"]
   for folder in tmp_path.iterdir():
