@@ -320,10 +320,12 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
     splits = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
     k_init, k_order, k_fisher = splits[:, 0], splits[:, 1], splits[:, 2]
-    if sharding is not None:
+    if sharding is not None:  # placed from host (numpy) values: works on a multi-host mesh too
       replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-      hyper, k_init, k_order, k_fisher = jax.device_put((hyper, k_init, k_order, k_fisher),
-                                                        sharding)
+      hyper = jax.device_put(algorithms.Hyper(*(np.asarray(v) for v in hyper)), sharding)
+      k_init, k_order, k_fisher = (
+          jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(k)), sharding))
+          for k in (k_init, k_order, k_fisher))
       train, test = jax.device_put((train, test), replicated)
   else:
     hyper = hyper_of(cfg) if hyper is None else hyper

@@ -173,7 +173,7 @@ def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: 
   if x_name in ("lam", "lr"):
     ax.set_xscale("log")
   ax.set_xlabel({"lam": "λ", "lr": "learning rate"}.get(x_name, x_name))
-  ax.set_ylabel("average accuracy after the last task (%)")
+  ax.set_ylabel("average accuracy after the last task (%)\nmean ± std over seeds")
   ax.grid(alpha=0.3, which="both")
   ax.set_title(title, fontsize=10)
   if others:

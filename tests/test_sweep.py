@@ -117,6 +117,39 @@ def test_sharded_over_four_forced_cpu_devices_equals_unsharded():
   assert out["loss_reg_dp"] <= 1e-4
 
 
+TWO_PROCESSES = textwrap.dedent("""
+    import json, sys, jax
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                               process_id=int(sys.argv[2]))
+    from ewc_jax import sweep
+    from tests.test_sweep import CONFIGS, data, net
+    r = sweep.run(CONFIGS, net(), *data())   # mesh over both processes' devices
+    print(json.dumps({"devices": [jax.device_count(), jax.local_device_count()],
+                      "layout": r.layout._asdict(), "acc": r.acc_matrix.tolist()}))
+""")
+
+
+def test_two_processes_distributed_equal_one_process(full_sweep):
+  """Multi-host on one machine: 2 processes x 2 CPU devices, jax.distributed (gloo)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{sock.getsockname()[1]}"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, address, str(i)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  for out, _ in outs:
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["devices"] == [4, 2]
+    assert (res["layout"]["config_parallel"], res["layout"]["data_parallel"]) == (2, 2)
+    np.testing.assert_allclose(res["acc"], full_sweep.acc_matrix, atol=1e-6)
+
+
 def run_cli(*args):
   return subprocess.run([sys.executable, "-m", "experiments.sweep", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
