@@ -8,6 +8,7 @@ values, missing data, an unwritable workdir) print one line naming the flag and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -84,6 +85,9 @@ def define_flags(bench: Benchmark) -> None:
   flags.DEFINE_bool("progress", True, "Show a progress bar per task.")
   flags.DEFINE_bool("compile_cache", True, "Use JAX's persistent compilation cache.")
   flags.DEFINE_bool("debug", False, "Show full tracebacks for user errors.")
+  flags.DEFINE_bool("checkpoint", True, "Save the run state after every task (and every "
+                    "--checkpoint_every steps) under <workdir>/checkpoints, and resume from it. "
+                    "--nocheckpoint: no saves, no resume (no orbax import either).")
   flags.DEFINE_bool("resume", True, "Continue from the newest complete checkpoint in "
                     "<workdir>/checkpoints when there is one (re-running the same command does "
                     "this); --noresume refuses to run over existing checkpoints.")
@@ -305,13 +309,16 @@ def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path
       identity = {"benchmark": bench.name, "dataset": f"{ds.name}:{ds.version}",
                   "num_tasks": num_tasks, "max_examples": max_examples, "seeds": list(seeds),
                   **dataclasses.asdict(config)}
-      prepare_checkpoints(workdir / "checkpoints", identity)
+      if FLAGS.checkpoint:
+        prepare_checkpoints(workdir / "checkpoints", identity)
     net = heads_lib.make_network(cfg.scenario, built.class_groups, cfg.hidden)
     prefix = f"seed {seed} " if len(seeds) > 1 else ""
-    with checkpoint.RunCheckpointer(
+    with (checkpoint.RunCheckpointer(
         workdir / "checkpoints" / f"seed_{seed}", identity, keep=FLAGS.keep,
-        every=FLAGS.checkpoint_every, chunk_steps=cfg.chunk_steps) as ckpt:
-      resume = ckpt.restore(checkpoint.abstract_run_state(cfg, net, train))
+        every=FLAGS.checkpoint_every, chunk_steps=cfg.chunk_steps) if FLAGS.checkpoint
+          else contextlib.nullcontext()) as ckpt:
+      resume = (ckpt.restore(checkpoint.abstract_run_state(cfg, net, train))
+                if ckpt is not None else None)
       resumed_from = None
       if resume is not None:
         resumed_from = str(ckpt.step_path(ckpt.latest_step()))
@@ -323,7 +330,7 @@ def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path
       result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=ckpt,
                              progress=make_progress(FLAGS.progress, prefix))
     timings = {"import": import_seconds, "data": data_seconds, **result.timings,
-               "checkpoint": ckpt.save_seconds}
+               "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
     runs.append({"seed": seed, "resumed_from": resumed_from,
                  "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
                  **metrics.summarize(result.acc_matrix), "curves": result.curves,
