@@ -57,7 +57,7 @@ def test_missing_data_dir(tmp_path):
   proc = run_cli(f"--data_dir={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'out'}",
                  env={"TFDS_DATA_DIR": ""})
   assert proc.returncode == 2
-  assert "data_dir" in proc.stderr and "Traceback" not in proc.stderr
+  assert "--data_dir=" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unwritable_workdir(tmp_path):
