@@ -158,41 +158,40 @@ def test_killed_without_chunk_checkpoints_resumes_from_the_last_task(reference, 
   assert "(all tasks done)" in proc.stdout and numbers(w) == numbers(reference)
 
 
-def _run_err(workdir, data_dir, *extra):
-  cmd, env = cli(workdir, data_dir, *extra)
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _error_line(proc):
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  return lines[0]
-
-
 def test_checkpoint_errors_are_one_line_exit_2_and_force_restart_recovers(
     reference, real_data_dir, tmp_path):
-  w = tmp_path / "run"
-  shutil.copytree(reference, w)
-  before = (w / "results.json").read_bytes()
-  # Another configuration: refused, naming every differing key.
-  proc = _run_err(w, real_data_dir, "--lam=10", "--fisher=true")
-  assert proc.returncode == 2
-  line = _error_line(proc)
-  assert "lam (checkpoint: 1000.0, now: 10.0)" in line and "fisher (checkpoint: 'empirical'" in line
-  assert "--force_restart" in line and str(w / "checkpoints" / "seed_0") in line
-  # --noresume over existing checkpoints.
-  proc = _run_err(w, real_data_dir, "--noresume")
-  assert proc.returncode == 2 and "--force_restart" in _error_line(proc)
-  # A truncated checkpoint: its path and --force_restart are named.
-  newest = w / "checkpoints" / "seed_0" / steps_on_disk(w)[-1]
-  for path in (newest / "state" / "d").iterdir():
+  """Another config, --noresume, a truncated checkpoint: refused; then --force_restart. All four
+  command lines run in one process (tests/cli_batch.py)."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  shutil.copytree(reference, a)
+  shutil.copytree(reference, b)
+  before = (a / "results.json").read_bytes()
+  newest = b / "checkpoints" / "seed_0" / steps_on_disk(b)[-1]
+  for path in (newest / "state" / "d").iterdir():  # truncate every array file of the newest
     path.write_bytes(path.read_bytes()[:10])
-  proc = _run_err(w, real_data_dir)
-  assert proc.returncode == 2
-  line = _error_line(proc)
-  assert str(newest) in line and "corrupt or truncated" in line and "--force_restart" in line
-  assert (w / "results.json").read_bytes() == before          # nothing written by the failures
-  # --force_restart discards them and runs from scratch: the same numbers.
-  proc = run_ok(w, real_data_dir, "--force_restart")
-  assert "discarded the checkpoints" in proc.stdout
-  assert numbers(w) == numbers(reference)
+  common = [*PROTOCOL, f"--data_dir={real_data_dir}"]
+  jobs = [[*common, f"--workdir={a}", "--lam=10", "--fisher=true"],
+          [*common, f"--workdir={a}", "--noresume"],
+          [*common, f"--workdir={b}"],
+          [*common, f"--workdir={b}", "--force_restart"]]
+  (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"),
+                         str(tmp_path / "jobs.json"), str(tmp_path / "results.json")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  mismatch, noresume, corrupt, restart = json.loads((tmp_path / "results.json").read_text())
+  lines = []
+  for res in (mismatch, noresume, corrupt):
+    errors = [l for l in res["stderr"].splitlines() if l.startswith("error: ")]
+    assert res["code"] == 2 and len(errors) == 1, res
+    assert "Traceback" not in res["stderr"] and "--force_restart" in errors[0], res
+    lines.append(errors[0])
+  assert "lam (checkpoint: 1000.0, now: 10.0)" in lines[0]
+  assert "fisher (checkpoint: 'empirical', now: 'true')" in lines[0]
+  assert str(a / "checkpoints" / "seed_0") in lines[0] and "--noresume" in lines[1]
+  assert str(newest) in lines[2] and "corrupt or truncated" in lines[2]
+  assert (a / "results.json").read_bytes() == before          # nothing written by the failures
+  # --force_restart discarded them and ran from scratch: the same numbers.
+  assert restart["code"] == 0 and "discarded the checkpoints" in restart["stdout"], restart
+  assert numbers(b) == numbers(reference)
