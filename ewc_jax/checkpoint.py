@@ -21,14 +21,13 @@ orbax is imported lazily: ``import ewc_jax`` stays as fast as before.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
