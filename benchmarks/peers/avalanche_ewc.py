@@ -156,7 +156,7 @@ def main():
 
     import avalanche
     C.emit("avalanche", acc_matrix, timer, lam=args.lam, ewc_lambda=args.lam / 2.0,
-           seed=args.seed, epochs=args.epochs, flush_denormal=args.flush_denormal,
+           seed=args.seed, epochs=args.epochs, threads=args.threads,
            torch=torch.__version__, avalanche=avalanche.__version__)
 
 

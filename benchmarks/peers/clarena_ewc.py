@@ -182,7 +182,7 @@ def main():
 
     import clarena
     C.emit("clarena", acc_matrix, timer, lam=args.lam, parameter_change_reg_factor=factor,
-           seed=args.seed, epochs=args.epochs, flush_denormal=args.flush_denormal,
+           seed=args.seed, epochs=args.epochs, threads=args.threads,
            torch=torch.__version__, clarena=getattr(clarena, "__version__", "1.1.0"),
            lightning=L.__version__)
 

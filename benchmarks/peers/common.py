@@ -53,25 +53,12 @@ def parse_args(description: str, default_lam: float) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument(
-        "--flush_denormal",
-        type=int,
-        default=1,
-        choices=(0, 1),
-        help="1 (default): torch.set_flush_denormal(True). XLA's CPU backend (our JAX "
-        "run) flushes subnormal floats to zero; PyTorch does not by default, and on "
-        "this CPU the squared gradients / Adam second moments of a converged MNIST "
-        "model go subnormal, which made the Fisher pass ~15x and training several "
-        "times slower. 0: PyTorch's default behaviour.",
-    )
     return p.parse_args()
 
 
 def setup_torch(torch, args) -> None:
-    """Thread count, denormal handling and seed, identical in every peer script."""
+    """Thread count and seed, identical in every peer script."""
     torch.set_num_threads(args.threads)
-    if args.flush_denormal:
-        torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
 
 

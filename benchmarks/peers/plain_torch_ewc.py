@@ -126,7 +126,7 @@ def main():
             acc_matrix.append([accuracy(model, s, *test[s]) for s in range(t + 1)])
 
     C.emit("plain_torch", acc_matrix, timer, lam=args.lam, seed=args.seed,
-           epochs=args.epochs, flush_denormal=args.flush_denormal,
+           epochs=args.epochs, threads=args.threads,
            torch=torch.__version__)
 
 

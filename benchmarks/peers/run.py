@@ -73,14 +73,14 @@ def children_cpu_s():
     return ru.ru_utime + ru.ru_stime
 
 
-def timed_run(cmd, cwd, timeout):
+def timed_run(cmd, cwd, timeout, env=None):
     """(wall_s, cpu_s, proc, error): wall time by perf_counter around subprocess.run;
     cpu_s = user+sys CPU seconds of the child (less sensitive to a busy machine)."""
     c0 = children_cpu_s()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return time.perf_counter() - t0, None, None, "timeout after %ss" % timeout
     wall = time.perf_counter() - t0
@@ -90,11 +90,13 @@ def timed_run(cmd, cwd, timeout):
 
 def run_peer(name, args):
     cmd = [PEERS_PY, os.path.join(HERE, PEERS[name]), "--seed", str(args.seed),
-           "--epochs", str(args.epochs),
-           "--flush_denormal", "0" if args.no_flush_denormal else "1"]
+           "--epochs", str(args.epochs), "--threads", str(args.threads)]
     if args.lam is not None:
         cmd += ["--lam", str(args.lam)]
-    wall, cpu, proc, err = timed_run(cmd, HERE, args.timeout)
+    env = dict(os.environ)
+    if args.omp_passive:
+        env["OMP_WAIT_POLICY"] = "passive"
+    wall, cpu, proc, err = timed_run(cmd, HERE, args.timeout, env)
     rec = {"wall_s": wall, "cpu_s": cpu, "cmd": " ".join(shlex.quote(c) for c in cmd)}
     if err:
         rec["error"] = err
@@ -207,8 +209,13 @@ def main():
     p.add_argument("--lam", type=float, default=None,
                    help="common-convention EWC lambda for the peers "
                         "(default: each script's default)")
-    p.add_argument("--no_flush_denormal", action="store_true",
-                   help="run the torch peers with PyTorch's default subnormal handling")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch.set_num_threads for the peers (default 2 = the machine)")
+    p.add_argument("--omp_passive", action="store_true",
+                   help="run the peers with OMP_WAIT_POLICY=passive. On a machine busier "
+                        "than its cores, torch's 2-thread OpenMP team spin-waits at every "
+                        "op and runs 10-30x slower; passive waiting avoids that (see "
+                        "README). Default: torch's defaults.")
     p.add_argument("--ours_args", default="",
                    help="extra arguments appended to our command, e.g. '--seed=0'")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
@@ -271,12 +278,23 @@ def main():
                     "loadavg_before": load_before,
                     "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "settings": {"repeats": args.repeats, "seed": args.seed, "epochs": args.epochs,
-                     "lam": args.lam, "flush_denormal": not args.no_flush_denormal,
+                     "lam": args.lam, "torch_threads": args.threads,
+                     "omp_wait_policy_passive": args.omp_passive,
                      "peers": peers, "skip_ours": args.skip_ours},
         "results": results,
     }
     if ours_note:
         report["note"] = ours_note
+    lb = report["machine"]["loadavg_before"]
+    la = report["machine"]["loadavg_after"]
+    ncpu = os.cpu_count() or 1
+    if lb and la and max(lb[0], la[0]) > ncpu:
+        report["load_warning"] = (
+            "load average %.1f/%.1f (before/after) exceeds the %d cores: other jobs shared "
+            "the machine, wall times are inflated (torch with 2 OpenMP threads far more "
+            "than the rest unless --omp_passive); compare min_wall_s and cpu_s too"
+            % (lb[0], la[0], ncpu))
+        log("run.py: WARNING: " + report["load_warning"])
     ours_wall = results.get("ours", {}).get("median_wall_s")
     ours_min = results.get("ours", {}).get("min_wall_s")
     if ours_wall:
