@@ -44,6 +44,7 @@ POOLS = {
     "max_examples": (["32"] * 3 + ["48"], ["0", "-2"]),
     "checkpoint_every": (["0", "16"], ["-1"]),
     "keep": (["1", "2"], ["0", "-4"]),
+    "checkpoint": (["true"] * 3 + ["false"], []),
     "resume": (["true", "false"], []),
     "force_restart": (["true", "false"], []),
     "plots": (["false"] * 9 + ["true"], []),
@@ -53,26 +54,37 @@ ALWAYS = {"hidden": "8", "max_examples": "32", "num_tasks": "2", "epochs": "1",
           "batch_size": "16", "plots": "false", "progress": "false"}
 P_FLAG, P_INVALID = 0.35, 0.15
 P_RARE = {"seeds": 0.1, "plots": 0.1, "progress": 0.1}  # slower when valid: fewer
+VALID_EVERY = 25  # 8 of the 200 draw valid values only
 
 
 def combinations(data_dir: str, workdirs: list, seed: int = 0, n: int = N) -> list:
+  """``n`` argument lists. Every ``VALID_EVERY``-th draws valid values only (a real run, unless
+  its shared work folder holds another configuration's checkpoints); the others hold at least one
+  invalid value among random valid ones (an error path), which bounds the time."""
   rng = random.Random(seed)
   jobs = []
-  for _ in range(n):
-    flags = dict(ALWAYS)
+  for i in range(n):
+    valid_only = i % VALID_EVERY == 0
+    flags, bad_flags = dict(ALWAYS), []
     for name, (valid, invalid) in POOLS.items():
       if rng.random() < P_RARE.get(name, P_FLAG):
-        bad = invalid and rng.random() < P_INVALID
+        bad = not valid_only and invalid and rng.random() < P_INVALID
         flags[name] = rng.choice(invalid if bad else valid)
+        bad_flags += [name] if bad else []
     argv = [f"--{k}={v}" for k, v in flags.items()]
-    r = rng.random()
-    argv.append(f"--data_dir={data_dir}" if r < 0.95 else
-                f"--data_dir={workdirs[0]}/missing" if r < 0.975 else f"--data_dir={__file__}")
-    r = rng.random()
-    argv.append(f"--workdir={rng.choice(workdirs[:3])}" if r < 0.97 else
+    r = 0.0 if valid_only else rng.random()
+    argv.append(f"--data_dir={data_dir}" if r < 0.9 else
+                f"--data_dir={workdirs[0]}/missing" if r < 0.95 else f"--data_dir={__file__}")
+    r = 0.0 if valid_only else rng.random()
+    shared = rng.choice(workdirs) if not valid_only or rng.random() < 0.5 else f"{workdirs[0]}_{i}"
+    argv.append(f"--workdir={shared}" if r < 0.95 else
                 f"--workdir={__file__}/sub")  # a file's child: not writable
-    if rng.random() < 0.03:
+    if not valid_only and rng.random() < 0.03:
       argv.append(rng.choice(["--bogus_flag=1", "--nolam", "positional"]))
+    elif not valid_only and not bad_flags and r < 0.95 and "missing" not in argv[-2]:
+      name = rng.choice([k for k, (_, invalid) in POOLS.items() if invalid])
+      argv = [a for a in argv if not a.startswith(f"--{name}=")]
+      argv.insert(0, f"--{name}={rng.choice(POOLS[name][1])}")
     jobs.append(argv)
   return jobs
 
@@ -101,4 +113,4 @@ def test_fuzz_200_flag_combinations(real_data_dir, tmp_path):
   assert not problems, "\n\n".join(problems[:5])
   codes = [r["code"] for r in results]
   # Both sides are exercised: real runs and refusals (resume itself: tests/test_resume_cli.py).
-  assert codes.count(0) >= 8 and codes.count(2) >= 100, codes
+  assert codes.count(0) >= 4 and codes.count(2) >= 150, codes
