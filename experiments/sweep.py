@@ -81,8 +81,8 @@ def configs_from_flags(bench: cli.Benchmark):
   """``(base config, {name: values}, [configs])``; raises ValueError naming the bad flag."""
   from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
   values = {name: _parse_floats(name) for name in SWEPT_FLAGS}
-  for name in UNSUPPORTED:
-    if FLAGS[name].present:
+  for name in UNSUPPORTED + ("checkpoint",):
+    if name in FLAGS and FLAGS[name].present and (name != "checkpoint" or FLAGS.checkpoint):
       raise ValueError(f"--{name} is not supported by experiments.sweep (no checkpointing of "
                        "sweeps).")
   if not FLAGS["scenario"].present:
