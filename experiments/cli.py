@@ -386,16 +386,38 @@ def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path
   return record
 
 
+def quiet_logging() -> None:
+  """No INFO lines from TFDS/orbax unless --verbosity or --debug asks for them."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  if not FLAGS["verbosity"].present and not FLAGS.debug:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+@contextlib.contextmanager
+def user_errors():
+  """User errors become one line and exit status 2 (a diverged run: 3); ``--debug`` re-raises.
+
+  Faults of ours or of the machine (``JaxRuntimeError``) keep their traceback.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from experiments import data  # pylint: disable=import-outside-toplevel
+  try:
+    yield
+  except jax.errors.JaxRuntimeError:
+    raise
+  except (ValueError, data.DataError, continual.NumericalError) as err:
+    if FLAGS.debug:
+      raise
+    print(f"error: {user_message(err)}", file=sys.stderr)
+    sys.exit(3 if isinstance(err, continual.NumericalError) else 2)
+
+
 def run_main(bench: Benchmark, argv, start_time: float) -> None:
   """absl ``main`` body: one clear message and exit status 2 for user errors."""
   del argv
   import_seconds = time.perf_counter() - start_time
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  if not FLAGS["verbosity"].present and not FLAGS.debug:  # no INFO lines from TFDS/orbax
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  import jax  # pylint: disable=import-outside-toplevel
-  from experiments import data  # pylint: disable=import-outside-toplevel
-  try:
+  quiet_logging()
+  with user_errors():
     config = config_from_flags()
     config.validate()
     seeds = seeds_from_flags(config)
@@ -406,18 +428,6 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
       enable_compile_cache()
     train_and_evaluate(bench, config, workdir, seeds=seeds, import_seconds=import_seconds,
                        start_time=start_time)
-  except jax.errors.JaxRuntimeError:
-    raise  # a fault of ours or of the machine, not of the user's input: keep the traceback
-  except (ValueError, data.DataError) as err:
-    if FLAGS.debug:
-      raise
-    print(f"error: {user_message(err)}", file=sys.stderr)
-    sys.exit(2)
-  except continual.NumericalError as err:  # the run diverged: not the input's form, status 3
-    if FLAGS.debug:
-      raise
-    print(f"error: {user_message(err)}", file=sys.stderr)
-    sys.exit(3)
 
 
 def user_message(err: BaseException) -> str:

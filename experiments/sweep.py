@@ -25,7 +25,6 @@ _START = time.perf_counter()
 
 # pylint: disable=wrong-import-position
 import dataclasses  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -186,12 +185,9 @@ def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: 
 def main(argv):
   del argv
   import_seconds = time.perf_counter() - _START
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  if not FLAGS["verbosity"].present and not FLAGS.debug:
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  cli.quiet_logging()
   import jax  # pylint: disable=import-outside-toplevel
-  from experiments import data  # pylint: disable=import-outside-toplevel
-  try:
+  with cli.user_errors():
     bench = BENCHMARKS[FLAGS.benchmark]
     if not FLAGS["num_tasks"].present:
       FLAGS.num_tasks = bench.default_tasks
@@ -208,13 +204,6 @@ def main(argv):
     ds = cli.load_dataset()
     load_seconds = time.perf_counter() - t0
     result, layouts, built = run_sweep(bench, configs, ds, num_tasks, max_examples)
-  except jax.errors.JaxRuntimeError:
-    raise  # a fault of ours or of the machine, not of the user's input: keep the traceback
-  except (ValueError, data.DataError) as err:
-    if FLAGS.debug:
-      raise
-    print(f"error: {cli.user_message(err)}", file=sys.stderr)
-    sys.exit(2)
   if not writer:
     return
   write_outputs(bench, base, values, result, layouts, built, ds, workdir,
