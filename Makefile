@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.fisher
 	$(BIN)/python -m benchmarks.end_to_end
+	$(BIN)/python -m benchmarks.memory
 
 bench-peers: install
 	bash benchmarks/peers/setup.sh
