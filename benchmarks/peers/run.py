@@ -88,6 +88,17 @@ def timed_run(cmd, cwd, timeout, env=None):
     return wall, (None if c0 is None else c1 - c0), proc, None
 
 
+def run_recorded(cmd, cwd, timeout, env=None):
+    """Runs ``cmd`` timed; returns (record, proc); the record holds "error" when it failed."""
+    wall, cpu, proc, err = timed_run(cmd, cwd, timeout, env)
+    rec = {"wall_s": wall, "cpu_s": cpu, "cmd": " ".join(shlex.quote(c) for c in cmd)}
+    if err:
+        rec["error"] = err
+    elif proc.returncode != 0:
+        rec["error"] = "exit %d: %s" % (proc.returncode, tail(proc.stderr))
+    return rec, proc
+
+
 def run_peer(name, args):
     cmd = [PEERS_PY, os.path.join(HERE, PEERS[name]), "--seed", str(args.seed),
            "--epochs", str(args.epochs), "--threads", str(args.threads)]
@@ -96,13 +107,8 @@ def run_peer(name, args):
     env = dict(os.environ)
     if args.omp_passive:
         env["OMP_WAIT_POLICY"] = "passive"
-    wall, cpu, proc, err = timed_run(cmd, HERE, args.timeout, env)
-    rec = {"wall_s": wall, "cpu_s": cpu, "cmd": " ".join(shlex.quote(c) for c in cmd)}
-    if err:
-        rec["error"] = err
-        return rec
-    if proc.returncode != 0:
-        rec["error"] = "exit %d: %s" % (proc.returncode, tail(proc.stderr))
+    rec, proc = run_recorded(cmd, HERE, args.timeout, env)
+    if "error" in rec:
         return rec
     try:
         out = last_json_line(proc.stdout)
@@ -130,13 +136,8 @@ def run_ours(args):
     cmd = [OURS_PY, "-m", "experiments.split_mnist", "--algo=ewc",
            "--workdir=%s" % workdir] + shlex.split(args.ours_args)
     try:
-        wall, cpu, proc, err = timed_run(cmd, REPO, args.timeout)
-        rec = {"wall_s": wall, "cpu_s": cpu, "cmd": " ".join(shlex.quote(c) for c in cmd)}
-        if err:
-            rec["error"] = err
-            return rec
-        if proc.returncode != 0:
-            rec["error"] = "exit %d: %s" % (proc.returncode, tail(proc.stderr))
+        rec, proc = run_recorded(cmd, REPO, args.timeout)
+        if "error" in rec:
             return rec
         path = os.path.join(workdir, "results.json")
         if not os.path.exists(path):
