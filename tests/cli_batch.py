@@ -13,9 +13,28 @@ import contextlib
 import functools
 import io
 import json
+import os
+import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_batch(jobs: list, folder: Path) -> list:
+  """Runs ``jobs`` (argument lists) through this script in one subprocess; returns the results.
+
+  Asserts that the batch process itself exits 0 (each job's own status is in its result).
+  """
+  jobs_path, results_path = folder / "jobs.json", folder / "results.json"
+  jobs_path.write_text(json.dumps(jobs))
+  proc = subprocess.run([sys.executable, __file__, str(jobs_path), str(results_path)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(results_path.read_text())
 
 
 def main(jobs_path: str, results_path: str) -> None:

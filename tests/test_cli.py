@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import cli_batch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,13 +108,7 @@ def test_more_bad_inputs_one_line_exit_2_nothing_written(real_data_dir, tmp_path
     locked = tmp_path / "locked"
     locked.mkdir(mode=0)
     jobs.append([f"--data_dir={locked}", f"--workdir={tmp_path / 'locked_out'}"])
-  (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"),
-                         str(tmp_path / "jobs.json"), str(tmp_path / "results.json")],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = json.loads((tmp_path / "results.json").read_text())
+  results = cli_batch.run_batch(jobs, tmp_path)
   needles = [n for _, n in MORE_BAD_INPUTS] + ["--data_dir="] * (len(jobs) - len(MORE_BAD_INPUTS))
   for job, res, needle in zip(jobs, results, needles):
     errors = [l for l in res["stderr"].splitlines() if l.startswith("error: ")]

@@ -8,14 +8,12 @@ so refusals of another configuration's checkpoints happen too. All run in one pr
 (tests/cli_batch.py), < 60 s.
 """
 
-import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import cli_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 200
@@ -93,13 +91,7 @@ def combinations(data_dir: str, workdirs: list, seed: int = 0, n: int = N) -> li
 def test_fuzz_200_flag_combinations(real_data_dir, tmp_path):
   workdirs = [str(tmp_path / f"w{i}") for i in range(3)]
   jobs = combinations(real_data_dir, workdirs)
-  jobs_path, results_path = tmp_path / "jobs.json", tmp_path / "results.json"
-  jobs_path.write_text(json.dumps(jobs))
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"), str(jobs_path),
-                         str(results_path)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = json.loads(results_path.read_text())
+  results = cli_batch.run_batch(jobs, tmp_path)
   assert len(results) == N
   problems = []
   for r in results:

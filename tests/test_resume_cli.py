@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cli_batch
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ("--num_tasks=3", "--max_examples=400", "--batch_size=16", "--hidden=64",
             "--epochs=2", "--noprogress", "--noplots")
@@ -174,13 +176,7 @@ def test_checkpoint_errors_are_one_line_exit_2_and_force_restart_recovers(
           [*common, f"--workdir={a}", "--noresume"],
           [*common, f"--workdir={b}"],
           [*common, f"--workdir={b}", "--force_restart"]]
-  (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"),
-                         str(tmp_path / "jobs.json"), str(tmp_path / "results.json")],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  mismatch, noresume, corrupt, restart = json.loads((tmp_path / "results.json").read_text())
+  mismatch, noresume, corrupt, restart = cli_batch.run_batch(jobs, tmp_path)
   lines = []
   for res in (mismatch, noresume, corrupt):
     errors = [l for l in res["stderr"].splitlines() if l.startswith("error: ")]
