@@ -12,11 +12,17 @@ Two things are persisted here:
   round-trip float repr restores them bit for bit.
 * :func:`save_anchors` / :func:`restore_anchors` for users of :func:`ewc_jax.ewc_loss`.
 
-Saves are synchronous and atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and
-renames it to ``<step>`` once complete, so a process killed mid-save leaves the previous
-checkpoint as the newest one (the temporary folder is ignored, then removed by the next run).
+Saves are atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to
+``<step>`` once complete, so a process killed mid-save leaves the previous checkpoint as the
+newest one (the temporary folder is ignored, then removed by the next run). Run checkpoints are
+written in the background by default (``async_save=True``): :meth:`RunCheckpointer.save` copies
+the arrays (a device-side copy: the caller may donate or overwrite its buffers right away) and
+returns while orbax writes them; the next save, :meth:`RunCheckpointer.wait` and
+:meth:`RunCheckpointer.close` wait for it. Training of the next task overlaps the write.
 
-orbax is imported lazily: ``import ewc_jax`` stays as fast as before.
+orbax is imported lazily: ``import ewc_jax`` stays as fast as before. :meth:`RunCheckpointer.prefetch`
+imports it on a background thread (the command line starts it when training starts, so the
+first save does not wait for the import).
 """
 
 from __future__ import annotations
@@ -147,10 +153,12 @@ class RunCheckpointer:
     every: also save within a task once at least ``every`` train steps were done since the last
       save (counted in whole chunks of ``chunk_steps``); 0: only after each task.
     chunk_steps: the runner's ``Config.chunk_steps`` (steps between two ``"chunk"`` calls).
+    async_save: write in the background (see the module docstring); False: each
+      :meth:`save` returns once its checkpoint is committed.
   """
 
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
-               every: int = 0, chunk_steps: int = 16):
+               every: int = 0, chunk_steps: int = 16, async_save: bool = True):
     if not isinstance(keep, (int, np.integer)) or keep < 1:
       raise ValueError(f"--keep={keep} is invalid: expected an integer >= 1.")
     if not isinstance(every, (int, np.integer)) or every < 0:
@@ -158,25 +166,42 @@ class RunCheckpointer:
     self.directory = Path(directory).absolute()
     self.config = _jsonable(config)
     self.keep, self.every, self.chunk_steps = int(keep), int(every), int(chunk_steps)
+    self.async_save = bool(async_save)
     self._manager = None
+    self._next_step: int | None = None
     self._since = 0
+    self._prefetch = None
     self.saved_steps: list[int] = []
-    self.save_seconds = 0.0
+    self.save_seconds = 0.0  # wall time the caller waited for saves (blocking part and waits)
 
   # -- orbax plumbing
+  def prefetch(self) -> None:
+    """Imports orbax on a background thread (idempotent); the first save then need not."""
+    if self._prefetch is None and "orbax.checkpoint" not in sys.modules:
+      import threading  # pylint: disable=import-outside-toplevel
+      self._prefetch = threading.Thread(target=_ocp, name="ewc_jax-orbax-import", daemon=True)
+      self._prefetch.start()
+
   def _mgr(self):
     if self._manager is None:
       ocp = _ocp()
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=self.keep, create=True, enable_async_checkpointing=False,
+          max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
           cleanup_tmp_directories=True)
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("state", "meta"))
     return self._manager
 
+  def wait(self) -> None:
+    """Blocks until every checkpoint saved so far is committed (renamed into place)."""
+    if self._manager is not None:
+      t0 = time.perf_counter()
+      self._manager.wait_until_finished()
+      self.save_seconds += time.perf_counter() - t0
+
   def close(self) -> None:
     if self._manager is not None:
-      self._manager.wait_until_finished()
+      self.wait()
       self._manager.close()
       self._manager = None
 
@@ -254,7 +279,8 @@ class RunCheckpointer:
     return rs
 
   def save(self, rs: continual.RunState, reason: str) -> int:
-    """Writes ``rs`` as the next checkpoint (synchronously; atomic) and returns its step."""
+    """Writes ``rs`` as the next checkpoint (atomic; in the background when ``async_save``)
+    and returns its step."""
     if not _all_finite((rs.train_state.params, rs.memory)):
       what = "parameters" if not _all_finite(rs.train_state.params) else "importance/memory"
       task = rs.task - 1 if reason == "task" else rs.task
@@ -268,24 +294,32 @@ class RunCheckpointer:
     t0 = time.perf_counter()
     ocp = _ocp()
     mgr = self._mgr()
-    latest = mgr.latest_step()
-    step = 0 if latest is None else latest + 1
+    if self._next_step is None:
+      latest = mgr.latest_step()
+      self._next_step = 0 if latest is None else latest + 1
+    step = self._next_step
     meta = {"format": FORMAT, "version": VERSION, "reason": reason, "task": int(rs.task),
             "epoch": int(rs.epoch), "step": int(rs.step),
             "acc": np.asarray(rs.acc, np.float64).tolist(), "curves": rs.curves,
             "epoch_sums": {k: np.asarray(v, np.float64).tolist()
                            for k, v in rs.epoch_sums.items()},
             "config": self.config}
+    arrays = {"train_state": rs.train_state, "memory": rs.memory}
+    if self.async_save:  # the caller may donate these buffers to its next step: write copies
+      arrays = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, arrays)
     mgr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"train_state": rs.train_state, "memory": rs.memory}),
-        meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
-    mgr.wait_until_finished()  # synchronous already; also covers any background finalisation
+        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
+             force=True)
+    if not self.async_save:
+      mgr.wait_until_finished()  # also covers any background finalisation
+    self._next_step = step + 1
     self.saved_steps.append(step)
     self.save_seconds += time.perf_counter() - t0
     return step
 
   def __call__(self, rs: continual.RunState, reason: str) -> None:
     """The ``on_checkpoint`` hook: saves after each task and every ``every`` steps."""
+    self.prefetch()
     if reason == "task":
       self.save(rs, reason)
       self._since = 0
@@ -294,13 +328,14 @@ class RunCheckpointer:
       if self._since >= self.every:
         self.save(rs, reason)
         self._since = 0
-    _maybe_hang(rs)
+    _maybe_hang(rs, self)
 
 
-def _maybe_hang(rs: continual.RunState) -> None:
+def _maybe_hang(rs: continual.RunState, ckpt: RunCheckpointer) -> None:
   at = os.environ.get(HANG_ENV)
   if not at or at != f"{rs.task}:{rs.epoch}:{rs.step}":
     return
+  ckpt.wait()  # "after that position's checkpoint is saved": committed, not just started
   marker = os.environ.get(MARKER_ENV)
   if marker:
     Path(marker).write_text(at)

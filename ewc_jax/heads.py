@@ -151,13 +151,11 @@ def head_logits(net: Network, head_params: dict[str, PyTree], feats: jax.Array,
       (defaults to ``task_ids``).
   """
   task_ids = jnp.asarray(task_ids, jnp.int32)
-  outs = [m.apply({"params": head_params[name]}, feats) for name, m in net.heads.items()]
-  if len(outs) == 1:
-    logits = outs[0]
+  if len(net.heads) == 1:
+    name, module = next(iter(net.heads.items()))
+    logits = module.apply({"params": head_params[name]}, feats)
   else:
-    if len({o.shape[-1] for o in outs}) != 1:
-      raise ValueError("all heads must have the same number of classes to be selected by id")
-    stacked = jnp.stack(outs, axis=1)  # [B, H, C]
+    stacked = _all_heads(net, head_params, feats)  # [B, H, C]
     head_ids = jnp.asarray(net.head_of_task, jnp.int32)[task_ids]
     head_ids = jnp.broadcast_to(head_ids, feats.shape[:1])
     logits = jnp.take_along_axis(stacked, head_ids[:, None, None], axis=1)[:, 0]
@@ -166,6 +164,32 @@ def head_logits(net: Network, head_params: dict[str, PyTree], feats: jax.Array,
     active = jnp.asarray(np.array(net.active_classes))[through]
     logits = jnp.where(active, logits, _MASKED)
   return logits
+
+
+def _plain_dense(module: nn.Module) -> bool:
+  """An ``nn.Dense`` that computes exactly ``x @ kernel + bias`` in float32."""
+  return (type(module) is nn.Dense and module.use_bias and module.dtype is None  # pylint: disable=unidiomatic-typecheck
+          and module.param_dtype == jnp.float32 and module.precision is None
+          and module.dot_general is None and module.dot_general_cls is None)
+
+
+def _all_heads(net: Network, head_params: dict[str, PyTree], feats: jax.Array) -> jax.Array:
+  """``[B, H, C]`` logits of every head.
+
+  Plain ``nn.Dense`` heads (the built-in scenarios) are applied as one matmul with their kernels
+  side by side (``feats @ [W_1 ... W_H]``): the same numbers as head by head, but one dot and one
+  weight-gradient dot per step instead of H tiny ones (they cost ~10% of a train step at H = 5).
+  """
+  modules = list(net.heads.values())
+  if len({getattr(m, "features", None) for m in modules}) == 1 and all(map(_plain_dense, modules)):
+    kernels = [head_params[name]["kernel"] for name in net.heads]
+    biases = [head_params[name]["bias"] for name in net.heads]
+    out = feats @ jnp.concatenate(kernels, axis=1) + jnp.concatenate(biases)
+    return out.reshape(feats.shape[:1] + (len(modules), modules[0].features))
+  outs = [m.apply({"params": head_params[name]}, feats) for name, m in net.heads.items()]
+  if len({o.shape[-1] for o in outs}) != 1:
+    raise ValueError("all heads must have the same number of classes to be selected by id")
+  return jnp.stack(outs, axis=1)
 
 
 def logits(net: Network, params: PyTree, x: jax.Array, task_ids: Any,

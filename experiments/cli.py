@@ -430,6 +430,19 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
                        start_time=start_time)
 
 
+def main_and_exit(main: Callable) -> Callable:
+  """``main`` for ``app.run`` in a script's ``__main__``: after a successful run (everything
+  written, closed and flushed), the process ends with ``os._exit(0)``, skipping the
+  interpreter's teardown of JAX's runtime and thread pools (0.2-0.3 s here, ~4% of a default
+  run). Errors take the normal path. Not for in-process callers (tests call ``main``)."""
+  def wrapped(argv):
+    main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # pylint: disable=protected-access
+  return wrapped
+
+
 def user_message(err: BaseException) -> str:
   """One line; data errors name their flag (``data_dir '/x' ...`` -> ``--data_dir='/x' ...``)."""
   text = " ".join(str(err).split())
