@@ -158,7 +158,8 @@ class RunCheckpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
-               every: int = 0, chunk_steps: int = 16, async_save: bool = True):
+               every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
+               async_save: bool = True):
     if not isinstance(keep, (int, np.integer)) or keep < 1:
       raise ValueError(f"--keep={keep} is invalid: expected an integer >= 1.")
     if not isinstance(every, (int, np.integer)) or every < 0:

@@ -94,7 +94,11 @@ def define_flags(bench: Benchmark) -> None:
   flags.DEFINE_bool("force_restart", False, "Discard the checkpoints in <workdir>/checkpoints "
                     "and start over (also when they come from another configuration).")
   flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint within a task every N train "
-                       "steps (rounded up to chunks of 16 steps); 0: only after each task.")
+                       "steps (rounded up to whole chunks, see --chunk_steps); 0: only after "
+                       "each task.")
+  flags.DEFINE_integer("chunk_steps", d.chunk_steps, "Train steps per compiled chunk (a "
+                       "lax.scan): the progress bar, --checkpoint_every and the NaN check act "
+                       "between chunks. Does not change the results.")
   flags.DEFINE_integer("keep", 2, "Number of newest checkpoints kept (>= 1).")
 
 
@@ -143,7 +147,8 @@ def config_from_flags() -> continual.Config:
       algo=FLAGS.algo, scenario=FLAGS.scenario, penalty=FLAGS.penalty, lam=FLAGS.lam, p=FLAGS.p,
       gamma=FLAGS.gamma, fisher=FLAGS.fisher, fisher_batch_size=FLAGS.fisher_batch_size,
       fisher_normalize=FLAGS.fisher_normalize, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-      lr=FLAGS.lr, seed=FLAGS.seed, hidden=_parse_ints("hidden", FLAGS.hidden))
+      lr=FLAGS.lr, seed=FLAGS.seed, hidden=_parse_ints("hidden", FLAGS.hidden),
+      chunk_steps=FLAGS.chunk_steps)
 
 
 def seeds_from_flags(config: continual.Config) -> tuple[int, ...]:

@@ -88,6 +88,7 @@ MORE_BAD_INPUTS = [  # (arguments, what the one error line must contain)
     (["--seeds=1,1"], "--seeds=1,1"),
     (["--keep=0"], "--keep=0"),
     (["--checkpoint_every=-1"], "--checkpoint_every=-1"),
+    (["--chunk_steps=0"], "--chunk_steps=0"),
     (["--epochs=abc"], "--epochs=abc"),          # absl parse errors: one line, status 2 too
     (["--bogus_flag=1"], "bogus_flag"),
     (["--data_dir=" + __file__], "--data_dir="),  # a file, not a folder

@@ -41,6 +41,7 @@ POOLS = {
     "num_tasks": (["2"] * 3 + ["1"], ["0", "9", "-1", "two"]),
     "max_examples": (["32"] * 3 + ["48"], ["0", "-2"]),
     "checkpoint_every": (["0", "16"], ["-1"]),
+    "chunk_steps": (["64"] * 3 + ["5"], ["0", "-2", "x"]),
     "keep": (["1", "2"], ["0", "-4"]),
     "checkpoint": (["true"] * 3 + ["false"], []),
     "resume": (["true", "false"], []),

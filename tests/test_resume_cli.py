@@ -24,6 +24,7 @@ import cli_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ("--num_tasks=3", "--max_examples=400", "--batch_size=16", "--hidden=64",
+            "--chunk_steps=16",
             "--epochs=2", "--noprogress", "--noplots")
 
 # Runs the CLI with orbax's step-folder rename replaced by SIGKILL at its KILL_AT_COMMIT-th call.
