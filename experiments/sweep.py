@@ -151,35 +151,24 @@ def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: i
 
 def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: Path,
                           title: str) -> None:
-  """Average accuracy (mean ± std over seeds) vs λ (or the first swept value), log x for λ/lr."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  """Average accuracy (mean ± std over seeds) vs λ (or the first swept value), one line per
+  combination of the other swept values; log x for λ/lr (linear if a value is <= 0)."""
+  from experiments import plots  # pylint: disable=import-outside-toplevel
   keys = [n for n in swept if n != "seed"]
   x_name = "lam" if ("lam" in keys or not keys) else keys[0]
   others = [n for n in keys if n != x_name]
-  lines: dict = {}
+  groups: dict = {}
   for r in rows:
-    lines.setdefault(tuple(r[n] for n in others), []).append(r)
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  for combo, members in sorted(lines.items()):
-    members.sort(key=lambda r: r.get(x_name, 0.0))  # absent: not swept, one point
-    xs = [r.get(x_name, getattr(base, x_name)) for r in members]
-    ys = [100 * r["average_accuracy"] for r in members]
-    es = [100 * r["average_accuracy_std"] for r in members]
+    groups.setdefault(tuple(r[n] for n in others), []).append(r)
+  lines = []
+  for combo, members in sorted(groups.items()):
     label = ", ".join(f"{n}={v:g}" for n, v in zip(others, combo)) or None
-    ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, label=label)
-  if x_name in ("lam", "lr"):
-    ax.set_xscale("log")
-  ax.set_xlabel({"lam": "λ", "lr": "learning rate"}.get(x_name, x_name))
-  ax.set_ylabel("average accuracy after the last task (%)\nmean ± std over seeds")
-  ax.grid(alpha=0.3, which="both")
-  ax.set_title(title, fontsize=10)
-  if others:
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    xs = [r.get(x_name, getattr(base, x_name)) for r in members]  # absent: not swept, one point
+    lines.append((label, xs, [100 * r["average_accuracy"] for r in members],
+                  [100 * r["average_accuracy_std"] for r in members]))
+  log_x = x_name in ("lam", "lr") and all(x > 0 for _, xs, _, _ in lines for x in xs)
+  plots.average_accuracy_sweep(lines, {"lam": "λ", "lr": "learning rate"}.get(x_name, x_name),
+                               log_x, path, title)
 
 
 def main(argv):

@@ -138,3 +138,135 @@ def test_titles_are_wrapped_and_spelled_with_the_fonts_glyphs():
   lines = plots._wrap(TITLE, font, 300)  # pylint: disable=protected-access
   assert len(lines) > 1 and " ".join(lines) == TITLE
   assert all(plots._text_size(font, line)[0] <= 300 for line in lines)
+
+
+# --- average accuracy of a sweep ---------------------------------------------------------------
+
+LAMS = [1, 10, 100, 1000, 10000]
+SWEEP = [("p=1", LAMS, [97.1, 98.0, 98.9, 99.1, 98.2], [0.1, 0.2, 0.4, 0.3, 0.2]),
+         ("p=2", LAMS, [96.5, 97.6, 98.6, 99.0, 98.4], [0.3, 0.2, 0.25, 0.15, 0.4])]
+
+
+def sweep_png(tmp_path, lines, log_x=True, name="average_accuracy.png") -> Image.Image:
+  plots.average_accuracy_sweep(lines, "λ", log_x, tmp_path / name, TITLE)
+  return load(tmp_path / name)
+
+
+def frame_right(img: Image.Image) -> int:
+  """x of the plot frame's right edge: the rightmost column that is mostly black."""
+  dark = (np.asarray(img.convert("L")) < 60).sum(axis=0)
+  return int(np.flatnonzero(dark > 300)[-1])
+
+
+@pytest.mark.parametrize("lines,log_x", [
+    ([(None, LAMS, SWEEP[0][2], SWEEP[0][3])], True),  # one series, log x, no legend
+    (SWEEP, True),  # two series with a legend
+    ([("lr=0.001", [1e-3, 3e-3, 1e-2], [97, 98.5, 98], [0.2, 0.1, 0.3])], True),  # < 1 decade
+    ([("gamma", [0.0, 0.5, 1.0], [96, 97, 97.5], [0.5, 0.1, 0.3])], False),  # linear, x = 0
+    ([(None, [1000], [98.7], [0.2])], True),  # a single point
+    ([(None, [0.0], [98.7], [0.0])], False),  # a single point at 0, no error
+])
+def test_sweep_writes_a_non_blank_png(tmp_path, lines, log_x):
+  img = sweep_png(tmp_path, lines, log_x)
+  assert img.size[0] == plots.PLOT_WIDTH and 450 <= img.height <= 600
+  assert distinct_colours(img) > 20
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["average_accuracy.png"]
+
+
+def test_sweep_legend_only_for_labelled_series(tmp_path):
+  labelled = sweep_png(tmp_path, SWEEP, name="a.png")
+  unlabelled = sweep_png(tmp_path, [(None, *s[1:]) for s in SWEEP], name="b.png")
+  assert frame_right(labelled) < frame_right(unlabelled) - 60  # the legend takes the right side
+  assert frame_right(unlabelled) > plots.PLOT_WIDTH - 40
+
+
+def test_sweep_draws_error_bars(tmp_path):
+  bars = np.asarray(sweep_png(tmp_path, SWEEP[:1], name="a.png"), dtype=int)
+  none = np.asarray(sweep_png(tmp_path, [(*SWEEP[0][:3], [0.0] * 5)], name="b.png"), dtype=int)
+  assert bars.shape == none.shape
+  assert (np.abs(bars - none).sum(-1) > 30).sum() > 100  # the bars and their caps
+
+
+def test_sweep_nan_leaves_a_gap(tmp_path):
+  ys = [97.1, np.nan, 98.9, 99.1, 98.2]
+  gap = sweep_png(tmp_path, [(None, LAMS, ys, [0.1, np.nan, 0.4, 0.3, np.nan])], name="a.png")
+  assert distinct_colours(gap) > 20
+  blank = sweep_png(tmp_path, [(None, LAMS, [np.nan] * 5, [np.nan] * 5)], name="b.png")
+  assert distinct_colours(blank) > 5  # axes (0-100), labels and title still drawn
+
+
+def test_sweep_y_axis_is_tightened_to_the_data():  # pylint: disable=protected-access
+  ticks = plots._accuracy_ticks(plots._sweep_series(SWEEP, True))
+  lo, hi = ticks[0][0], ticks[-1][0]
+  assert 94 <= lo <= 96.2 - 0.3 and 99.4 <= hi <= 100  # error bars inside, margin kept
+  assert 4 <= len(ticks) <= 8
+  one = plots._accuracy_ticks(plots._sweep_series([(None, [1], [98.7], [0])], True))
+  assert one[-1][0] - one[0][0] >= 1 and one[0][0] < 98.7 < one[-1][0]
+  wide = [(None, [1], [10], [0]), (None, [1], [100], [5])]
+  full = plots._accuracy_ticks(plots._sweep_series(wide, True))
+  assert full[0][0] == 0 and full[-1][0] == 100  # clamped to 0-100
+  nan = plots._accuracy_ticks(plots._sweep_series([(None, [1], [np.nan], [np.nan])], True))
+  assert [v for v, _ in nan] == [0, 20, 40, 60, 80, 100]
+
+
+@pytest.mark.parametrize("xs,labels", [
+    (LAMS, ["1", "10", "100", "1000", "10000"]),  # the powers of ten
+    ([1e-3, 3e-3, 1e-2], ["0.001", "0.003", "0.01"]),  # few decades: the values too
+    ([1e-8, 1e8], ["1e-8", "1e-6", "0.0001", "0.01", "1", "100", "10000", "1e6", "1e8"]),
+])
+def test_sweep_log_ticks(xs, labels):  # pylint: disable=protected-access
+  xs = np.asarray(xs, dtype=float)
+  lo, hi = plots._x_range(xs, log_x=True)
+  axes = plots._Axes(left=90, top=50, width=690, height=380, x_lo=lo, x_hi=hi, log_x=True)
+  ticks, minor = plots._sweep_x_ticks(axes, plots._font(12), xs)
+  assert [label for _, label in ticks] == labels
+  assert all(lo <= x <= hi for x in minor) and minor
+
+
+@pytest.mark.parametrize("lines,log_x,needle", [
+    ([], True, "lines"),
+    ("abc", True, "lines"),
+    ([(None, [1, 2])], True, r"lines\[0\]"),
+    ([(None, [1, 2], [97], [0.1, 0.1])], True, r"lines\[0\] ys"),
+    ([(None, [1, 2], [97, 98], [0.1])], True, r"lines\[0\] errs"),
+    ([(None, [], [], [])], True, r"lines\[0\] xs"),
+    ([(None, ["a"], [97], [0.1])], True, r"lines\[0\] xs"),
+    ([(None, [1, np.nan], [97, 98], [0.1, 0.1])], False, r"lines\[0\] xs.*finite"),
+    ([SWEEP[0], (None, [0, 1], [97, 98], [0.1, 0.1])], True, r"log_x.*lines\[1\]"),
+    ([(None, [1, 2], [97, 150], [0.1, 0.1])], True, r"lines\[0\] ys.*percent"),
+    ([(None, [1, 2], [97, 98], [0.1, -0.1])], True, r"lines\[0\] errs"),
+])
+def test_sweep_bad_input_is_refused(tmp_path, lines, log_x, needle):
+  with pytest.raises(ValueError, match=needle):
+    plots.average_accuracy_sweep(lines, "λ", log_x, tmp_path / "a.png", "t")
+  assert not list(tmp_path.iterdir())
+
+
+def test_sweep_module_plot_groups_rows(tmp_path):
+  """experiments.sweep.plot_average_accuracy (in a subprocess: importing it defines flags)."""
+  code = f"""
+import types
+from experiments import sweep
+rows = [{{"lam": l, "p": p, "seeds": [0, 1], "average_accuracy": a, "average_accuracy_std": 0.002}}
+        for p in (1.0, 2.0) for l, a in [(1.0, 0.97), (1000.0, 0.99), (10.0, 0.98)]]
+base = types.SimpleNamespace(lam=0.0, p=1.0, lr=1e-3, gamma=1.0)
+sweep.plot_average_accuracy(rows, ("lam", "p", "seed"), base, r"{tmp_path}/two.png", "t")
+one = [{{"seeds": [0], "average_accuracy": 0.97, "average_accuracy_std": 0.0}}]
+sweep.plot_average_accuracy(one, ("seed",), base, r"{tmp_path}/lam0.png", "t")  # lam=0: linear
+"""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from pathlib import Path  # pylint: disable=import-outside-toplevel
+  proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert frame_right(load(tmp_path / "two.png")) < plots.PLOT_WIDTH - 60  # a legend: p=1, p=2
+  assert distinct_colours(load(tmp_path / "lam0.png")) > 20
+
+
+def test_sweep_plot_is_fast(tmp_path):
+  import time  # pylint: disable=import-outside-toplevel
+  sweep_png(tmp_path, SWEEP)  # fonts loaded
+  t0 = time.perf_counter()
+  sweep_png(tmp_path, SWEEP)
+  assert time.perf_counter() - t0 < 0.5  # ~0.02 s; loose for a loaded machine
