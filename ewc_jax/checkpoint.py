@@ -134,9 +134,17 @@ def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 
 
-def _all_finite(tree: PyTree) -> bool:
-  return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+def _all_finite(tree: PyTree) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+@jax.jit
+def _snapshot(params: PyTree, arrays: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
+  """A device-side copy of ``arrays`` (safe from later donation) and whether ``params`` and
+  ``arrays`` are finite: one compiled call instead of a dispatch per leaf."""
+  return jax.tree.map(jnp.copy, arrays), _all_finite(params), _all_finite(arrays)
 
 
 class RunCheckpointer:
@@ -282,8 +290,11 @@ class RunCheckpointer:
   def save(self, rs: continual.RunState, reason: str) -> int:
     """Writes ``rs`` as the next checkpoint (atomic; in the background when ``async_save``)
     and returns its step."""
-    if not _all_finite((rs.train_state.params, rs.memory)):
-      what = "parameters" if not _all_finite(rs.train_state.params) else "importance/memory"
+    t0 = time.perf_counter()
+    arrays, params_ok, all_ok = _snapshot(rs.train_state.params,
+                                          {"train_state": rs.train_state, "memory": rs.memory})
+    if not bool(all_ok):
+      what = "parameters" if not bool(params_ok) else "importance/memory"
       task = rs.task - 1 if reason == "task" else rs.task
       where = (f"after task {task + 1}" if reason == "task" else
                f"at task {task + 1}, epoch {rs.epoch + 1}, step {rs.step}")
@@ -292,7 +303,6 @@ class RunCheckpointer:
           "checkpoint is kept). Try a smaller --lr or --lam.",
           task=task, epoch=rs.epoch, step=rs.step, task_step=rs.step, part=what,
           value=float("nan"))
-    t0 = time.perf_counter()
     ocp = _ocp()
     mgr = self._mgr()
     if self._next_step is None:
@@ -305,9 +315,8 @@ class RunCheckpointer:
             "epoch_sums": {k: np.asarray(v, np.float64).tolist()
                            for k, v in rs.epoch_sums.items()},
             "config": self.config}
-    arrays = {"train_state": rs.train_state, "memory": rs.memory}
-    if self.async_save:  # the caller may donate these buffers to its next step: write copies
-      arrays = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, arrays)
+    # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax
+    # still writes them in the background.
     mgr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
              force=True)
