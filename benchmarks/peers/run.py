@@ -12,11 +12,14 @@ avalanche, ours, ...) so slow drifts of the machine hit every contender alike.
 
 Peers need benchmarks/peers/.venv (bash benchmarks/peers/setup.sh). Ours is
 `<repo>/.venv/bin/python -m experiments.split_mnist --algo=ewc --workdir=<tmpdir>`,
-which writes <tmpdir>/results.json with "average_accuracy" and "timings".
+which writes <tmpdir>/results.json with "average_accuracy" and "timings" (its default:
+orbax checkpoints after every task and two PNG plots), and, as "ours_same_work", the
+same with --nocheckpoint --noplots: only the work the peers do.
 
 Output: JSON on stdout and in benchmarks/results/peers.json (--out): per contender the
 median whole-process wall time, median phase timings, the final average accuracy
-(AA) of every run, and speedup_vs_<peer> = median wall(peer) / median wall(ours).
+(AA) of every run, speedup_vs_<peer> = median wall(peer) / median wall(ours) and
+same_work_speedup[<peer>] = median wall(peer) / median wall(ours_same_work).
 """
 
 import argparse
@@ -131,10 +134,15 @@ def ours_missing_reason():
     return None
 
 
-def run_ours(args):
+# "ours": the default command (checkpoints after every task, PNG plots). "ours_same_work": the
+# work the peers do (train, Fisher, evaluate, write the accuracies), nothing more.
+SAME_WORK_ARGS = ["--nocheckpoint", "--noplots"]
+
+
+def run_ours(args, extra=()):
     workdir = tempfile.mkdtemp(prefix="ewc_ours_")
     cmd = [OURS_PY, "-m", "experiments.split_mnist", "--algo=ewc",
-           "--workdir=%s" % workdir] + shlex.split(args.ours_args)
+           "--workdir=%s" % workdir] + list(extra) + shlex.split(args.ours_args)
     try:
         rec, proc = run_recorded(cmd, REPO, args.timeout)
         if "error" in rec:
@@ -241,7 +249,7 @@ def main():
                 "will be reported. Use --skip_ours to silence this." % ours_note)
             with_ours = False
 
-    order = (["ours"] if with_ours else []) + peers
+    order = (["ours", "ours_same_work"] if with_ours else []) + peers
     if not order:
         p.error("nothing to run")
     runs = {name: [] for name in order}
@@ -251,7 +259,9 @@ def main():
     for rep in range(args.repeats):
         for name in order:
             log("run.py: repeat %d/%d: %s ..." % (rep + 1, args.repeats, name))
-            rec = run_ours(args) if name == "ours" else run_peer(name, args)
+            rec = (run_ours(args) if name == "ours" else
+                   run_ours(args, SAME_WORK_ARGS) if name == "ours_same_work" else
+                   run_peer(name, args))
             runs[name].append(rec)
             if "error" in rec:
                 log("run.py:   FAILED after %.1fs: %s" % (rec["wall_s"], rec["error"][:500]))
@@ -308,6 +318,12 @@ def main():
         report["speedup_min_wall"] = {
             name: round(results[name]["min_wall_s"] / ours_min, 3)
             for name in peers if results[name].get("min_wall_s")}
+    same = results.get("ours_same_work", {}).get("median_wall_s")
+    if same:  # ours doing only what the peers do: no checkpoints, no plots
+        report["same_work_args"] = " ".join(SAME_WORK_ARGS)
+        report["same_work_speedup"] = {
+            name: round(results[name]["median_wall_s"] / same, 3)
+            for name in peers if results[name].get("median_wall_s")}
 
     # indent=2, but lists of numbers (wall times, accuracy-matrix rows) on one line
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]",
