@@ -8,8 +8,10 @@ are padded to one shape and the task index is an array.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -257,6 +259,10 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
                      sharding=None) -> Compiled:
   """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
 
+  Every piece is lowered from abstract shapes (nothing runs), then the XLA compilations (or
+  persistent-cache loads) run on a thread pool: they release the GIL, and the init program
+  (one random op per parameter) compiles about as long as the train chunk.
+
   The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
   ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
   """
@@ -264,21 +270,24 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   num_tasks = int(train.inputs.shape[0])
   tx = train_lib.make_optimizer()
   jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
-  init = jit(progs.init, 0).lower(key).compile()
-  params = init(key)
-  memory = jit(lambda b: algo.init(b, num_tasks), 0)(params["backbone"])
-  state = jit(lambda p, lr: train_lib.init_train_state(tx, p, lr), (0, 0))(params, hyper.lr)
   zero = _i32(0)
-  order = jit(progs.order, (0, None)).lower(key, zero).compile()
-  order0 = order(key, zero)
-  chunk = jit(progs.chunk, (0, None, 0, None, None, 0, 0), out=(0, None),
-              donate_argnums=0).lower(state, train, order0, zero, zero, memory, hyper).compile()
-  evaluate = jit(progs.evaluate, (0, None, None), out=None).lower(params, test, zero).compile()
-  consolidate = None
+  lowered = {"init": jit(progs.init, 0).lower(key),
+             "order": jit(progs.order, (0, None)).lower(key, zero)}
+  params, order0 = lowered["init"].out_info, lowered["order"].out_info
+  memory = jax.eval_shape(jit(lambda b: algo.init(b, num_tasks), 0), params["backbone"])
+  state = jax.eval_shape(jit(lambda p, lr: train_lib.init_train_state(tx, p, lr), (0, 0)),
+                         params, hyper.lr)
+  lowered["chunk"] = jit(progs.chunk, (0, None, 0, None, None, 0, 0), out=(0, None),
+                         donate_argnums=0).lower(state, train, order0, zero, zero, memory, hyper)
+  lowered["evaluate"] = jit(progs.evaluate, (0, None, None), out=None).lower(params, test, zero)
   if algo.importance is not None and num_tasks > 1:
-    consolidate = jit(progs.consolidate, (0, 0, None, None, 0, 0),
-                      donate_argnums=0).lower(memory, params, train, zero, key, hyper).compile()
-  return Compiled(init, order, chunk, evaluate, consolidate, progs.steps_per_epoch)
+    lowered["consolidate"] = jit(progs.consolidate, (0, 0, None, None, 0, 0), donate_argnums=0
+                                 ).lower(memory, params, train, zero, key, hyper)
+  workers = max(1, min(len(lowered), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ewc_jax-compile") as ex:
+    compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
+  return Compiled(compiled["init"], compiled["order"], compiled["chunk"], compiled["evaluate"],
+                  compiled.get("consolidate"), progs.steps_per_epoch)
 
 
 def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_lib.TaskData,
