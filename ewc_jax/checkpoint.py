@@ -259,14 +259,17 @@ class RunCheckpointer:
           + "; ".join(diff) + f". Use the same flags to resume, or {RESTART_HINT}.")
 
   # -- restore / save
-  def restore(self, like: dict, step: int | None = None) -> continual.RunState | None:
+  def restore(self, like: dict | Callable[[], dict],
+              step: int | None = None) -> continual.RunState | None:
     """The :class:`RunState` of the newest (or given) checkpoint, or None when there is none.
 
-    ``like``: :func:`abstract_run_state` (shapes, dtypes, placement of the arrays).
+    ``like``: :func:`abstract_run_state` (shapes, dtypes, placement of the arrays), or a
+    function of no argument returning it, called only when there is a checkpoint to restore.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       return None
+    like = like() if callable(like) else like
     self.check_config(step)
     ocp = _ocp()
     _ignore_closed_loop_callbacks()

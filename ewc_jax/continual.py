@@ -227,6 +227,8 @@ class RunState(NamedTuple):
 
 class Compiled(NamedTuple):
   init: Callable
+  init_memory: Callable  # (backbone) -> the algorithm's empty memory
+  new_state: Callable    # (params, lr) -> TrainState with a fresh optimizer
   order: Callable
   chunk: Callable
   evaluate: Callable
@@ -274,9 +276,10 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   lowered = {"init": jit(progs.init, 0).lower(key),
              "order": jit(progs.order, (0, None)).lower(key, zero)}
   params, order0 = lowered["init"].out_info, lowered["order"].out_info
-  memory = jax.eval_shape(jit(lambda b: algo.init(b, num_tasks), 0), params["backbone"])
-  state = jax.eval_shape(jit(lambda p, lr: train_lib.init_train_state(tx, p, lr), (0, 0)),
-                         params, hyper.lr)
+  lowered["init_memory"] = jit(lambda b: algo.init(b, num_tasks), 0).lower(params["backbone"])
+  lowered["new_state"] = jit(lambda p, lr: train_lib.init_train_state(tx, p, lr),
+                             (0, 0)).lower(params, hyper.lr)
+  memory, state = lowered["init_memory"].out_info, lowered["new_state"].out_info
   lowered["chunk"] = jit(progs.chunk, (0, None, 0, None, None, 0, 0), out=(0, None),
                          donate_argnums=0).lower(state, train, order0, zero, zero, memory, hyper)
   lowered["evaluate"] = jit(progs.evaluate, (0, None, None), out=None).lower(params, test, zero)
@@ -286,7 +289,8 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ewc_jax-compile") as ex:
     compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
-  return Compiled(compiled["init"], compiled["order"], compiled["chunk"], compiled["evaluate"],
+  return Compiled(compiled["init"], compiled["init_memory"], compiled["new_state"],
+                  compiled["order"], compiled["chunk"], compiled["evaluate"],
                   compiled.get("consolidate"), progs.steps_per_epoch)
 
 
@@ -339,15 +343,10 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   else:
     hyper = hyper_of(cfg) if hyper is None else hyper
     k_init, k_order, k_fisher = jax.random.split(jax.random.key(cfg.seed), 3)
-  tx = train_lib.make_optimizer()
   timings = {"compile": 0.0, "train": 0.0, "fisher": 0.0, "eval": 0.0}
   fold = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if batched else jax.random.fold_in)
-  new_state = (jax.vmap(lambda p, lr: train_lib.init_train_state(tx, p, lr)) if batched else
-               (lambda p, lr: train_lib.init_train_state(tx, p, lr)))
   if sharding is not None:  # keep every config-axis array on the mesh, as compiled
     fold = sweep_jit(jax.random.fold_in, (0, None), True, sharding)
-    new_state = sweep_jit(lambda p, lr: train_lib.init_train_state(tx, p, lr), (0, 0), True,
-                          sharding)
 
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
@@ -358,10 +357,8 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   lead = (len(seeds),) if batched else ()
   if resume is None:
     params = c.init(k_init)
-    memory = sweep_jit(lambda b: algo.init(b, num_tasks), 0, batched, sharding)(
-        params["backbone"])
-    rs = RunState(task=0, epoch=0, step=0, train_state=new_state(params, hyper.lr),
-                  memory=memory, acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[],
+    rs = RunState(task=0, epoch=0, step=0, train_state=c.new_state(params, hyper.lr),
+                  memory=c.init_memory(params["backbone"]), acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[],
                   epoch_sums={})
   else:
     rs = resume
@@ -375,7 +372,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     steps = -(-int(counts[t]) // cfg.batch_size)
     state = rs.train_state
     if rs.epoch == 0 and rs.step == 0:
-      state = new_state(state.params, hyper.lr)  # Adam restarts at every task
+      state = c.new_state(state.params, hyper.lr)  # Adam restarts at every task
       rs = rs._replace(curves=rs.curves[:t] + [{k: [] for k in train_lib.METRIC_NAMES}],
                        epoch_sums={})
     done = rs.epoch * steps + rs.step

@@ -332,7 +332,7 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
     ckpt = savers.enter_context(checkpoint.RunCheckpointer(
         workdir / "checkpoints" / f"seed_{seed}", identity, keep=FLAGS.keep,
         every=FLAGS.checkpoint_every, chunk_steps=cfg.chunk_steps)) if FLAGS.checkpoint else None
-    resume = (ckpt.restore(checkpoint.abstract_run_state(cfg, net, train))
+    resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(cfg, net, train))
               if ckpt is not None else None)
     resumed_from = None
     if resume is not None:
