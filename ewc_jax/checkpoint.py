@@ -194,9 +194,12 @@ class RunCheckpointer:
   def _mgr(self):
     if self._manager is None:
       ocp = _ocp()
+      _remove_unfinished(self.directory)
+      # Not orbax's own cleanup: with async checkpointing it runs on a background thread, and
+      # two managers of one folder (a config check, then the run's) race deleting one folder.
       options = ocp.CheckpointManagerOptions(
           max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
-          cleanup_tmp_directories=True)
+          cleanup_tmp_directories=False)
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("state", "meta"))
     return self._manager
@@ -342,6 +345,14 @@ class RunCheckpointer:
         self.save(rs, reason)
         self._since = 0
     _maybe_hang(rs, self)
+
+
+def _remove_unfinished(directory: Path) -> None:
+  """Deletes the step folders a killed process left uncommitted (``*.orbax-checkpoint-tmp*``),
+  synchronously, before a manager of ``directory`` is created."""
+  if directory.is_dir():
+    for path in directory.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def _maybe_hang(rs: continual.RunState, ckpt: RunCheckpointer) -> None:

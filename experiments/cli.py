@@ -131,7 +131,8 @@ def prepare_checkpoints(root: Path, identity: dict) -> None:
         f"--noresume: {root} already holds checkpoints; pass --resume to continue them or "
         "--force_restart to discard them and start over.")
   for folder in existing:
-    checkpoint.RunCheckpointer(folder, identity).check_config()
+    with checkpoint.RunCheckpointer(folder, identity) as ckpt:
+      ckpt.check_config()
 
 
 def _parse_ints(name: str, values) -> tuple[int, ...]:
