@@ -29,6 +29,7 @@ from ewc_jax import checkpoint
 from ewc_jax import continual
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads as heads_lib
+from experiments import files
 
 FLAGS = flags.FLAGS
 
@@ -197,16 +198,8 @@ def check_workdir(workdir: str) -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
-  """Writes to a temporary file in the same folder, then renames it over ``path``."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Writes ``text`` (UTF-8) to ``path`` atomically (see :mod:`experiments.files`)."""
+  files.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -40,14 +40,15 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from experiments import files
 
 # `tensorflow_datasets` (~0.2 s to import) and Pillow are imported where they are
 # needed, so that a load served from the index imports neither; `data.tfds` still
@@ -236,26 +237,10 @@ def _read_cache(
     return images, labels
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes `path` atomically (temp file in the same folder, fsync, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_cache(paths: tuple[Path, Path], images: np.ndarray, labels: np.ndarray) -> None:
     """Writes the images and labels `.npy` files, each atomically."""
     for path, array in zip(paths, (images, labels)):
-        _write_atomic(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
+        files.write_atomic(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
 
 
 # --- the index: a repeated request answered without TFDS ---
@@ -323,7 +308,7 @@ def _fingerprint(prepared_dir: str) -> dict[str, Any] | None:
 
 def _write_index(path: Path, entry: dict[str, Any]) -> None:
     text = json.dumps(entry, indent=1, sort_keys=True).encode()
-    _write_atomic(path, lambda f: f.write(text))
+    files.write_atomic(path, lambda f: f.write(text))
 
 
 def _plain_name(value: Any) -> bool:

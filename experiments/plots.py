@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 import types
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from experiments import files
 
 # The viridis colour map at 0, 1/8, ..., 1; linear interpolation in between.
 VIRIDIS = ((68, 1, 84), (71, 45, 123), (59, 82, 139), (44, 114, 142), (33, 145, 140),
@@ -182,18 +182,8 @@ def _tick_values(t: int, step: int) -> list[int]:
   return ([1] if step >= 5 else []) + list(range(step, t + 1, step))
 
 
-def _save_png_atomic(img: Image.Image, path: Path) -> None:
-  """Writes ``img`` to a temporary file in the same folder, then renames it over ``path``."""
-  path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      img.save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+def _save_png(img: Image.Image, path: Path) -> None:
+  files.write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 # --- the heatmap -------------------------------------------------------------------------------
@@ -287,7 +277,7 @@ def _heatmap_image(pct: np.ndarray, title: str) -> Image.Image:
 def accuracy_heatmap(acc: np.ndarray, path: Path, title: str) -> None:
   """R[i, j] (rows: after training task i; columns: tested on task j), in percent, as a PNG."""
   pct = 100 * _square(acc, "acc")
-  _save_png_atomic(_heatmap_image(pct, title), path)
+  _save_png(_heatmap_image(pct, title), path)
 
 
 # --- line plots: axes, ticks, legend and the figure around the data ---------------------------
@@ -570,7 +560,7 @@ def accuracy_over_training(acc: np.ndarray, std: np.ndarray | None, path: Path,
   """One line per task j: its test accuracy after each training task i >= j (± std), as a PNG."""
   acc = _square(acc, "acc")
   std = _same_shape(std, acc.shape, "std")
-  _save_png_atomic(_over_training_image(100 * acc, None if std is None else 100 * std, title),
+  _save_png(_over_training_image(100 * acc, None if std is None else 100 * std, title),
                    path)
 
 
@@ -755,4 +745,4 @@ def average_accuracy_sweep(lines, x_label: str, log_x: bool, path: Path, title: 
                  x_grid=True)
   img = _line_plot(chart, lambda axes, font: _sweep_x_ticks(axes, font, xs),
                    lambda canvas, axes: _draw_sweep_data(canvas, axes, series))
-  _save_png_atomic(img, path)
+  _save_png(img, path)

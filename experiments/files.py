@@ -1,0 +1,31 @@
+"""Atomic file writes: the run outputs (results, CSV, PNGs) and the decoded-data cache.
+
+A reader (or a process killed mid-write) never sees a half-written file: the bytes go to a
+temporary file in the same folder, are flushed to disk, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+  """Calls ``write(f)`` on a temporary binary file beside ``path``, fsyncs it, renames it over
+  ``path`` (creating the folder if needed); on any error the temporary file is removed."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
