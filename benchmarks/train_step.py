@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from ewc_jax import algorithms, heads, penalty, train
+from ewc_jax import algorithms, heads, train
 
 SIZES = (784, 400, 400, 2)
 

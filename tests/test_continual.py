@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ewc_jax import continual, heads, train
+from ewc_jax import continual, heads
 
 D, T = 16, 3
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from ewc_jax import algorithms, heads, penalty, train
+from ewc_jax import algorithms, heads, train
 
 D = 12
 
