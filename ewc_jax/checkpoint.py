@@ -20,9 +20,9 @@ the arrays (a device-side copy: the caller may donate or overwrite its buffers r
 returns while orbax writes them; the next save, :meth:`RunCheckpointer.wait` and
 :meth:`RunCheckpointer.close` wait for it. Training of the next task overlaps the write.
 
-orbax is imported lazily: ``import ewc_jax`` stays as fast as before. :meth:`RunCheckpointer.prefetch`
-imports it on a background thread (the command line starts it when training starts, so the
-first save does not wait for the import).
+orbax is imported lazily: ``import ewc_jax`` stays as fast as before.
+:meth:`RunCheckpointer.prefetch` imports it on a background thread (the command line starts it
+when training starts, so the first save does not wait for the import).
 """
 
 from __future__ import annotations

@@ -358,8 +358,8 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   if resume is None:
     params = c.init(k_init)
     rs = RunState(task=0, epoch=0, step=0, train_state=c.new_state(params, hyper.lr),
-                  memory=c.init_memory(params["backbone"]), acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[],
-                  epoch_sums={})
+                  memory=c.init_memory(params["backbone"]),
+                  acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[], epoch_sums={})
   else:
     rs = resume
 

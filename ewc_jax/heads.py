@@ -168,7 +168,8 @@ def head_logits(net: Network, head_params: dict[str, PyTree], feats: jax.Array,
 
 def _plain_dense(module: nn.Module) -> bool:
   """An ``nn.Dense`` that computes exactly ``x @ kernel + bias`` in float32."""
-  return (type(module) is nn.Dense and module.use_bias and module.dtype is None  # pylint: disable=unidiomatic-typecheck
+  # pylint: disable-next=unidiomatic-typecheck
+  return (type(module) is nn.Dense and module.use_bias and module.dtype is None
           and module.param_dtype == jnp.float32 and module.precision is None
           and module.dot_general is None and module.dot_general_cls is None)
 

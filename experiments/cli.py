@@ -286,22 +286,23 @@ def train_and_evaluate(bench: Benchmark, config: continual.Config, workdir: Path
   The checkpointers are closed last, so the newest background save overlaps the writing of the
   results; ``timings["checkpoint"]`` counts the waiting for saves up to then.
   """
-  check_subset_flags(bench)
+  subset = check_subset_flags(bench)
   t0 = time.perf_counter()
   ds = load_dataset()
   load_seconds = time.perf_counter() - t0
   with contextlib.ExitStack() as savers:
     return _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_time, ds,
-                               load_seconds, savers)
+                               load_seconds, subset, savers)
 
 
 def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_time, ds,
-                        load_seconds, savers: contextlib.ExitStack) -> dict:
+                        load_seconds, subset: tuple[int, int | None],
+                        savers: contextlib.ExitStack) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
 
-  num_tasks, max_examples = check_subset_flags(bench)
+  num_tasks, max_examples = subset
   runs = []
   for seed in seeds:
     cfg = dataclasses.replace(config, seed=seed)
