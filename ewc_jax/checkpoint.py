@@ -127,7 +127,8 @@ def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
   def init(key, x):
     params = heads_lib.init_params(net, key, preprocess(x))
     return {"train_state": train_lib.init_train_state(tx, params, cfg.lr),
-            "memory": algo.init(params["backbone"], num_tasks)}
+            "memory": algo.init(heads_lib.consolidated(net, params, cfg.consolidated),
+                                num_tasks)}
 
   shapes = jax.eval_shape(init, jax.random.key(0), example)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -284,7 +285,9 @@ class RunCheckpointer:
           task=int(meta["task"]), epoch=int(meta["epoch"]), step=int(meta["step"]),
           train_state=state["train_state"], memory=state["memory"],
           acc=np.asarray(meta["acc"], np.float64), curves=meta["curves"],
-          epoch_sums={k: np.asarray(v, np.float64) for k, v in meta["epoch_sums"].items()})
+          epoch_sums={k: np.asarray(v, np.float64) for k, v in meta["epoch_sums"].items()},
+          val_acc=(None if meta.get("val_acc") is None else
+                   np.asarray(meta["val_acc"], np.float64)))
     except CheckpointError:
       raise
     except Exception as err:  # noqa: BLE001 (truncated array files, missing items, bad JSON)
@@ -318,6 +321,8 @@ class RunCheckpointer:
     meta = {"format": FORMAT, "version": VERSION, "reason": reason, "task": int(rs.task),
             "epoch": int(rs.epoch), "step": int(rs.step),
             "acc": np.asarray(rs.acc, np.float64).tolist(), "curves": rs.curves,
+            "val_acc": (None if rs.val_acc is None else
+                        np.asarray(rs.val_acc, np.float64).tolist()),
             "epoch_sums": {k: np.asarray(v, np.float64).tolist()
                            for k, v in rs.epoch_sums.items()},
             "config": self.config}

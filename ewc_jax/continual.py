@@ -22,6 +22,7 @@ import numpy as np
 from ewc_jax import algorithms
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
+from ewc_jax import holdout
 from ewc_jax import metrics as metrics_lib
 from ewc_jax import train as train_lib
 
@@ -43,12 +44,36 @@ class Config:
   fisher: str = "empirical"
   fisher_batch_size: int = 256
   fisher_normalize: bool = False
-  epochs: int = 2
+  # What is consolidated (see ewc_jax.heads.consolidated): "shared" (the backbone and every head
+  # used by several tasks), "backbone", "all"; None: "backbone" for the reference-parity
+  # penalties (seed, clarena), else "shared".
+  consolidate: str | None = None
+  epochs: int | None = 2           # training length per task: epochs, or ...
+  steps_per_task: int | None = None  # ... iterations (exactly one of the two is set)
+  reset_optimizer: bool = True     # restart Adam at each task (CLArena, Avalanche) or keep it
   batch_size: int = 128
   lr: float = 1e-3
   seed: int = 0
   hidden: tuple[int, ...] = (400, 400)
+  validation_fraction: float = 0.0  # held out of each task's training data (ewc_jax.holdout)
+  validation_seed: int = 0          # which rows: the same for every run seed and sweep config
   chunk_steps: int = 64  # steps per compiled lax.scan; host work (metrics, saves) between
+
+  @property
+  def consolidated(self) -> str:
+    """The consolidated set in force (``consolidate`` with its default resolved)."""
+    if self.consolidate is not None:
+      return self.consolidate
+    return "backbone" if self.penalty in ("seed", "clarena") else "shared"
+
+  def schedule(self, count: int) -> tuple[int, int, int]:
+    """``(epochs, steps per epoch, steps of the last epoch)`` of a task of ``count`` examples:
+    with ``steps_per_task`` S, the task runs ceil(S / steps) epochs, the last one cut short."""
+    steps = -(-int(count) // self.batch_size)
+    if self.steps_per_task is None:
+      return self.epochs, steps, steps
+    epochs = -(-self.steps_per_task // steps)
+    return epochs, steps, self.steps_per_task - (epochs - 1) * steps
 
   def validate(self) -> None:
     """Raises ``ValueError`` naming the first bad field (flag), its value and what is allowed."""
@@ -66,6 +91,8 @@ class Config:
       bad("p", self.p, "2 with --algo=ewc_merged (a merged quadratic)")
     if not (0 < self.gamma <= 1):
       bad("gamma", self.gamma, "a number in (0, 1]")
+    if self.consolidate is not None and self.consolidate not in heads.CONSOLIDATE:
+      bad("consolidate", self.consolidate, "one of " + ", ".join(heads.CONSOLIDATE))
     if self.fisher not in fisher_lib.KINDS:
       bad("fisher", self.fisher, "one of " + ", ".join(fisher_lib.KINDS))
     if not np.isfinite(self.lam) or self.lam <= 0:
@@ -74,10 +101,21 @@ class Config:
       bad("p", self.p, "a finite number > 0")
     if not np.isfinite(self.lr) or self.lr <= 0:
       bad("lr", self.lr, "a finite number > 0")
-    for name in ("epochs", "batch_size", "fisher_batch_size", "chunk_steps"):
+    if (self.epochs is None) == (self.steps_per_task is None):
+      raise ValueError(
+          f"--epochs={self.epochs!r} and --steps_per_task={self.steps_per_task!r} are invalid "
+          "together: expected exactly one of them (training length per task in epochs or in "
+          "iterations).")
+    for name in ("epochs", "steps_per_task", "batch_size", "fisher_batch_size", "chunk_steps"):
       value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value < 1:
+      if value is None and name in ("epochs", "steps_per_task"):
+        continue
+      if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
         bad(name, value, "an integer >= 1")
+    if not isinstance(self.reset_optimizer, (bool, np.bool_)):
+      bad("reset_optimizer", self.reset_optimizer, "true or false")
+    if not (np.isfinite(self.validation_fraction) and 0 <= self.validation_fraction < 1):
+      bad("validation_fraction", self.validation_fraction, "a number in [0, 1) (0: none)")
     if not self.hidden or any(h < 1 for h in self.hidden):
       bad("hidden", self.hidden, "positive layer widths")
 
@@ -126,11 +164,12 @@ def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start:
 
 
 class Result(NamedTuple):
-  acc_matrix: np.ndarray          # [T, T]: R[i, j] after task i on task j
+  acc_matrix: np.ndarray          # [T, T]: R[i, j] after task i on task j (test sets)
   curves: list[dict[str, list[float]]]  # per task: per-epoch mean of each train metric
   timings: dict[str, float]
   params: PyTree
   memory: PyTree
+  val_acc_matrix: np.ndarray | None = None  # [T, T] on the validation split (None: no split)
 
 
 def make_algorithm(cfg: Config, dynamic_p: bool = False) -> algorithms.Algorithm:
@@ -168,7 +207,8 @@ class Programs(NamedTuple):
   """The pure functions of one run, ready to ``jit`` (or ``vmap`` then ``jit`` for sweeps)."""
   init: Callable        # (key) -> params
   order: Callable       # (key, count) -> [steps_max * B] int32
-  chunk: Callable       # (state, data, order, start_step, task, memory, hyper) -> (state, metrics)
+  chunk: Callable       # (state, data, order, start_step, task, memory, hyper, stop_step)
+  #                       -> (state, metrics)
   evaluate: Callable    # (params, test, trained_task) -> [T]
   consolidate: Callable  # (memory, params, data, task, key, hyper) -> memory
   steps_per_epoch: int  # for the largest task
@@ -181,24 +221,27 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
   steps = -(-n_max // cfg.batch_size)
   example = preprocess(train.inputs[0, :1])
 
+  mode = cfg.consolidated
+
   def consolidate(memory, params, data, task_index, key, hyper):
+    theta = heads.consolidated(net, params, mode)
     if algo.importance == "unit":
-      importance = jax.tree.map(jnp.ones_like, params["backbone"])
+      importance = jax.tree.map(jnp.ones_like, theta)
     else:
       x = preprocess(data.inputs[task_index])
       mask = jnp.arange(x.shape[0]) < data.counts[task_index]
-      logits_fn = heads.backbone_logits_fn(net, params["heads"], task_index)
+      logits_fn = heads.consolidated_logits_fn(net, params, task_index)
       importance = fisher_lib.fisher_diagonal(
-          logits_fn, params["backbone"], x, data.labels[task_index], kind=cfg.fisher,
+          logits_fn, theta, x, data.labels[task_index], kind=cfg.fisher,
           batch_size=cfg.fisher_batch_size, key=key, mask=mask,
           normalize_by_num_params=cfg.fisher_normalize)
-    return algo.consolidate(memory, params["backbone"], importance, task_index, hyper)
+    return algo.consolidate(memory, theta, importance, task_index, hyper)
 
   return Programs(
       init=lambda key: heads.init_params(net, key, example),
       order=lambda key, count: train_lib.epoch_order(key, count, n_max, steps * cfg.batch_size),
       chunk=functools.partial(train_lib.train_chunk, net, algo, tx, preprocess, cfg.batch_size,
-                              cfg.chunk_steps),
+                              cfg.chunk_steps, consolidate=mode),
       evaluate=functools.partial(train_lib.evaluate, net, preprocess),
       consolidate=consolidate,
       steps_per_epoch=steps)
@@ -211,8 +254,9 @@ def _i32(x) -> jax.Array:
 class RunState(NamedTuple):
   """Where a run stands: everything needed to continue it exactly (see :func:`run`).
 
-  ``epoch == cfg.epochs`` means task ``task`` is trained but not yet evaluated/consolidated.
-  ``epoch == 0 and step == 0`` means task ``task`` starts now (a fresh optimizer is created from
+  ``epoch`` equal to the task's number of epochs (:meth:`Config.schedule`) means task ``task``
+  is trained but not yet evaluated/consolidated. ``epoch == 0 and step == 0`` means task
+  ``task`` starts now (with ``reset_optimizer`` a fresh optimizer is created from
   ``train_state.params``). With a sweep every array has a leading config axis.
   """
   task: int
@@ -223,17 +267,19 @@ class RunState(NamedTuple):
   acc: np.ndarray                       # [(K,) T, T]
   curves: list                          # per task: {metric: [per-epoch mean]} (per config)
   epoch_sums: dict                      # running sums of the current epoch's metrics
+  val_acc: np.ndarray | None = None     # [(K,) T, T] on the validation split, when held out
 
 
 class Compiled(NamedTuple):
   init: Callable
-  init_memory: Callable  # (backbone) -> the algorithm's empty memory
+  init_memory: Callable  # (consolidated params) -> the algorithm's empty memory
   new_state: Callable    # (params, lr) -> TrainState with a fresh optimizer
   order: Callable
   chunk: Callable
   evaluate: Callable
   consolidate: Callable | None
   steps_per_epoch: int
+  evaluate_validation: Callable | None = None
 
 
 def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> Callable:
@@ -258,7 +304,7 @@ def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> C
 def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
                      train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array,
                      hyper: algorithms.Hyper, preprocess: Callable, batched: bool,
-                     sharding=None) -> Compiled:
+                     sharding=None, validation: train_lib.TaskData | None = None) -> Compiled:
   """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
 
   Every piece is lowered from abstract shapes (nothing runs), then the XLA compilations (or
@@ -276,13 +322,18 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   lowered = {"init": jit(progs.init, 0).lower(key),
              "order": jit(progs.order, (0, None)).lower(key, zero)}
   params, order0 = lowered["init"].out_info, lowered["order"].out_info
-  lowered["init_memory"] = jit(lambda b: algo.init(b, num_tasks), 0).lower(params["backbone"])
+  theta = heads.consolidated(net, params, cfg.consolidated)
+  lowered["init_memory"] = jit(lambda b: algo.init(b, num_tasks), 0).lower(theta)
   lowered["new_state"] = jit(lambda p, lr: train_lib.init_train_state(tx, p, lr),
                              (0, 0)).lower(params, hyper.lr)
   memory, state = lowered["init_memory"].out_info, lowered["new_state"].out_info
-  lowered["chunk"] = jit(progs.chunk, (0, None, 0, None, None, 0, 0), out=(0, None),
-                         donate_argnums=0).lower(state, train, order0, zero, zero, memory, hyper)
+  lowered["chunk"] = jit(progs.chunk, (0, None, 0, None, None, 0, 0, None), out=(0, None),
+                         donate_argnums=0).lower(state, train, order0, zero, zero, memory, hyper,
+                                                 zero)
   lowered["evaluate"] = jit(progs.evaluate, (0, None, None), out=None).lower(params, test, zero)
+  if validation is not None:
+    lowered["evaluate_validation"] = jit(progs.evaluate, (0, None, None), out=None).lower(
+        params, validation, zero)
   if algo.importance is not None and num_tasks > 1:
     lowered["consolidate"] = jit(progs.consolidate, (0, 0, None, None, 0, 0), donate_argnums=0
                                  ).lower(memory, params, train, zero, key, hyper)
@@ -291,7 +342,8 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
     compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
   return Compiled(compiled["init"], compiled["init_memory"], compiled["new_state"],
                   compiled["order"], compiled["chunk"], compiled["evaluate"],
-                  compiled.get("consolidate"), progs.steps_per_epoch)
+                  compiled.get("consolidate"), progs.steps_per_epoch,
+                  compiled.get("evaluate_validation"))
 
 
 def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_lib.TaskData,
@@ -313,6 +365,9 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
       length K. Every piece is then ``jax.vmap``-ed over that axis (same functions, data shared)
       and results carry a leading K axis.
     resume: continue from a :class:`RunState` (e.g. restored from a checkpoint).
+      With ``cfg.validation_fraction > 0`` that fraction of each task's training data is held
+      out (:func:`ewc_jax.holdout.split`) and scored like the test sets
+      (``Result.val_acc_matrix``).
     on_checkpoint: called with ``(RunState, reason)`` after every train chunk
       (``reason="chunk"``) and after each task is consolidated (``reason="task"``).
     dynamic_p: take p from ``hyper.p`` at run time (needed when a sweep varies p).
@@ -323,6 +378,16 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   cfg.validate()
   num_tasks = int(train.inputs.shape[0])
   algo = make_algorithm(cfg, dynamic_p)
+  validation = None
+  if cfg.validation_fraction > 0:
+    train, validation = holdout.split(train, cfg.validation_fraction, cfg.validation_seed)
+  smallest = int(np.asarray(train.counts).min())
+  if cfg.batch_size > smallest:
+    raise ValueError(
+        f"--batch_size={cfg.batch_size} is invalid: expected at most {smallest}, the number of "
+        f"training examples of the smallest task (task "
+        f"{int(np.asarray(train.counts).argmin()) + 1}"
+        + (", after holding out the validation split)." if validation is not None else ")."))
   if algo.joint:
     train = cumulative(train)
   batched = seeds is not None
@@ -339,7 +404,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
       k_init, k_order, k_fisher = (
           jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(k)), sharding))
           for k in (k_init, k_order, k_fisher))
-      train, test = jax.device_put((train, test), replicated)
+      train, test, validation = jax.device_put((train, test, validation), replicated)
   else:
     hyper = hyper_of(cfg) if hyper is None else hyper
     k_init, k_order, k_fisher = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -350,7 +415,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
 
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
-                       sharding)
+                       sharding, validation)
   timings["compile"] = time.perf_counter() - t0
 
   counts = np.asarray(train.counts)
@@ -358,8 +423,10 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   if resume is None:
     params = c.init(k_init)
     rs = RunState(task=0, epoch=0, step=0, train_state=c.new_state(params, hyper.lr),
-                  memory=c.init_memory(params["backbone"]),
-                  acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[], epoch_sums={})
+                  memory=c.init_memory(heads.consolidated(net, params, cfg.consolidated)),
+                  acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[], epoch_sums={},
+                  val_acc=(None if validation is None else
+                           np.zeros(lead + (num_tasks, num_tasks))))
   else:
     rs = resume
 
@@ -369,26 +436,30 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
 
   while rs.task < num_tasks:
     t = rs.task
-    steps = -(-int(counts[t]) // cfg.batch_size)
+    epochs, steps, last_steps = cfg.schedule(counts[t])
     state = rs.train_state
     if rs.epoch == 0 and rs.step == 0:
-      state = c.new_state(state.params, hyper.lr)  # Adam restarts at every task
+      if cfg.reset_optimizer or t == 0:  # Adam restarts at every task, or only at the first
+        state = c.new_state(state.params, hyper.lr)
       rs = rs._replace(curves=rs.curves[:t] + [{k: [] for k in train_lib.METRIC_NAMES}],
                        epoch_sums={})
     done = rs.epoch * steps + rs.step
-    bar = progress(t, steps * cfg.epochs, done) if progress and rs.epoch < cfg.epochs else None
+    total_steps = (epochs - 1) * steps + last_steps
+    bar = progress(t, total_steps, done) if progress and rs.epoch < epochs else None
     t0 = time.perf_counter()
     epoch, start, sums, curves = rs.epoch, rs.step, dict(rs.epoch_sums), rs.curves
-    while epoch < cfg.epochs:
+    while epoch < epochs:
+      stop = last_steps if epoch == epochs - 1 else steps
       order = c.order(fold(fold(k_order, t), epoch), _i32(counts[t]))
       if not sums:
         sums = {k: np.zeros(lead) for k in ("count",) + train_lib.METRIC_NAMES}
-      while start < steps:
+      while start < stop:
         prev = start
-        state, m = c.chunk(state, train, order, _i32(start), _i32(t), rs.memory, hyper)
+        state, m = c.chunk(state, train, order, _i32(start), _i32(t), rs.memory, hyper,
+                           _i32(stop))
         m = jax.device_get(m)
         try:  # before anything of this chunk is kept (sums, RunState, checkpoint)
-          check_finite(m, task=t, num_tasks=num_tasks, epoch=epoch, start=start, steps=steps)
+          check_finite(m, task=t, num_tasks=num_tasks, epoch=epoch, start=start, steps=stop)
         except NumericalError:
           if bar is not None:
             bar.close()
@@ -396,13 +467,13 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
         n = m["count"]
         sums = {"count": sums["count"] + n.sum(-1),
                 **{k: sums[k] + np.sum(m[k] * n, -1) for k in train_lib.METRIC_NAMES}}
-        start = min(start + cfg.chunk_steps, steps)
+        start = min(start + cfg.chunk_steps, stop)
         if bar is not None:
           bar.update(start - prev)
           means = {k: float(np.mean(np.sum(m[k] * n, -1) / np.maximum(n.sum(-1), 1)))
                    for k in ("loss_cls", "loss_reg", "acc")}
           bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
-        finished = start >= steps
+        finished = start >= stop
         if finished:
           means = epoch_means(sums)
           cur = curves[t]
@@ -422,6 +493,10 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     t0 = time.perf_counter()
     acc = rs.acc.copy()
     acc[..., t, :] = np.asarray(c.evaluate(state.params, test, _i32(t)))
+    val_acc = rs.val_acc
+    if validation is not None:
+      val_acc = val_acc.copy()
+      val_acc[..., t, :] = np.asarray(c.evaluate_validation(state.params, validation, _i32(t)))
     timings["eval"] += time.perf_counter() - t0
     memory = rs.memory
     if c.consolidate is not None and t < num_tasks - 1:
@@ -430,11 +505,11 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
           memory, state.params, train, _i32(t), fold(k_fisher, t), hyper))
       timings["fisher"] += time.perf_counter() - t0
     rs = RunState(task=t + 1, epoch=0, step=0, train_state=state, memory=memory, acc=acc,
-                  curves=rs.curves, epoch_sums={})
+                  curves=rs.curves, epoch_sums={}, val_acc=val_acc)
     if on_checkpoint is not None:
       on_checkpoint(rs, "task")
   return Result(acc_matrix=rs.acc, curves=rs.curves, timings=timings,
-                params=rs.train_state.params, memory=rs.memory)
+                params=rs.train_state.params, memory=rs.memory, val_acc_matrix=rs.val_acc)
 
 
 def summary(result: Result) -> dict:

@@ -1,7 +1,9 @@
 """Backbone + heads: the continual-learning network as plain Flax modules and pure functions.
 
-The network is a backbone module (shared across tasks, the only part EWC consolidates) and a
-``dict`` of head modules. Parameters are one pytree ``{"backbone": ..., "heads": {name: ...}}``.
+The network is a backbone module (shared across tasks) and a ``dict`` of head modules.
+Parameters are one pytree ``{"backbone": ..., "heads": {name: ...}}``. What EWC consolidates is
+every parameter that more than one task uses (:func:`consolidated`): the backbone, plus the
+shared head in the domain- and class-incremental scenarios; per-task heads stay free.
 Three scenarios (van de Ven & Tolias 2019):
 
 * task-incremental (``"task"``): one head per task, each with that task's classes; the task id
@@ -27,6 +29,7 @@ import numpy as np
 
 PyTree = Any
 SCENARIOS = ("task", "domain", "class")
+CONSOLIDATE = ("shared", "backbone", "all")
 _MASKED = -1e9
 
 
@@ -200,10 +203,54 @@ def logits(net: Network, params: PyTree, x: jax.Array, task_ids: Any,
                      seen_through)
 
 
-def backbone_logits_fn(net: Network, head_params: dict[str, PyTree], task_index: Any):
-  """``logits_fn(backbone_params, x)`` for one task's head (what :func:`fisher_diagonal` weighs).
+def consolidated_heads(net: Network, consolidate: str = "shared") -> tuple[str, ...]:
+  """Names of the heads in the consolidated set.
 
-  The heads are closed over, so they never appear in the importance pytree.
+  ``"shared"``: the heads used by more than one task (domain-IL's shared head, class-IL's single
+  head; none of the per-task heads of task-IL); ``"backbone"``: none; ``"all"``: every head.
   """
+  if consolidate not in CONSOLIDATE:
+    raise ValueError(f"`consolidate` must be one of {', '.join(CONSOLIDATE)}, but got "
+                     f"consolidate={consolidate!r}.")
+  if consolidate == "backbone":
+    return ()
+  names = list(net.heads)
+  if consolidate == "all":
+    return tuple(names)
+  uses = np.bincount(np.asarray(net.head_of_task, np.int64), minlength=len(names))
+  return tuple(n for n, u in zip(names, uses) if u > 1)
+
+
+def consolidated(net: Network, params: PyTree, consolidate: str = "shared") -> PyTree:
+  """θ, the parameters EWC consolidates: ``{"backbone": ...}`` plus ``"heads": {name: ...}``
+  for the heads of :func:`consolidated_heads` (absent when there are none).
+
+  This subtree is what the importance (Fisher) is computed for, what anchors hold and what the
+  penalty reads; the other parameters (per-task heads) are never penalised.
+  """
+  names = consolidated_heads(net, consolidate)
+  theta = {"backbone": params["backbone"]}
+  if names:
+    theta["heads"] = {n: params["heads"][n] for n in names}
+  return theta
+
+
+def with_consolidated(params: PyTree, theta: PyTree) -> PyTree:
+  """``params`` with the leaves of ``theta`` (a :func:`consolidated` subtree) put in."""
+  return {"backbone": theta["backbone"],
+          "heads": {**params["heads"], **theta.get("heads", {})}}
+
+
+def consolidated_logits_fn(net: Network, params: PyTree, task_index: Any):
+  """``logits_fn(theta, x)`` of one task's head, a function of the consolidated subtree only
+  (what :func:`ewc_jax.fisher.fisher_diagonal` weighs); the other parameters are closed over.
+  Class-incremental: classes not seen by the end of ``task_index`` are masked, so their head
+  rows get zero gradient and zero importance."""
+  return lambda theta, x: logits(net, with_consolidated(params, theta), x, task_index)
+
+
+def backbone_logits_fn(net: Network, head_params: dict[str, PyTree], task_index: Any):
+  """``logits_fn(backbone_params, x)`` for one task's head (the heads closed over: they never
+  appear in the importance pytree; the reference-parity modes weigh this)."""
   return lambda backbone_params, x: head_logits(
       net, head_params, features(net, backbone_params, x), task_index)

@@ -146,6 +146,8 @@ class SweepResult(NamedTuple):
   curves: list[list[dict]]          # per config, per task: {metric: [per-epoch mean]}
   timings: dict[str, float]         # seconds, summed over chunks (+ "total")
   layout: Layout
+  val_acc_matrix: np.ndarray | None = None  # [K, T, T] on the validation split (if held out)
+  val_summaries: list[dict] | None = None   # per config, on the validation split
 
 
 def _per_config(curves: list, k: int) -> list[dict]:
@@ -185,7 +187,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
   dynamic_p = "p" in swept
 
   t_start = time.perf_counter()
-  mats, curves, timings = [], [], {}
+  mats, val_mats, curves, timings = [], [], [], {}
   for i in range(layout.num_chunks):
     idx = range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
     part = [padded[k] for k in idx]
@@ -197,19 +199,29 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
                            hyper=hyper, seeds=[c.seed for c in part], dynamic_p=dynamic_p,
                            sharding=sharding)
     mats.append(np.asarray(result.acc_matrix))
+    if result.val_acc_matrix is not None:
+      val_mats.append(np.asarray(result.val_acc_matrix))
     curves += [_per_config(result.curves, k) for k in range(len(part))]
     for name, sec in result.timings.items():
       timings[name] = timings.get(name, 0.0) + sec
   timings["total"] = time.perf_counter() - t_start
   acc = np.concatenate(mats)[:len(configs)]
+  val = np.concatenate(val_mats)[:len(configs)] if val_mats else None
   return SweepResult(configs=configs, swept=swept, acc_matrix=acc,
                      summaries=[metrics_lib.summarize(a) for a in acc],
-                     curves=curves[:len(configs)], timings=timings, layout=layout)
+                     curves=curves[:len(configs)], timings=timings, layout=layout,
+                     val_acc_matrix=val,
+                     val_summaries=None if val is None else [metrics_lib.summarize(a)
+                                                             for a in val])
 
 
 def table(result: SweepResult) -> list[dict]:
   """One row per combination of the swept values other than the seed, aggregated over seeds
-  (mean and population std), sorted by mean average accuracy, best first."""
+  (mean and population std), sorted by mean average accuracy, best first.
+
+  With a validation split (``Config.validation_fraction > 0``) the rows also hold
+  ``val_average_accuracy`` (and ``_std``) and are ranked by it: hyperparameters are chosen on
+  the validation split, never on the test set."""
   keys = [n for n in result.swept if n != "seed"]
   groups: dict[tuple, list[int]] = {}
   for k, cfg in enumerate(result.configs):
@@ -222,18 +234,26 @@ def table(result: SweepResult) -> list[dict]:
       vals = np.array([result.summaries[k][metric] for k in members])
       row[metric] = float(vals.mean())
       row[metric + "_std"] = float(vals.std())
+    if result.val_summaries is not None:
+      vals = np.array([result.val_summaries[k]["average_accuracy"] for k in members])
+      row["val_average_accuracy"] = float(vals.mean())
+      row["val_average_accuracy_std"] = float(vals.std())
     rows.append(row)
-  rows.sort(key=lambda r: -r["average_accuracy"])
+  rank = "val_average_accuracy" if result.val_summaries is not None else "average_accuracy"
+  rows.sort(key=lambda r: -r[rank])
   return rows
 
 
 def format_table(rows: list[dict], keys: Sequence[str]) -> str:
-  """The rows of :func:`table` as text (percent)."""
-  head = "".join(f"{k:>10}" for k in keys) + f"{'AA (%)':>16}{'BWT (%)':>16}{'forget (%)':>12}" \
-      f"{'seeds':>7}"
+  """The rows of :func:`table` as text (percent); the validation AA first when there is one."""
+  val = bool(rows) and "val_average_accuracy" in rows[0]
+  head = ("".join(f"{k:>10}" for k in keys) + (f"{'val AA (%)':>16}" if val else "")
+          + f"{'AA (%)':>16}{'BWT (%)':>16}{'forget (%)':>12}{'seeds':>7}")
   lines = [head, "-" * len(head)]
   for r in rows:
     lines.append("".join(f"{r[k]:>10g}" for k in keys)
+                 + (f"{100 * r['val_average_accuracy']:>9.2f} ± "
+                    f"{100 * r['val_average_accuracy_std']:<4.2f}" if val else "")
                  + f"{100 * r['average_accuracy']:>9.2f} ± {100 * r['average_accuracy_std']:<4.2f}"
                  + f"{100 * r['bwt']:>+9.2f} ± {100 * r['bwt_std']:<4.2f}"
                  + f"{100 * r['mean_forgetting']:>12.2f}{len(r['seeds']):>7d}")

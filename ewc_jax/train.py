@@ -75,8 +75,9 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Arra
 
 
 def loss_fn(net: heads.Network, algo: algorithms.Algorithm, params: PyTree, x, y, w,
-            task_index, memory, hyper, example_tasks=None):
-  """``loss_cls + loss_reg`` and its parts; the penalty sees only the backbone.
+            task_index, memory, hyper, example_tasks=None, *, consolidate: str = "shared"):
+  """``loss_cls + loss_reg`` and its parts; the penalty sees the consolidated parameters
+  (:func:`ewc_jax.heads.consolidated`: the backbone and every head shared by several tasks).
 
   ``example_tasks`` (``[B]``) gives each example's head when a batch mixes tasks; classes
   stay masked as of ``task_index`` (class-incremental).
@@ -84,20 +85,25 @@ def loss_fn(net: heads.Network, algo: algorithms.Algorithm, params: PyTree, x, y
   ids = task_index if example_tasks is None else example_tasks
   logits = heads.logits(net, params, x, ids, seen_through=task_index)
   loss_cls, acc = masked_cross_entropy(logits, y, w)
-  loss_reg = algo.penalty(params["backbone"], memory, hyper, task_index).astype(jnp.float32)
+  theta = heads.consolidated(net, params, consolidate)
+  loss_reg = algo.penalty(theta, memory, hyper, task_index).astype(jnp.float32)
   return loss_cls + loss_reg, (loss_cls, loss_reg, acc)
 
 
 def train_step(net: heads.Network, algo: algorithms.Algorithm, tx: optax.GradientTransformation,
-               state: TrainState, batch, task_index, memory, hyper):
+               state: TrainState, batch, task_index, memory, hyper, *,
+               consolidate: str = "shared"):
   """One optimizer step on ``batch = (x, y, w)`` or ``(x, y, w, example_tasks)``.
 
+  ``memory`` is the algorithm's memory of the consolidated subtree
+  (``algo.init(heads.consolidated(net, params, consolidate), num_tasks)``).
   Returns ``(state, metrics)``. Pure; jit it with ``net``, ``algo`` and ``tx`` static (see
   :func:`make_train_step`).
   """
   x, y, w = batch[:3]
   example_tasks = batch[3] if len(batch) > 3 else None
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, net, algo), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, net, algo, consolidate=consolidate),
+                               has_aux=True)
   (loss, (loss_cls, loss_reg, acc)), grads = grad_fn(state.params, x, y, w, task_index,
                                                      memory, hyper, example_tasks)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -106,9 +112,9 @@ def train_step(net: heads.Network, algo: algorithms.Algorithm, tx: optax.Gradien
   return TrainState(params, opt_state), metrics
 
 
-def make_train_step(net, algo, tx) -> Callable:
+def make_train_step(net, algo, tx, consolidate: str = "shared") -> Callable:
   """The jitted core ``step(state, batch, task_index, memory, hyper)``."""
-  return jax.jit(functools.partial(train_step, net, algo, tx))
+  return jax.jit(functools.partial(train_step, net, algo, tx, consolidate=consolidate))
 
 
 def bind_memory(step: Callable, memory: PyTree, hyper: algorithms.Hyper) -> Callable:
@@ -130,10 +136,11 @@ def epoch_order(key: jax.Array, count: jax.Array, n_max: int, length: int) -> ja
 
 def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
                 state: TrainState, data: TaskData, order: jax.Array, start_step,
-                task_index, memory, hyper):
+                task_index, memory, hyper, stop_step=None, *, consolidate: str = "shared"):
   """``num_steps`` steps of one epoch (``lax.scan``), from batch ``start_step`` of ``order``.
 
-  Batches past the task's data are skipped (no optimizer update); the last partial batch is
+  Batches past the task's data, or from ``stop_step`` on (an epoch cut short when training is
+  counted in iterations), are skipped (no optimizer update); the last partial batch is
   masked. Returns ``(state, metrics)`` with ``metrics[name]`` of shape ``[num_steps]`` and
   ``metrics["count"]`` the number of examples of each step (0 for a skipped step).
   """
@@ -143,14 +150,18 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
   def body(state, i):
     step = start_step + i
     idx = lax.dynamic_slice(order, (step * batch_size,), (batch_size,))
-    w = ((step * batch_size + jnp.arange(batch_size)) < count).astype(jnp.float32)
+    valid = (step * batch_size + jnp.arange(batch_size)) < count
+    if stop_step is not None:
+      valid = valid & (step < stop_step)
+    w = valid.astype(jnp.float32)
     batch = (preprocess(inputs[idx]), labels[idx], w)
     if data.task_ids is not None:
       batch = batch + (data.task_ids[task_index][idx],)
     n = jnp.sum(w)
 
     def do(state):
-      return train_step(net, algo, tx, state, batch, task_index, memory, hyper)
+      return train_step(net, algo, tx, state, batch, task_index, memory, hyper,
+                        consolidate=consolidate)
 
     def skip(state):
       zero = jnp.zeros((), jnp.float32)

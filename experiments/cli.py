@@ -29,6 +29,7 @@ from ewc_jax import checkpoint
 from ewc_jax import continual
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads as heads_lib
+from experiments import defaults
 from experiments import files
 
 FLAGS = flags.FLAGS
@@ -43,31 +44,57 @@ class Benchmark:
   default_tasks: int
 
 
+# Flags whose default depends on the benchmark and scenario (experiments/defaults.py).
+PER_BENCHMARK = ("lam", "lr", "epochs", "steps_per_task", "hidden", "reset_optimizer",
+                 "batch_size", "fisher")
+_PER = " Default: per benchmark and scenario (README, 'Defaults and how they were chosen')."
+
+
 def define_flags(bench: Benchmark) -> None:
-  """Defines the flags shared by every benchmark (defaults: the peers' Split MNIST protocol)."""
+  """Defines the flags shared by every benchmark; those of :data:`PER_BENCHMARK` default to
+  None, i.e. the value of experiments/defaults.py for the run's benchmark and scenario."""
   d = continual.Config()
   flags.DEFINE_string("algo", d.algo, f"Algorithm: {'|'.join(algorithms.NAMES)}.")
-  flags.DEFINE_string("scenario", d.scenario,
+  flags.DEFINE_string("scenario", None,
                       "task (a head per task, task id known) | domain (one shared head) | "
-                      "class (one head over all classes seen so far).")
+                      "class (one head over all classes seen so far). Default: task for Split "
+                      "MNIST, domain for Permuted MNIST.")
+  flags.DEFINE_string("consolidate", None,
+                      "What EWC consolidates: shared (the backbone and every head used by more "
+                      "than one task: domain-IL's shared head, class-IL's single head; task-IL's "
+                      "per-task heads stay free) | backbone | all. Default: shared, or backbone "
+                      "for --penalty=seed|clarena (the reference's behaviour).")
   flags.DEFINE_string("penalty", d.penalty,
                       "EWC penalty (with --algo=ewc): standard = (lam/2)*sum F|theta-theta*|^p "
                       "(Kirkpatrick 2017); seed = the seed reference's per-tensor p-norm / task "
                       "id; clarena = CLArena 1.1.0's 0.5*lam*sum F (theta-theta*)^2.")
-  flags.DEFINE_float("lam", d.lam, "Regularisation strength lambda (> 0). Convention: the loss "
+  flags.DEFINE_float("lam", None, "Regularisation strength lambda (> 0). Convention: the loss "
                      "adds (lam/2) * sum_k sum_i F_ki |theta_i - theta*_ki|^p, with F the mean "
-                     "per-example Fisher (no 1/num_params).")
+                     "per-example Fisher (no 1/num_params)." + _PER)
   flags.DEFINE_float("p", d.p, "Exponent p of |theta - theta*| (> 0).")
   flags.DEFINE_float("gamma", d.gamma, "Online EWC decay of the accumulated importance, (0, 1].")
-  flags.DEFINE_string("fisher", d.fisher, f"Importance estimator: {'|'.join(fisher_lib.KINDS)}.")
+  flags.DEFINE_string("fisher", None,
+                      f"Importance estimator: {'|'.join(fisher_lib.KINDS)}." + _PER)
   flags.DEFINE_integer("fisher_batch_size", d.fisher_batch_size,
                        "Examples per Fisher scan step (changes the result only for batch_squared).")
   flags.DEFINE_bool("fisher_normalize", d.fisher_normalize,
                     "Divide the importance by the number of backbone parameters (seed parity).")
-  flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (>= 1).")
-  flags.DEFINE_integer("batch_size", d.batch_size, "Training batch size (>= 1).")
-  flags.DEFINE_float("lr", d.lr, "Adam learning rate, optimizer restarted at every task (> 0).")
-  flags.DEFINE_list("hidden", [str(h) for h in d.hidden], "Backbone MLP layer widths.")
+  flags.DEFINE_integer("epochs", None, "Training length per task in epochs (>= 1); exclusive "
+                       "with --steps_per_task." + _PER)
+  flags.DEFINE_integer("steps_per_task", None, "Training length per task in iterations (>= 1; "
+                       "van de Ven & Tolias count iterations); exclusive with --epochs." + _PER)
+  flags.DEFINE_bool("reset_optimizer", None, "Restart Adam at every task (as CLArena and "
+                    "Avalanche); --noreset_optimizer keeps its state across tasks (as Hsu et "
+                    "al. 2018 and van de Ven & Tolias 2019)." + _PER)
+  flags.DEFINE_integer("batch_size", None, "Training batch size (>= 1)." + _PER)
+  flags.DEFINE_float("lr", None, "Adam learning rate (> 0)." + _PER)
+  flags.DEFINE_list("hidden", None, "Backbone MLP layer widths." + _PER)
+  flags.DEFINE_float("validation_fraction", d.validation_fraction,
+                     "Hold out this fraction of each task's training data as a validation "
+                     "split, scored like the test set (results.json: val_acc_matrix), in [0, 1); "
+                     "0: none. The held-out rows depend on --validation_seed only.")
+  flags.DEFINE_integer("validation_seed", d.validation_seed,
+                       "Which rows the validation split holds out (the same for every --seed).")
   flags.DEFINE_integer("seed", d.seed, "PRNG seed: initialisation, shuffling, permutations, "
                        "sampled labels.")
   flags.DEFINE_list("seeds", None, "Several seeds (e.g. 0,1,2): one run each, mean ± std.")
@@ -144,13 +171,38 @@ def _parse_ints(name: str, values) -> tuple[int, ...]:
                      "separated by commas.") from err
 
 
-def config_from_flags() -> continual.Config:
+def config_from_flags(benchmark: str, lists: tuple[str, ...] = ()) -> continual.Config:
+  """The run's config: the flags set on the command line, else the defaults of ``benchmark``
+  and the scenario (experiments/defaults.py), else :class:`continual.Config`'s.
+
+  ``lists``: flags holding lists of values (a sweep's), not read here: the config gets their
+  defaults."""
+  scenario = FLAGS.scenario if FLAGS.scenario is not None else defaults.SCENARIO[benchmark]
+  table = defaults.for_run(benchmark, scenario)
+  if FLAGS["epochs"].present and FLAGS["steps_per_task"].present:
+    raise ValueError(f"--epochs={FLAGS.epochs} and --steps_per_task={FLAGS.steps_per_task} are "
+                     "exclusive: give the training length per task in epochs or in iterations.")
+  if FLAGS["epochs"].present or FLAGS["steps_per_task"].present:
+    table.pop("epochs", None)
+    table.pop("steps_per_task", None)
+  fields = {name: table[name] for name in PER_BENCHMARK if name in table}
+  for name in PER_BENCHMARK:
+    if FLAGS[name].value is not None and name not in lists:
+      fields[name] = FLAGS[name].value
+  if "steps_per_task" in fields and "epochs" not in fields:
+    fields["epochs"] = None
+  if "hidden" in fields:
+    fields["hidden"] = _parse_ints("hidden", fields["hidden"])
+  penalty = FLAGS.penalty
   return continual.Config(
-      algo=FLAGS.algo, scenario=FLAGS.scenario, penalty=FLAGS.penalty, lam=FLAGS.lam, p=FLAGS.p,
-      gamma=FLAGS.gamma, fisher=FLAGS.fisher, fisher_batch_size=FLAGS.fisher_batch_size,
-      fisher_normalize=FLAGS.fisher_normalize, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-      lr=FLAGS.lr, seed=FLAGS.seed, hidden=_parse_ints("hidden", FLAGS.hidden),
-      chunk_steps=FLAGS.chunk_steps)
+      algo=FLAGS.algo, scenario=scenario, penalty=penalty,
+      consolidate=(FLAGS.consolidate if FLAGS.consolidate is not None else
+                   continual.Config(penalty=penalty).consolidated),
+      **{name: FLAGS[name].value for name in ("p", "gamma") if name not in lists},
+      fisher_batch_size=FLAGS.fisher_batch_size,
+      fisher_normalize=FLAGS.fisher_normalize, seed=FLAGS.seed,
+      validation_fraction=FLAGS.validation_fraction, validation_seed=FLAGS.validation_seed,
+      chunk_steps=FLAGS.chunk_steps, **fields)
 
 
 def seeds_from_flags(config: continual.Config) -> tuple[int, ...]:
@@ -334,17 +386,21 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
       resumed_from = str(ckpt.step_path(ckpt.latest_step()))
       where = ("all tasks done" if resume.task >= num_tasks else
                f"task {resume.task + 1} trained, evaluation and consolidation next"
-               if resume.epoch >= cfg.epochs else
+               if resume.epoch >= cfg.schedule(int(train.counts[resume.task]))[0] else
                f"task {resume.task + 1}, epoch {resume.epoch + 1}, step {resume.step}")
       print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
     result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=ckpt,
                            progress=make_progress(FLAGS.progress, prefix))
     timings = {"import": import_seconds, "data": data_seconds, **result.timings,
                "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
-    runs.append({"seed": seed, "resumed_from": resumed_from,
-                 "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
-                 **metrics.summarize(result.acc_matrix), "curves": result.curves,
-                 "timings": timings})
+    entry = {"seed": seed, "resumed_from": resumed_from,
+             "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
+             **metrics.summarize(result.acc_matrix), "curves": result.curves,
+             "timings": timings}
+    if result.val_acc_matrix is not None:
+      entry["val_acc_matrix"] = np.asarray(result.val_acc_matrix).tolist()
+      entry["validation"] = metrics.summarize(result.val_acc_matrix)
+    runs.append(entry)
     load_seconds, import_seconds = 0.0, 0.0
 
   mats = np.array([r["acc_matrix"] for r in runs])
@@ -362,6 +418,9 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
       "acc_matrix": mean.tolist(),
       "acc_matrix_std": std.tolist(),
       **summary,
+      **({} if "val_acc_matrix" not in runs[0] else {
+          "val_acc_matrix": np.mean([r["val_acc_matrix"] for r in runs], 0).tolist(),
+          "validation": metrics.summarize(np.mean([r["val_acc_matrix"] for r in runs], 0))}),
       "seeds": list(seeds),
       "average_accuracy_mean": float(np.mean(per_seed["average_accuracy"])),
       "average_accuracy_std": float(np.std(per_seed["average_accuracy"])),
@@ -390,6 +449,9 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
   print(f"average accuracy {aa.mean():.2f} ± {aa.std():.2f}  BWT {bwt.mean():+.2f} ± "
         f"{bwt.std():.2f}  mean forgetting {100 * summary['mean_forgetting']:.2f}"
         + (f"  ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+  if "validation" in record:
+    print(f"validation split ({100 * config.validation_fraction:g}% of each task's training "
+          f"data): average accuracy {100 * record['validation']['average_accuracy']:.2f}")
   print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()
                                 if isinstance(v, float)))
   print(f"wrote {workdir}/results.json, acc_matrix.csv" + (", *.png" if FLAGS.plots else ""))
@@ -428,7 +490,7 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
   import_seconds = time.perf_counter() - start_time
   quiet_logging()
   with user_errors():
-    config = config_from_flags()
+    config = config_from_flags(bench.name)
     config.validate()
     seeds = seeds_from_flags(config)
     check_subset_flags(bench)

@@ -14,14 +14,12 @@ _START = time.perf_counter()
 
 # pylint: disable=wrong-import-position
 from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
 
 BENCHMARK = cli.Benchmark(name="permuted_mnist", title="Permuted MNIST", max_tasks=None,
                           default_tasks=10)
 cli.define_flags(BENCHMARK)
-flags.FLAGS.set_default("scenario", "domain")
 
 
 def main(argv):

@@ -38,7 +38,6 @@ BENCHMARKS = {
     "permuted_mnist": cli.Benchmark(name="permuted_mnist", title="Permuted MNIST",
                                     max_tasks=None, default_tasks=10),
 }
-DEFAULT_SCENARIO = {"split_mnist": "task", "permuted_mnist": "domain"}
 SWEPT_FLAGS = ("lam", "p", "gamma", "lr")
 UNSUPPORTED = ("force_restart", "checkpoint_every", "keep", "resume")  # checkpoint flags
 
@@ -48,8 +47,9 @@ _defaults = {name: FLAGS[name].default for name in SWEPT_FLAGS}
 _helps = {name: FLAGS[name].help for name in SWEPT_FLAGS}
 for _name in SWEPT_FLAGS:  # the single-run float flags become lists
   delattr(FLAGS, _name)
-  flags.DEFINE_list(_name, [f"{_defaults[_name]:g}"],
+  flags.DEFINE_list(_name, None if _defaults[_name] is None else [f"{_defaults[_name]:g}"],
                     _helps[_name] + " A comma-separated list sweeps it.")
+FLAGS.set_default("validation_fraction", 0.1)  # sweeps rank configs on a validation split
 flags.DEFINE_enum("benchmark", "split_mnist", list(BENCHMARKS), "Task sequence.")
 flags.DEFINE_integer("max_parallel", None, "Train at most N configs at a time (padding to a "
                      "multiple of the devices included); default: all at once.")
@@ -62,8 +62,10 @@ flags.DEFINE_integer("num_processes", None, "With --distributed: number of proce
 flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 
 
-def _parse_floats(name: str) -> tuple[float, ...]:
-  raw = FLAGS[name].value or []
+def _parse_floats(name: str, default: float) -> tuple[float, ...]:
+  if FLAGS[name].value is None:  # not given: the benchmark's default
+    return (float(default),)
+  raw = FLAGS[name].value
   try:
     values = tuple(float(v) for v in raw)
   except ValueError as err:
@@ -79,16 +81,14 @@ def _parse_floats(name: str) -> tuple[float, ...]:
 def configs_from_flags(bench: cli.Benchmark):
   """``(base config, {name: values}, [configs])``; raises ValueError naming the bad flag."""
   from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
-  values = {name: _parse_floats(name) for name in SWEPT_FLAGS}
   for name in UNSUPPORTED + ("checkpoint",):
     if name in FLAGS and FLAGS[name].present and (name != "checkpoint" or FLAGS.checkpoint):
       raise ValueError(f"--{name} is not supported by experiments.sweep (no checkpointing of "
                        "sweeps).")
-  if not FLAGS["scenario"].present:
-    FLAGS.scenario = DEFAULT_SCENARIO[bench.name]
-  # cli.config_from_flags reads every flag; the swept ones are then set per config.
-  base = dataclasses.replace(cli.config_from_flags(),
-                             **{name: vals[0] for name, vals in values.items()})
+  # The swept flags are lists: read apart, then set per config.
+  defaults = cli.config_from_flags(bench.name, lists=SWEPT_FLAGS)
+  values = {name: _parse_floats(name, getattr(defaults, name)) for name in SWEPT_FLAGS}
+  base = dataclasses.replace(defaults, **{name: vals[0] for name, vals in values.items()})
   values["seed"] = cli.seeds_from_flags(base)
   if FLAGS.max_parallel is not None and FLAGS.max_parallel < 1:
     raise ValueError(f"--max_parallel={FLAGS.max_parallel} is invalid: expected an integer >= 1.")
@@ -109,6 +109,7 @@ def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: i
   for k, cfg in enumerate(configs):
     groups.setdefault(data_seed(cfg), []).append(k)
   acc = [None] * len(configs)
+  val_acc = [None] * len(configs)
   curves = [None] * len(configs)
   timings: dict = {"data": 0.0}
   layouts, built = [], None
@@ -138,14 +139,20 @@ def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: i
                        progress=progress if FLAGS.progress else None, chunk_progress=on_chunk)
     for j, k in enumerate(members):
       acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
+      if result.val_acc_matrix is not None:
+        val_acc[k] = result.val_acc_matrix[j]
     for name, sec in result.timings.items():
       timings[name] = timings.get(name, 0.0) + sec
     layouts.append(result.layout._asdict())
   acc = np.stack(acc)
+  val = None if val_acc[0] is None else np.stack(val_acc)
   from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
   res = sweep.SweepResult(configs=tuple(configs), swept=sweep.swept_names(configs),
                           acc_matrix=acc, summaries=[metrics.summarize(a) for a in acc],
-                          curves=curves, timings=timings, layout=result.layout)
+                          curves=curves, timings=timings, layout=result.layout,
+                          val_acc_matrix=val,
+                          val_summaries=None if val is None else [metrics.summarize(a)
+                                                                  for a in val])
   return res, layouts, built
 
 
@@ -208,8 +215,12 @@ def write_outputs(bench, base, values, result, layouts, built, ds, workdir: Path
   configs = []
   for k, (cfg, acc, summ, curves) in enumerate(zip(result.configs, result.acc_matrix,
                                                     result.summaries, result.curves)):
-    configs.append({"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
-                    "acc_matrix": acc.tolist(), **summ, "curves": curves})
+    entry = {"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
+             "acc_matrix": acc.tolist(), **summ, "curves": curves}
+    if result.val_acc_matrix is not None:
+      entry["val_acc_matrix"] = result.val_acc_matrix[k].tolist()
+      entry["validation"] = result.val_summaries[k]
+    configs.append(entry)
   record = {
       "benchmark": {"name": bench.name, "scenario": base.scenario,
                     "dataset": f"{ds.name}:{ds.version}", "num_tasks": int(FLAGS.num_tasks),
@@ -230,7 +241,9 @@ def write_outputs(bench, base, values, result, layouts, built, ds, workdir: Path
            f"{len(result.configs)} configs")
   if FLAGS.plots:
     plot_average_accuracy(rows, result.swept, base, workdir / "average_accuracy.png", title)
-  print(f"\n{title}, sorted by average accuracy (mean ± std over seeds):")
+  ranked = ("validation average accuracy" if result.val_acc_matrix is not None else
+            "average accuracy (no validation split: --validation_fraction)")
+  print(f"\n{title}, sorted by {ranked} (mean ± std over seeds):")
   print(sweep.format_table(rows, keys))
   print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
   print(f"wrote {workdir}/results.json" + (", average_accuracy.png" if FLAGS.plots else ""))

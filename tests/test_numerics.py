@@ -58,7 +58,7 @@ def test_nan_importance_stops_naming_reg():
   """Resumed at task 2 with NaN in the memory (anchors/importance): the reg part is named."""
   net = heads.task_incremental(T, 2, hidden=CFG.hidden)
   params = heads.init_params(net, jax.random.key(0), jnp.zeros((1, 8)))
-  memory = continual.make_algorithm(CFG).init(params["backbone"], T)
+  memory = continual.make_algorithm(CFG).init(heads.consolidated(net, params), T)
   rs = continual.RunState(
       task=1, epoch=0, step=0,
       train_state=train.init_train_state(train.make_optimizer(), params, CFG.lr),

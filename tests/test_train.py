@@ -24,10 +24,11 @@ def _batch(n, seed=0):
   return jax.random.normal(k1, (n, D)), jax.random.randint(k2, (n,), 0, 2), jnp.ones((n,))
 
 
-def _ewc_memory(params, algo):
-  memory = algo.init(params["backbone"], 3)
-  imp = jax.tree.map(lambda x: jnp.full(x.shape, 0.5), params["backbone"])
-  ref = jax.tree.map(lambda x: x + 0.1, params["backbone"])
+def _ewc_memory(params, algo, net=None):
+  theta = {"backbone": params["backbone"]} if net is None else heads.consolidated(net, params)
+  memory = algo.init(theta, 3)
+  imp = jax.tree.map(lambda x: jnp.full(x.shape, 0.5), theta)
+  ref = jax.tree.map(lambda x: x + 0.1, theta)
   return algo.consolidate(memory, ref, imp, 0, algorithms.Hyper())
 
 
@@ -62,7 +63,7 @@ def test_bound_step_reuses_one_program_for_new_anchors(setup):
   state = train.init_train_state(tx, params, 1e-3)
   hyper = algorithms.Hyper(lam=jnp.float32(1.0))
   batch = _batch(8)
-  memory = algo.init(params["backbone"], 3)
+  memory = algo.init(heads.consolidated(net, params), 3)
   losses = []
   for t in range(3):
     step = train.bind_memory(core, memory, hyper)  # a new closure per task, never mutation

@@ -1,0 +1,68 @@
+r"""A validation split held out from each task's *training* data, for choosing hyperparameters.
+
+Hyperparameters (λ, learning rate, ...) are chosen on data the model is not trained on and that
+is not the test set (van de Ven & Tolias 2019; Hsu et al. 2018): :func:`split` moves a fixed
+fraction of every task's training examples into a validation set. The rows are drawn with a
+PRNG key made from ``seed`` alone (not the run's seed), so every run, every seed and every
+config of a sweep holds out exactly the same examples, and the test set is never touched.
+
+    >>> import numpy as np
+    >>> from ewc_jax import holdout, train
+    >>> data = train.TaskData(np.arange(20).reshape(2, 10, 1), np.zeros((2, 10), np.int32),
+    ...                       np.array([10, 8], np.int32))
+    >>> fit, val = holdout.split(data, 0.25, seed=0)
+    >>> fit.counts.tolist(), val.counts.tolist()
+    ([8, 6], [2, 2])
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from ewc_jax import train as train_lib
+
+
+def holdout_rows(count: int, fraction: float, key: jax.Array) -> np.ndarray:
+  """Sorted indices (of ``range(count)``) of the ``round(fraction · count)`` held-out rows
+  (at least 1 when ``fraction > 0``, at most ``count - 1``)."""
+  n_val = min(max(int(round(fraction * count)), 1), count - 1)
+  perm = np.asarray(jax.random.permutation(key, count))
+  return np.sort(perm[:n_val])
+
+
+def split(data: train_lib.TaskData, fraction: float,
+          seed: int = 0) -> tuple[train_lib.TaskData, train_lib.TaskData]:
+  """``(train, validation)``: ``fraction`` of each task's valid rows held out.
+
+  Both keep the padded layout (``[T, N_max, ...]`` with per-task counts); rows keep their
+  dataset order. Task t's rows come from ``jax.random.fold_in(jax.random.key(seed), t)``.
+  """
+  if not 0 < fraction < 1:
+    raise ValueError(f"`validation_fraction` must be in (0, 1), but got {fraction!r}.")
+  if data.task_ids is not None:
+    raise ValueError("`data` must be per-task training sets (no `task_ids`): hold the "
+                     "validation split out before building joint (cumulative) sets.")
+  inputs, labels, counts = (np.asarray(a) for a in data[:3])
+  if int(counts.min()) < 2:
+    raise ValueError(f"every task needs at least 2 training examples to hold some out, but "
+                     f"task {int(counts.argmin()) + 1} has {int(counts.min())}.")
+  key = jax.random.key(seed)
+  parts = []
+  for t, count in enumerate(counts.tolist()):
+    val_rows = holdout_rows(count, fraction, jax.random.fold_in(key, t))
+    keep = np.ones(count, bool)
+    keep[val_rows] = False
+    parts.append((np.flatnonzero(keep), val_rows))
+
+  def gather(which: int) -> train_lib.TaskData:
+    n = np.array([len(p[which]) for p in parts], np.int32)
+    x = np.zeros((len(parts), int(n.max())) + inputs.shape[2:], inputs.dtype)
+    y = np.zeros((len(parts), int(n.max())), labels.dtype)
+    for t, p in enumerate(parts):
+      x[t, :n[t]], y[t, :n[t]] = inputs[t, p[which]], labels[t, p[which]]
+    return train_lib.TaskData(*(jax.device_put(a) for a in (x, y, n)))
+  return gather(0), gather(1)
+
+
+__all__ = ["holdout_rows", "split"]

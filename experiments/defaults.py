@@ -1,0 +1,28 @@
+"""Default protocol of each benchmark and scenario, chosen by measurement (README: "Defaults and
+how they were chosen"; the sweeps behind them are in ``docs/defaults/``).
+
+A flag the user does not set takes its value from :data:`DEFAULTS` for the benchmark and
+scenario of the run, else the :class:`ewc_jax.continual.Config` default. λ was chosen for the
+EWC family (``ewc``, ``ewc_merged``, ``online_ewc``) by a vmapped λ × 3-seed sweep ranked on
+the validation split (``--validation_fraction``), never on the test set.
+"""
+
+from __future__ import annotations
+
+# Fields of ewc_jax.continual.Config (plus the benchmark's scenario) by (benchmark, scenario).
+DEFAULTS: dict[tuple[str, str], dict] = {
+    # The peers' protocol (benchmarks/peers): kept as the task-incremental default.
+    ("split_mnist", "task"): {"lam": 1000.0},
+    ("split_mnist", "domain"): {"lam": 1000.0},
+    ("split_mnist", "class"): {"lam": 1000.0},
+    ("permuted_mnist", "task"): {"lam": 1000.0},
+    ("permuted_mnist", "domain"): {"lam": 1000.0},
+    ("permuted_mnist", "class"): {"lam": 1000.0},
+}
+
+SCENARIO = {"split_mnist": "task", "permuted_mnist": "domain"}
+
+
+def for_run(benchmark: str, scenario: str) -> dict:
+  """The default fields of a run of ``benchmark`` in ``scenario`` (empty when not listed)."""
+  return dict(DEFAULTS.get((benchmark, scenario), {}))
