@@ -89,6 +89,11 @@ MORE_BAD_INPUTS = [  # (arguments, what the one error line must contain)
     (["--keep=0"], "--keep=0"),
     (["--checkpoint_every=-1"], "--checkpoint_every=-1"),
     (["--chunk_steps=0"], "--chunk_steps=0"),
+    (["--epochs=3", "--steps_per_task=10"], "--epochs=3 and --steps_per_task=10 are exclusive"),
+    (["--steps_per_task=0"], "--steps_per_task=0"),
+    (["--consolidate=heads"], "--consolidate='heads'"),
+    (["--validation_fraction=1"], "--validation_fraction=1.0"),
+    (["--validation_fraction=-0.5"], "--validation_fraction=-0.5"),
     (["--epochs=abc"], "--epochs=abc"),          # absl parse errors: one line, status 2 too
     (["--bogus_flag=1"], "bogus_flag"),
     (["--data_dir=" + __file__], "--data_dir="),  # a file, not a folder
