@@ -23,12 +23,15 @@ import numpy as np
 from ewc_jax import train as train_lib
 
 
+def num_held_out(count: int, fraction: float) -> int:
+  """``round(fraction · count)`` rows, at least 1 and at most ``count - 1`` (0 if fraction is 0)."""
+  return 0 if fraction == 0 else min(max(int(round(fraction * count)), 1), count - 1)
+
+
 def holdout_rows(count: int, fraction: float, key: jax.Array) -> np.ndarray:
-  """Sorted indices (of ``range(count)``) of the ``round(fraction · count)`` held-out rows
-  (at least 1 when ``fraction > 0``, at most ``count - 1``)."""
-  n_val = min(max(int(round(fraction * count)), 1), count - 1)
+  """Sorted indices (of ``range(count)``) of the :func:`num_held_out` held-out rows."""
   perm = np.asarray(jax.random.permutation(key, count))
-  return np.sort(perm[:n_val])
+  return np.sort(perm[:num_held_out(count, fraction)])
 
 
 def split(data: train_lib.TaskData, fraction: float,
@@ -65,4 +68,4 @@ def split(data: train_lib.TaskData, fraction: float,
   return gather(0), gather(1)
 
 
-__all__ = ["holdout_rows", "split"]
+__all__ = ["holdout_rows", "num_held_out", "split"]

@@ -205,6 +205,13 @@ def config_from_flags(benchmark: str, lists: tuple[str, ...] = ()) -> continual.
       chunk_steps=FLAGS.chunk_steps, **fields)
 
 
+def trained_count(cfg: continual.Config, train, task: int) -> int:
+  """The number of examples task ``task`` trains on (its validation rows held out)."""
+  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
+  count = int(train.counts[task])
+  return count - holdout.num_held_out(count, cfg.validation_fraction)
+
+
 def seeds_from_flags(config: continual.Config) -> tuple[int, ...]:
   if not FLAGS.seeds:
     return (config.seed,)
@@ -386,7 +393,7 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
       resumed_from = str(ckpt.step_path(ckpt.latest_step()))
       where = ("all tasks done" if resume.task >= num_tasks else
                f"task {resume.task + 1} trained, evaluation and consolidation next"
-               if resume.epoch >= cfg.schedule(int(train.counts[resume.task]))[0] else
+               if resume.epoch >= cfg.schedule(trained_count(cfg, train, resume.task))[0] else
                f"task {resume.task + 1}, epoch {resume.epoch + 1}, step {resume.step}")
       print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
     result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=ckpt,

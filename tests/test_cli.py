@@ -124,3 +124,30 @@ def test_more_bad_inputs_one_line_exit_2_nothing_written(real_data_dir, tmp_path
   for folder in tmp_path.iterdir():
     if folder.is_dir():
       assert not (folder / "results.json").exists() and not (folder / "checkpoints").exists()
+
+
+def test_defaults_follow_benchmark_and_scenario(real_data_dir, tmp_path):
+  """Flags left unset take experiments/defaults.py's values for the benchmark and scenario;
+  a flag given on the command line wins; the resolved values are stored in results.json."""
+  from experiments import defaults  # pylint: disable=import-outside-toplevel
+  common = ["--num_tasks=2", "--max_examples=200", "--noprogress", "--noplots",
+            "--nocheckpoint", f"--data_dir={real_data_dir}"]
+  runs = {
+      "permuted": ("experiments.permuted_mnist", [], ("permuted_mnist", "domain")),
+      "split_class": ("experiments.split_mnist", ["--scenario=class"], ("split_mnist", "class")),
+      "override": ("experiments.split_mnist", ["--scenario=domain", "--lam=7", "--epochs=1"],
+                   ("split_mnist", "domain")),
+  }
+  for name, (module, args, key) in runs.items():
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, "-m", module, *common, *args, f"--workdir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["scenario"] == key[1] and config["consolidate"] == "shared"
+    expected = dict(defaults.DEFAULTS[key])
+    if name == "override":
+      expected.update(lam=7.0, epochs=1, steps_per_task=None)
+    for field, value in expected.items():
+      value = list(value) if isinstance(value, tuple) else value
+      assert config[field] == value, (name, field, config[field], value)
