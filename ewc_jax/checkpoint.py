@@ -27,7 +27,9 @@ when training starts, so the first save does not wait for the import).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -41,6 +43,7 @@ import numpy as np
 
 from ewc_jax import continual
 from ewc_jax import heads as heads_lib
+from ewc_jax import interrupt
 from ewc_jax import penalty as penalty_lib
 from ewc_jax import train as train_lib
 from ewc_jax import validation
@@ -53,7 +56,8 @@ RESTART_HINT = "pass --force_restart to discard the checkpoints and start over"
 
 # Test hook (used by tests/test_checkpoint.py to kill a run at a known point, deterministically):
 # when the run reaches position "task:epoch:step" (after that checkpoint, if any, is saved), write
-# the file named by EWC_JAX_TEST_MARKER and sleep until killed.
+# the file named by EWC_JAX_TEST_MARKER and sleep until killed (or until SIGINT/SIGTERM requests
+# a stop, see ewc_jax.interrupt: the run then saves that position and stops).
 HANG_ENV, MARKER_ENV = "EWC_JAX_TEST_HANG_AT", "EWC_JAX_TEST_MARKER"
 
 
@@ -88,6 +92,22 @@ def _ignore_closed_loop_callbacks() -> None:
       previous_unraisable(unraisable)
   excepthook._ewc_jax_filter = True  # pylint: disable=protected-access
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+class _DropOrbaxErrors(logging.Filter):
+  """Drops orbax's own error logs (with tracebacks) of a failed background save: the failure
+  reaches the caller as one :class:`CheckpointError` anyway."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def quiet_orbax_errors() -> None:
+  """Installs :class:`_DropOrbaxErrors` on absl's logger (the command line does, without
+  ``--debug``); idempotent."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_DropOrbaxErrors())
 
 
 def _first_line(err: BaseException) -> str:
@@ -180,6 +200,7 @@ class RunCheckpointer:
     self._next_step: int | None = None
     self._since = 0
     self._prefetch = None
+    self._pending: int | None = None  # the step of a save that may still be in flight
     self.saved_steps: list[int] = []
     self.save_seconds = 0.0  # wall time the caller waited for saves (blocking part and waits)
 
@@ -205,17 +226,37 @@ class RunCheckpointer:
     return self._manager
 
   def wait(self) -> None:
-    """Blocks until every checkpoint saved so far is committed (renamed into place)."""
+    """Blocks until every checkpoint saved so far is committed (renamed into place).
+
+    Raises :class:`CheckpointError` (one line) when a background save failed."""
     if self._manager is not None:
       t0 = time.perf_counter()
-      self._manager.wait_until_finished()
-      self.save_seconds += time.perf_counter() - t0
+      try:
+        self._manager.wait_until_finished()
+      except Exception as err:  # noqa: BLE001 (tensorstore/OS errors of the background write)
+        raise self._save_failed(self._pending, err) from err
+      finally:
+        self.save_seconds += time.perf_counter() - t0
+      self._pending = None
 
   def close(self) -> None:
     if self._manager is not None:
-      self.wait()
-      self._manager.close()
-      self._manager = None
+      try:
+        self.wait()
+      finally:
+        manager, self._manager = self._manager, None
+        with contextlib.suppress(Exception):  # a failed save was reported by wait()
+          manager.close()
+
+  def _save_failed(self, step: int | None, err: BaseException) -> CheckpointError:
+    """The one-line error of a save that failed (disk full, folder made read-only...)."""
+    what = f"checkpoint {self.step_path(step)}" if step is not None else "a checkpoint"
+    good = committed_steps(self.directory)
+    kept = (f"the last complete checkpoint {self.step_path(good[-1])} is kept"
+            if good else "no complete checkpoint was written")
+    return CheckpointError(f"could not save {what} ({_first_line(err)}); {kept}. Make "
+                           f"{self.directory} writable (or free space) and run the same "
+                           "command again to resume.")
 
   def __enter__(self):
     return self
@@ -323,11 +364,19 @@ class RunCheckpointer:
             "config": self.config}
     # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax
     # still writes them in the background.
-    mgr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
-             force=True)
+    _ignore_closed_loop_callbacks()
+    previous = self._pending
+    try:
+      mgr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
+               force=True)
+    except Exception as err:  # noqa: BLE001 (this save, or the previous background one, failed)
+      failed = previous if previous is not None and not self.step_path(previous).is_dir() \
+          else step
+      raise self._save_failed(failed, err) from err
+    self._pending = step
     if not self.async_save:
-      mgr.wait_until_finished()  # also covers any background finalisation
+      self.wait()  # also covers any background finalisation
     self._next_step = step + 1
     self.saved_steps.append(step)
     self.save_seconds += time.perf_counter() - t0
@@ -336,15 +385,29 @@ class RunCheckpointer:
   def __call__(self, rs: continual.RunState, reason: str) -> None:
     """The ``on_checkpoint`` hook: saves after each task and every ``every`` steps."""
     self.prefetch()
+    saved = False
     if reason == "task":
       self.save(rs, reason)
-      self._since = 0
+      self._since, saved = 0, True
     elif self.every > 0:
       self._since += self.chunk_steps
       if self._since >= self.every:
         self.save(rs, reason)
-        self._since = 0
+        self._since, saved = 0, True
     _maybe_hang(rs, self)
+    if interrupt.requested() is not None:  # SIGINT/SIGTERM: save this position, then stop
+      if not saved:
+        self.save(rs, "interrupt")
+      self.wait()
+      interrupt.raise_if_requested(rs, saved=True)
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+  """The complete (renamed into place) step folders of a checkpoint folder, oldest first."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def _remove_unfinished(directory: Path) -> None:
@@ -364,8 +427,8 @@ def _maybe_hang(rs: continual.RunState, ckpt: RunCheckpointer) -> None:
   if marker:
     Path(marker).write_text(at)
   print(f"[{HANG_ENV}] paused at {at}", file=sys.stderr, flush=True)
-  while True:
-    time.sleep(60)
+  while interrupt.requested() is None:  # until killed, or a stop is requested (SIGINT/SIGTERM)
+    time.sleep(0.05)
 
 
 def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:

@@ -29,7 +29,9 @@ from ewc_jax import checkpoint
 from ewc_jax import continual
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads as heads_lib
+from ewc_jax import interrupt
 from experiments import files
+from experiments import lock
 
 FLAGS = flags.FLAGS
 
@@ -337,7 +339,8 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
                if resume.epoch >= cfg.epochs else
                f"task {resume.task + 1}, epoch {resume.epoch + 1}, step {resume.step}")
       print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
-    result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=ckpt,
+    result = continual.run(cfg, net, train, test, resume=resume,
+                           on_checkpoint=ckpt if ckpt is not None else interrupt.check,
                            progress=make_progress(FLAGS.progress, prefix))
     timings = {"import": import_seconds, "data": data_seconds, **result.timings,
                "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
@@ -401,6 +404,7 @@ def quiet_logging() -> None:
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   if not FLAGS["verbosity"].present and not FLAGS.debug:
     absl_logging.set_verbosity(absl_logging.WARNING)
+    checkpoint.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
 
 
 @contextlib.contextmanager
@@ -413,6 +417,9 @@ def user_errors():
   from experiments import data  # pylint: disable=import-outside-toplevel
   try:
     yield
+  except interrupt.Interrupted as err:  # SIGINT/SIGTERM, saved: one line, exit 130/143
+    print(f"\n{err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)
   except jax.errors.JaxRuntimeError:
     raise
   except (ValueError, data.DataError, continual.NumericalError) as err:
@@ -427,17 +434,18 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
   del argv
   import_seconds = time.perf_counter() - start_time
   quiet_logging()
-  with user_errors():
+  with user_errors(), interrupt.catch():
     config = config_from_flags()
     config.validate()
     seeds = seeds_from_flags(config)
     check_subset_flags(bench)
     check_checkpoint_flags()
     workdir = check_workdir(FLAGS.workdir)
-    if FLAGS.compile_cache:
-      enable_compile_cache()
-    train_and_evaluate(bench, config, workdir, seeds=seeds, import_seconds=import_seconds,
-                       start_time=start_time)
+    with lock.hold(workdir):  # the whole run: another run on this workdir exits 2 at once
+      if FLAGS.compile_cache:
+        enable_compile_cache()
+      train_and_evaluate(bench, config, workdir, seeds=seeds, import_seconds=import_seconds,
+                         start_time=start_time)
 
 
 def main_and_exit(main: Callable) -> Callable:
