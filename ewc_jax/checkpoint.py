@@ -136,22 +136,43 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 
 def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
                        train: train_lib.TaskData, *,
-                       preprocess: Callable = train_lib.scale_pixels) -> dict:
+                       preprocess: Callable = train_lib.scale_pixels,
+                       num_configs: int | None = None, dynamic_p: bool = False,
+                       sharding: jax.sharding.Sharding | None = None) -> dict:
   """Shapes, dtypes and placement of ``{"train_state", "memory"}`` as :func:`continual.run`
-  creates them (the restore target; nothing is computed)."""
-  algo = continual.make_algorithm(cfg)
+  creates them (the restore target; nothing is computed).
+
+  ``num_configs``: a sweep's batched state (a leading config axis of that size, as
+  ``continual.run(..., seeds=...)`` creates it, with ``dynamic_p`` as there); ``sharding``:
+  where each array lives (a sweep's config sharding on its mesh; default the first device).
+  """
+  algo = continual.make_algorithm(cfg, dynamic_p)
   num_tasks = int(train.inputs.shape[0])
   tx = train_lib.make_optimizer()
   example = jax.ShapeDtypeStruct((1,) + tuple(train.inputs.shape[2:]), train.inputs.dtype)
 
-  def init(key, x):
+  def init(key, lr, x):
     params = heads_lib.init_params(net, key, preprocess(x))
-    return {"train_state": train_lib.init_train_state(tx, params, cfg.lr),
+    return {"train_state": train_lib.init_train_state(tx, params, lr),
             "memory": algo.init(params["backbone"], num_tasks)}
 
-  shapes = jax.eval_shape(init, jax.random.key(0), example)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  if num_configs is None:
+    shapes = jax.eval_shape(lambda k, x: init(k, cfg.lr, x), jax.random.key(0), example)
+  else:
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros(num_configs, jnp.int32)))
+    lrs = jax.ShapeDtypeStruct((num_configs,), jnp.float32)
+    shapes = jax.eval_shape(jax.vmap(init, in_axes=(0, 0, None)), keys, lrs, example)
+  place = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place), shapes)
+
+
+def describe_position(rs: continual.RunState, epochs: int, num_tasks: int) -> str:
+  """Where a restored run stands, for the "resuming from" line."""
+  if rs.task >= num_tasks:
+    return "all tasks done"
+  if rs.epoch >= epochs:
+    return f"task {rs.task + 1} trained, evaluation and consolidation next"
+  return f"task {rs.task + 1}, epoch {rs.epoch + 1}, step {rs.step}"
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -402,6 +423,41 @@ class RunCheckpointer:
       interrupt.raise_if_requested(rs, saved=True)
 
 
+class SweepCheckpointer:
+  """Checkpoints of a sweep (:func:`ewc_jax.sweep.run`): the whole batched run state of every
+  config (a leading config axis; on a mesh, each device's shard) saved like a single run's.
+
+  Each chunk of the sweep (``max_parallel``) is one :class:`RunCheckpointer` under
+  ``directory/chunk_<i>``; its identity is ``config`` (what the caller puts there: the swept
+  grid and the shared flags) plus the layout (chunks, mesh shape) and the configs of the chunk,
+  so a changed grid, flag, ``--max_parallel`` or device count is refused naming the keys.
+  Finished chunks keep their final state: a resumed sweep restores it instead of training.
+
+  Args:
+    directory: the sweep's checkpoint folder.
+    config, keep, every, chunk_steps, async_save: as for :class:`RunCheckpointer`.
+    log: called with one line when a chunk resumes from a checkpoint (e.g. ``print``).
+  """
+
+  def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
+               every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
+               async_save: bool = True, log: Callable[[str], Any] | None = None):
+    self.directory = Path(directory).absolute()
+    self.config = _jsonable(config)
+    self.kwargs = {"keep": keep, "every": every, "chunk_steps": chunk_steps,
+                   "async_save": async_save}
+    RunCheckpointer(self.directory, {}, **self.kwargs)  # checks keep/every now
+    self.log = log
+
+  def folder(self, index: int) -> Path:
+    return self.directory / f"chunk_{index}"
+
+  def for_chunk(self, index: int, identity: dict) -> RunCheckpointer:
+    """The checkpointer of chunk ``index`` (``identity``: what else identifies that chunk)."""
+    return RunCheckpointer(self.folder(index), {**self.config, **identity, "chunk": index},
+                           **self.kwargs)
+
+
 def committed_steps(directory: str | os.PathLike) -> list[int]:
   """The complete (renamed into place) step folders of a checkpoint folder, oldest first."""
   directory = Path(directory)
@@ -431,12 +487,13 @@ def _maybe_hang(rs: continual.RunState, ckpt: RunCheckpointer) -> None:
     time.sleep(0.05)
 
 
-def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
-  """The per-run checkpoint folders under ``root`` (``root/seed_<s>``) that hold anything."""
+def checkpoint_dirs(root: str | os.PathLike, pattern: str = "seed_*") -> list[Path]:
+  """The per-run checkpoint folders under ``root`` (``root/seed_<s>``; a sweep's:
+  ``pattern="**/chunk_*"``) that hold anything."""
   root = Path(root)
   if not root.is_dir():
     return []
-  return sorted(p for p in root.glob("seed_*") if p.is_dir() and any(p.iterdir()))
+  return sorted(p for p in root.glob(pattern) if p.is_dir() and any(p.iterdir()))
 
 
 def discard(root: str | os.PathLike) -> bool:
@@ -560,5 +617,6 @@ def _like_tree(like):
                    f"{type(like).__name__}.")
 
 
-__all__ = ["CheckpointError", "RunCheckpointer", "abstract_run_state", "checkpoint_dirs",
-           "config_diff", "discard", "restore_anchors", "save_anchors"]
+__all__ = ["CheckpointError", "RunCheckpointer", "SweepCheckpointer", "abstract_run_state",
+           "checkpoint_dirs", "committed_steps", "config_diff", "describe_position", "discard",
+           "quiet_orbax_errors", "restore_anchors", "save_anchors"]
