@@ -16,7 +16,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -150,3 +149,15 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(reference, real
   proc = run_ok(w, real_data_dir)  # the limit gone: resumes from checkpoint 0, same numbers
   assert "(task 2, epoch 1, step 0)" in proc.stdout
   assert numbers(w) == numbers(reference)
+
+
+def test_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
+  from experiments import lock  # pylint: disable=import-outside-toplevel
+  with lock.hold(tmp_path):
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(lock.WorkdirLocked, match=f"pid {os.getpid()}") as err:
+      with lock.hold(tmp_path):
+        pass
+    assert err.value.pid == os.getpid() and f"--workdir='{tmp_path}'" in str(err.value)
+  with lock.hold(tmp_path):  # released at the end of the block
+    pass
