@@ -50,8 +50,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ewc_jax import algorithms
 from ewc_jax import checkpoint as checkpoint_lib
 from ewc_jax import continual
-from ewc_jax import interrupt
 from ewc_jax import heads
+from ewc_jax import interrupt
 from ewc_jax import metrics as metrics_lib
 from ewc_jax import train as train_lib
 

@@ -13,7 +13,6 @@ MNIST examples, batch 16, chunks of 16 steps, 2 epochs, MLP 784-64).
 """
 
 import os
-import resource
 import signal
 import subprocess
 import time
@@ -22,6 +21,17 @@ from pathlib import Path
 import pytest
 
 from tests.test_resume_cli import ROOT, cli, numbers, run_ok, steps_on_disk
+
+
+# Runs the CLI with files limited to 4 KiB (RLIMIT_FSIZE; SIGXFSZ ignored: writes past the
+# limit fail with EFBIG, as on a full disk). Set in the child itself: no fork-time callback.
+LIMIT_FILE_SIZE = r"""
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+sys.argv = ["split_mnist"] + sys.argv[1:]
+runpy.run_module("experiments.split_mnist", run_name="__main__")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +144,8 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(reference, real
   holder.communicate(timeout=60)
   good = sorted(p.name for p in (w / "checkpoints" / "seed_0" / "0").rglob("*"))
 
-  def limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-  failed = run_cmd(w, real_data_dir, "--nocompile_cache", preexec_fn=limit_file_size)
+  cmd, env = cli(w, real_data_dir, "--nocompile_cache", wrapper=LIMIT_FILE_SIZE)
+  failed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert failed.returncode == 2, failed.stderr[-3000:]
   assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
   (line,) = error_lines(failed.stderr)
