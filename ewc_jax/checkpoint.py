@@ -27,7 +27,9 @@ when training starts, so the first save does not wait for the import).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -41,6 +43,7 @@ import numpy as np
 
 from ewc_jax import continual
 from ewc_jax import heads as heads_lib
+from ewc_jax import interrupt
 from ewc_jax import penalty as penalty_lib
 from ewc_jax import train as train_lib
 from ewc_jax import validation
@@ -53,7 +56,8 @@ RESTART_HINT = "pass --force_restart to discard the checkpoints and start over"
 
 # Test hook (used by tests/test_checkpoint.py to kill a run at a known point, deterministically):
 # when the run reaches position "task:epoch:step" (after that checkpoint, if any, is saved), write
-# the file named by EWC_JAX_TEST_MARKER and sleep until killed.
+# the file named by EWC_JAX_TEST_MARKER and sleep until killed (or until SIGINT/SIGTERM requests
+# a stop, see ewc_jax.interrupt: the run then saves that position and stops).
 HANG_ENV, MARKER_ENV = "EWC_JAX_TEST_HANG_AT", "EWC_JAX_TEST_MARKER"
 
 
@@ -90,6 +94,22 @@ def _ignore_closed_loop_callbacks() -> None:
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
+class _DropOrbaxErrors(logging.Filter):
+  """Drops orbax's own error logs (with tracebacks) of a failed background save: the failure
+  reaches the caller as one :class:`CheckpointError` anyway."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def quiet_orbax_errors() -> None:
+  """Installs :class:`_DropOrbaxErrors` on absl's logger (the command line does, without
+  ``--debug``); idempotent."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_DropOrbaxErrors())
+
+
 def _first_line(err: BaseException) -> str:
   text = str(err).strip()
   return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
@@ -116,23 +136,47 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 
 def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
                        train: train_lib.TaskData, *,
-                       preprocess: Callable = train_lib.scale_pixels) -> dict:
+                       preprocess: Callable = train_lib.scale_pixels,
+                       num_configs: int | None = None, dynamic_p: bool = False,
+                       sharding: jax.sharding.Sharding | None = None) -> dict:
   """Shapes, dtypes and placement of ``{"train_state", "memory"}`` as :func:`continual.run`
-  creates them (the restore target; nothing is computed)."""
-  algo = continual.make_algorithm(cfg)
+  creates them (the restore target; nothing is computed).
+
+  ``num_configs``: a sweep's batched state (a leading config axis of that size, as
+  ``continual.run(..., seeds=...)`` creates it, with ``dynamic_p`` as there); ``sharding``:
+  where each array lives (a sweep's config sharding on its mesh; default the first device).
+  """
+  algo = continual.make_algorithm(cfg, dynamic_p)
   num_tasks = int(train.inputs.shape[0])
   tx = train_lib.make_optimizer()
   example = jax.ShapeDtypeStruct((1,) + tuple(train.inputs.shape[2:]), train.inputs.dtype)
 
-  def init(key, x):
+  def init(key, lr, x):
     params = heads_lib.init_params(net, key, preprocess(x))
-    return {"train_state": train_lib.init_train_state(tx, params, cfg.lr),
+    return {"train_state": train_lib.init_train_state(tx, params, lr),
             "memory": algo.init(heads_lib.consolidated(net, params, cfg.consolidated),
                                 num_tasks)}
 
-  shapes = jax.eval_shape(init, jax.random.key(0), example)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  if num_configs is None:
+    shapes = jax.eval_shape(lambda k, x: init(k, cfg.lr, x), jax.random.key(0), example)
+  else:
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros(num_configs, jnp.int32)))
+    lrs = jax.ShapeDtypeStruct((num_configs,), jnp.float32)
+    shapes = jax.eval_shape(jax.vmap(init, in_axes=(0, 0, None)), keys, lrs, example)
+  place = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place), shapes)
+
+
+def describe_position(rs: continual.RunState, cfg: continual.Config, counts) -> str:
+  """Where a restored run stands, for the "resuming from" line (``counts``: each task's
+  number of training examples before the validation split is held out)."""
+  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
+  if rs.task >= len(counts):
+    return "all tasks done"
+  count = int(counts[rs.task])
+  if rs.epoch >= cfg.schedule(count - holdout.num_held_out(count, cfg.validation_fraction))[0]:
+    return f"task {rs.task + 1} trained, evaluation and consolidation next"
+  return f"task {rs.task + 1}, epoch {rs.epoch + 1}, step {rs.step}"
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -181,6 +225,7 @@ class RunCheckpointer:
     self._next_step: int | None = None
     self._since = 0
     self._prefetch = None
+    self._pending: int | None = None  # the step of a save that may still be in flight
     self.saved_steps: list[int] = []
     self.save_seconds = 0.0  # wall time the caller waited for saves (blocking part and waits)
 
@@ -206,17 +251,37 @@ class RunCheckpointer:
     return self._manager
 
   def wait(self) -> None:
-    """Blocks until every checkpoint saved so far is committed (renamed into place)."""
+    """Blocks until every checkpoint saved so far is committed (renamed into place).
+
+    Raises :class:`CheckpointError` (one line) when a background save failed."""
     if self._manager is not None:
       t0 = time.perf_counter()
-      self._manager.wait_until_finished()
-      self.save_seconds += time.perf_counter() - t0
+      try:
+        self._manager.wait_until_finished()
+      except Exception as err:  # noqa: BLE001 (tensorstore/OS errors of the background write)
+        raise self._save_failed(self._pending, err) from err
+      finally:
+        self.save_seconds += time.perf_counter() - t0
+      self._pending = None
 
   def close(self) -> None:
     if self._manager is not None:
-      self.wait()
-      self._manager.close()
-      self._manager = None
+      try:
+        self.wait()
+      finally:
+        manager, self._manager = self._manager, None
+        with contextlib.suppress(Exception):  # a failed save was reported by wait()
+          manager.close()
+
+  def _save_failed(self, step: int | None, err: BaseException) -> CheckpointError:
+    """The one-line error of a save that failed (disk full, folder made read-only...)."""
+    what = f"checkpoint {self.step_path(step)}" if step is not None else "a checkpoint"
+    good = committed_steps(self.directory)
+    kept = (f"the last complete checkpoint {self.step_path(good[-1])} is kept"
+            if good else "no complete checkpoint was written")
+    return CheckpointError(f"could not save {what} ({_first_line(err)}); {kept}. Make "
+                           f"{self.directory} writable (or free space) and run the same "
+                           "command again to resume.")
 
   def __enter__(self):
     return self
@@ -328,11 +393,19 @@ class RunCheckpointer:
             "config": self.config}
     # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax
     # still writes them in the background.
-    mgr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
-             force=True)
+    _ignore_closed_loop_callbacks()
+    previous = self._pending
+    try:
+      mgr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
+               force=True)
+    except Exception as err:  # noqa: BLE001 (this save, or the previous background one, failed)
+      failed = previous if previous is not None and not self.step_path(previous).is_dir() \
+          else step
+      raise self._save_failed(failed, err) from err
+    self._pending = step
     if not self.async_save:
-      mgr.wait_until_finished()  # also covers any background finalisation
+      self.wait()  # also covers any background finalisation
     self._next_step = step + 1
     self.saved_steps.append(step)
     self.save_seconds += time.perf_counter() - t0
@@ -341,15 +414,64 @@ class RunCheckpointer:
   def __call__(self, rs: continual.RunState, reason: str) -> None:
     """The ``on_checkpoint`` hook: saves after each task and every ``every`` steps."""
     self.prefetch()
+    saved = False
     if reason == "task":
       self.save(rs, reason)
-      self._since = 0
+      self._since, saved = 0, True
     elif self.every > 0:
       self._since += self.chunk_steps
       if self._since >= self.every:
         self.save(rs, reason)
-        self._since = 0
+        self._since, saved = 0, True
     _maybe_hang(rs, self)
+    if interrupt.requested() is not None:  # SIGINT/SIGTERM: save this position, then stop
+      if not saved:
+        self.save(rs, "interrupt")
+      self.wait()
+      interrupt.raise_if_requested(rs, saved=True)
+
+
+class SweepCheckpointer:
+  """Checkpoints of a sweep (:func:`ewc_jax.sweep.run`): the whole batched run state of every
+  config (a leading config axis; on a mesh, each device's shard) saved like a single run's.
+
+  Each chunk of the sweep (``max_parallel``) is one :class:`RunCheckpointer` under
+  ``directory/chunk_<i>``; its identity is ``config`` (what the caller puts there: the swept
+  grid and the shared flags) plus the layout (chunks, mesh shape) and the configs of the chunk,
+  so a changed grid, flag, ``--max_parallel`` or device count is refused naming the keys.
+  Finished chunks keep their final state: a resumed sweep restores it instead of training.
+
+  Args:
+    directory: the sweep's checkpoint folder.
+    config, keep, every, chunk_steps, async_save: as for :class:`RunCheckpointer`.
+    log: called with one line when a chunk resumes from a checkpoint (e.g. ``print``).
+  """
+
+  def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
+               every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
+               async_save: bool = True, log: Callable[[str], Any] | None = None):
+    self.directory = Path(directory).absolute()
+    self.config = _jsonable(config)
+    self.kwargs = {"keep": keep, "every": every, "chunk_steps": chunk_steps,
+                   "async_save": async_save}
+    RunCheckpointer(self.directory, {}, **self.kwargs)  # checks keep/every now
+    self.log = log
+
+  def folder(self, index: int) -> Path:
+    return self.directory / f"chunk_{index}"
+
+  def for_chunk(self, index: int, identity: dict) -> RunCheckpointer:
+    """The checkpointer of chunk ``index`` (``identity``: what else identifies that chunk)."""
+    return RunCheckpointer(self.folder(index), {**self.config, **identity, "chunk": index},
+                           **self.kwargs)
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+  """The complete (renamed into place) step folders of a checkpoint folder, oldest first."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def _remove_unfinished(directory: Path) -> None:
@@ -369,16 +491,17 @@ def _maybe_hang(rs: continual.RunState, ckpt: RunCheckpointer) -> None:
   if marker:
     Path(marker).write_text(at)
   print(f"[{HANG_ENV}] paused at {at}", file=sys.stderr, flush=True)
-  while True:
-    time.sleep(60)
+  while interrupt.requested() is None:  # until killed, or a stop is requested (SIGINT/SIGTERM)
+    time.sleep(0.05)
 
 
-def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
-  """The per-run checkpoint folders under ``root`` (``root/seed_<s>``) that hold anything."""
+def checkpoint_dirs(root: str | os.PathLike, pattern: str = "seed_*") -> list[Path]:
+  """The per-run checkpoint folders under ``root`` (``root/seed_<s>``; a sweep's:
+  ``pattern="**/chunk_*"``) that hold anything."""
   root = Path(root)
   if not root.is_dir():
     return []
-  return sorted(p for p in root.glob("seed_*") if p.is_dir() and any(p.iterdir()))
+  return sorted(p for p in root.glob(pattern) if p.is_dir() and any(p.iterdir()))
 
 
 def discard(root: str | os.PathLike) -> bool:
@@ -502,5 +625,6 @@ def _like_tree(like):
                    f"{type(like).__name__}.")
 
 
-__all__ = ["CheckpointError", "RunCheckpointer", "abstract_run_state", "checkpoint_dirs",
-           "config_diff", "discard", "restore_anchors", "save_anchors"]
+__all__ = ["CheckpointError", "RunCheckpointer", "SweepCheckpointer", "abstract_run_state",
+           "checkpoint_dirs", "committed_steps", "config_diff", "describe_position", "discard",
+           "quiet_orbax_errors", "restore_anchors", "save_anchors"]

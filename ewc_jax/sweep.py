@@ -37,6 +37,7 @@ so every process reads the same results (only process 0 should write files).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -47,8 +48,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ewc_jax import algorithms
+from ewc_jax import checkpoint as checkpoint_lib
 from ewc_jax import continual
 from ewc_jax import heads
+from ewc_jax import interrupt
 from ewc_jax import metrics as metrics_lib
 from ewc_jax import train as train_lib
 
@@ -160,7 +163,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
         devices: Sequence[jax.Device] | None = None,
         preprocess: Callable = train_lib.scale_pixels,
         progress: Callable[..., Any] | None = None,
-        chunk_progress: Callable[[int, int, range], Any] | None = None) -> SweepResult:
+        chunk_progress: Callable[[int, int, range], Any] | None = None,
+        checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None) -> SweepResult:
   """Trains every config on the same task sequence; see the module docstring.
 
   Args:
@@ -171,13 +175,18 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
     devices: the devices of the mesh (default ``jax.devices()``: every device, every host).
     progress: as for ``continual.run`` (one bar per task of each chunk).
     chunk_progress: called ``(chunk_index, num_chunks, config_indices)`` before each chunk.
+    checkpointer: a :class:`ewc_jax.checkpoint.SweepCheckpointer`: every chunk's whole batched
+      state is saved after each task (and every ``every`` steps), and restored from when the
+      folder holds it (resume: bit-identical). Every chunk's checkpoint is checked to come from
+      this sweep (configs, layout) before anything is trained. Without one, a stop requested
+      by :func:`ewc_jax.interrupt.catch`'s handlers still ends the sweep between chunks.
   """
   configs = tuple(configs)
   validate(configs)
   swept = swept_names(configs)
   devices = list(jax.devices() if devices is None else devices)
   layout = plan(len(configs), len(devices), max_parallel)
-  sharding = None
+  sharding, abstract_preprocess = None, preprocess
   if layout.num_devices > 1:
     mesh = make_mesh(layout, devices)
     sharding = NamedSharding(mesh, PartitionSpec(CONFIG_AXIS))
@@ -185,19 +194,41 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
       preprocess = data_parallel(preprocess, mesh)
   padded = configs + (configs[-1],) * layout.padding
   dynamic_p = "p" in swept
+  chunks = [range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
+            for i in range(layout.num_chunks)]
+
+  def identity(i):
+    return {"layout": layout._asdict(),
+            "chunk_configs": [dataclasses.asdict(padded[k]) for k in chunks[i]]}
+
+  if checkpointer is not None:  # every chunk from this sweep, before anything is trained
+    for i in range(layout.num_chunks):
+      with checkpointer.for_chunk(i, identity(i)) as ckpt:
+        ckpt.check_config()
 
   t_start = time.perf_counter()
   mats, val_mats, curves, timings = [], [], [], {}
-  for i in range(layout.num_chunks):
-    idx = range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
+  for i, idx in enumerate(chunks):
     part = [padded[k] for k in idx]
     if chunk_progress is not None:
       chunk_progress(i, layout.num_chunks, range(idx.start, min(idx.stop, len(configs))))
     hyper = algorithms.Hyper(*(np.array([getattr(c, n) for c in part], np.float32)
                                for n in algorithms.Hyper._fields))
-    result = continual.run(part[0], net, train, test, preprocess=preprocess, progress=progress,
-                           hyper=hyper, seeds=[c.seed for c in part], dynamic_p=dynamic_p,
-                           sharding=sharding)
+    ckpt, resume = None, None
+    if checkpointer is not None:
+      ckpt = checkpointer.for_chunk(i, identity(i))
+      resume = ckpt.restore(lambda part=part: checkpoint_lib.abstract_run_state(
+          part[0], net, train, preprocess=abstract_preprocess, num_configs=len(part),
+          dynamic_p=dynamic_p, sharding=sharding))
+      if resume is not None and checkpointer.log is not None:
+        where = checkpoint_lib.describe_position(resume, part[0], np.asarray(train.counts))
+        checkpointer.log(f"chunk {i + 1}/{layout.num_chunks}: resuming from "
+                         f"{ckpt.step_path(ckpt.latest_step())} ({where})")
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+      result = continual.run(part[0], net, train, test, preprocess=preprocess,
+                             progress=progress, hyper=hyper, seeds=[c.seed for c in part],
+                             dynamic_p=dynamic_p, sharding=sharding, resume=resume,
+                             on_checkpoint=ckpt if ckpt is not None else interrupt.check)
     mats.append(np.asarray(result.acc_matrix))
     if result.val_acc_matrix is not None:
       val_mats.append(np.asarray(result.val_acc_matrix))

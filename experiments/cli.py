@@ -29,8 +29,10 @@ from ewc_jax import checkpoint
 from ewc_jax import continual
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads as heads_lib
+from ewc_jax import interrupt
 from experiments import defaults
 from experiments import files
+from experiments import lock
 
 FLAGS = flags.FLAGS
 
@@ -203,13 +205,6 @@ def config_from_flags(benchmark: str, lists: tuple[str, ...] = ()) -> continual.
       fisher_normalize=FLAGS.fisher_normalize, seed=FLAGS.seed,
       validation_fraction=FLAGS.validation_fraction, validation_seed=FLAGS.validation_seed,
       chunk_steps=FLAGS.chunk_steps, **fields)
-
-
-def trained_count(cfg: continual.Config, train, task: int) -> int:
-  """The number of examples task ``task`` trains on (its validation rows held out)."""
-  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
-  count = int(train.counts[task])
-  return count - holdout.num_held_out(count, cfg.validation_fraction)
 
 
 def seeds_from_flags(config: continual.Config) -> tuple[int, ...]:
@@ -391,12 +386,10 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
     resumed_from = None
     if resume is not None:
       resumed_from = str(ckpt.step_path(ckpt.latest_step()))
-      where = ("all tasks done" if resume.task >= num_tasks else
-               f"task {resume.task + 1} trained, evaluation and consolidation next"
-               if resume.epoch >= cfg.schedule(trained_count(cfg, train, resume.task))[0] else
-               f"task {resume.task + 1}, epoch {resume.epoch + 1}, step {resume.step}")
+      where = checkpoint.describe_position(resume, cfg, np.asarray(train.counts))
       print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
-    result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=ckpt,
+    result = continual.run(cfg, net, train, test, resume=resume,
+                           on_checkpoint=ckpt if ckpt is not None else interrupt.check,
                            progress=make_progress(FLAGS.progress, prefix))
     timings = {"import": import_seconds, "data": data_seconds, **result.timings,
                "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
@@ -470,6 +463,7 @@ def quiet_logging() -> None:
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   if not FLAGS["verbosity"].present and not FLAGS.debug:
     absl_logging.set_verbosity(absl_logging.WARNING)
+    checkpoint.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
 
 
 @contextlib.contextmanager
@@ -482,6 +476,9 @@ def user_errors():
   from experiments import data  # pylint: disable=import-outside-toplevel
   try:
     yield
+  except interrupt.Interrupted as err:  # SIGINT/SIGTERM, saved: one line, exit 130/143
+    print(f"\n{err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)
   except jax.errors.JaxRuntimeError:
     raise
   except (ValueError, data.DataError, continual.NumericalError) as err:
@@ -496,17 +493,18 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
   del argv
   import_seconds = time.perf_counter() - start_time
   quiet_logging()
-  with user_errors():
+  with user_errors(), interrupt.catch():
     config = config_from_flags(bench.name)
     config.validate()
     seeds = seeds_from_flags(config)
     check_subset_flags(bench)
     check_checkpoint_flags()
     workdir = check_workdir(FLAGS.workdir)
-    if FLAGS.compile_cache:
-      enable_compile_cache()
-    train_and_evaluate(bench, config, workdir, seeds=seeds, import_seconds=import_seconds,
-                       start_time=start_time)
+    with lock.hold(workdir):  # the whole run: another run on this workdir exits 2 at once
+      if FLAGS.compile_cache:
+        enable_compile_cache()
+      train_and_evaluate(bench, config, workdir, seeds=seeds, import_seconds=import_seconds,
+                         start_time=start_time)
 
 
 def main_and_exit(main: Callable) -> Callable:

@@ -20,10 +20,12 @@ shown apart from the full protocol.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -268,8 +270,12 @@ def record_key(setup: Setup, overrides: Overrides, scenario: str, algo: str) -> 
 
 
 def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
-            overrides: Overrides = Overrides(), progress=None, log=print, tag: str = "") -> dict:
-  """Trains ``algo`` in ``scenario`` for every seed (one vmapped sweep); returns the record."""
+            overrides: Overrides = Overrides(), progress=None, log=print, tag: str = "",
+            checkpointer=None) -> dict:
+  """Trains ``algo`` in ``scenario`` for every seed (one vmapped sweep); returns the record.
+
+  ``checkpointer``: an ``ewc_jax.checkpoint.SweepCheckpointer`` (the sweep's state is saved
+  after each task and resumed from when its folder holds it), or None."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from ewc_jax import continual, heads, sweep  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
@@ -298,7 +304,8 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
   train, test = tasks.to_device(built.train), tasks.to_device(built.test)
   net = heads.make_network(scenario, built.class_groups, base.hidden)
   result = sweep.run(sweep.grid(base, seed=[int(s) for s in seeds]), net, train, test,
-                     preprocess=preprocess_fn(setup), progress=progress)
+                     preprocess=preprocess_fn(setup), progress=progress,
+                     checkpointer=checkpointer)
   acc = np.asarray(result.acc_matrix, np.float64)           # [K, T, T]
   final = 100.0 * acc[:, -1, :].mean(-1)                     # average accuracy per seed (%)
   mean, err = setup.published[algo][scenario]
@@ -501,23 +508,45 @@ def write_outputs(store: dict, out: Path, json_path: Path) -> None:
   cli.write_atomic(out, splice(old, render(store)))
 
 
+def checkpoint_folder(root: Path, key: str) -> Path:
+  """The checkpoint folder of one record (its key, made a plain folder name)."""
+  return root / re.sub(r"[^A-Za-z0-9_.=-]+", "_", key).strip("_")
+
+
 def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
               seeds: Sequence[int], ds, out: Path, json_path: Path,
-              overrides: Overrides = Overrides(), progress=None, log=print) -> dict:
+              overrides: Overrides = Overrides(), progress=None, log=print,
+              checkpoint_root: Path | None = None, checkpoint_every: int = 0) -> dict:
   """Runs every (scenario, algo), saving the store and the markdown after each one (the store is
-  re-read before each write, so concurrent invocations only race for milliseconds)."""
+  re-read before each write, so concurrent invocations only race for milliseconds).
+
+  ``checkpoint_root``: each (scenario, algo) sweep checkpoints under its own folder there
+  (after each task, and every ``checkpoint_every`` steps); a killed or interrupted invocation
+  re-run with the same flags resumes it. A record's checkpoints are deleted once the record is
+  stored (the next invocation trains it again, as without checkpoints)."""
+  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
   environment = cli.environment()
   total = len(algos) * len(scenarios)
   for i, scenario in enumerate(scenarios):
     for j, algo in enumerate(algos):
       prefix = f"{scenario}/{algo} "
+      key = record_key(setup, overrides, scenario, algo)
+      saver = None
+      if checkpoint_root is not None:
+        saver = checkpoint.SweepCheckpointer(
+            checkpoint_folder(checkpoint_root, key),
+            {"record": key, "seeds": [int(s) for s in seeds],
+             "dataset": f"{ds.name}:{ds.version}"},
+            every=checkpoint_every, log=lambda line: log(f"  {line}"))
       rec = run_one(setup, algo, scenario, seeds, ds, overrides,
                     progress=progress(prefix) if progress else None, log=log,
-                    tag=f"[{i * len(algos) + j + 1}/{total}] ")
+                    tag=f"[{i * len(algos) + j + 1}/{total}] ", checkpointer=saver)
       store = load_store(json_path)
       store["environment"] = environment
-      store["records"][record_key(setup, overrides, scenario, algo)] = rec
+      store["records"][key] = rec
       write_outputs(store, out, json_path)
+      if saver is not None:
+        checkpoint.discard(saver.directory)
   return store
 
 
@@ -542,6 +571,14 @@ flags.DEFINE_string("out", "docs/results.md", "Markdown file: the tables are rew
                     "two markers, the rest of the file is kept.")
 flags.DEFINE_string("json", None, "JSON store of every result (default: --out with .json).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default as in experiments.split_mnist).")
+flags.DEFINE_string("workdir", "runs/reproduce", "Where the runs' checkpoints live (under "
+                    "<workdir>/checkpoints, one folder per scenario/algorithm, deleted once its "
+                    "record is stored); locked for the run.")
+flags.DEFINE_bool("checkpoint", True, "Checkpoint each sweep after every task (and every "
+                  "--checkpoint_every steps); re-running a killed or interrupted invocation "
+                  "resumes it bit for bit.")
+flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint within a task every N train steps "
+                     "(whole chunks of 64); 0: only after each task.")
 flags.DEFINE_bool("progress", True, "Show a progress bar per task.")
 flags.DEFINE_bool("compile_cache", True, "Use JAX's persistent compilation cache.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks for user errors.")
@@ -596,25 +633,41 @@ def parse() -> tuple[Setup, tuple[str, ...], tuple[str, ...], tuple[int, ...], O
 def main(argv):
   del argv
   import jax  # pylint: disable=import-outside-toplevel
-  from experiments import data  # pylint: disable=import-outside-toplevel
+  from ewc_jax import checkpoint, interrupt  # pylint: disable=import-outside-toplevel
+  from experiments import data, lock  # pylint: disable=import-outside-toplevel
+  if not FLAGS.debug:
+    checkpoint.quiet_orbax_errors()
   try:
-    setup, algos, scenarios, seeds, overrides = parse()
-    out = Path(FLAGS.out)
-    json_path = Path(FLAGS.json) if FLAGS.json else out.with_suffix(".json")
-    for path in (out, json_path):
-      cli.check_workdir(str(path.parent))
-    if FLAGS.compile_cache:
-      cli.enable_compile_cache()
-    ds = data.load_dataset("mnist", data_dir=FLAGS.data_dir)
-    print(f"{setup.citation}\n{len(scenarios) * len(algos)} runs of {len(seeds)} seeds"
-          + (f"; REDUCED: {'; '.join(overrides.describe())}" if overrides.reduced else ""),
-          flush=True)
-    t0 = time.perf_counter()
-    progress = ((lambda prefix: cli.make_progress(True, prefix)) if FLAGS.progress else None)
-    reproduce(setup, algos, scenarios, seeds, ds, out, json_path, overrides, progress=progress,
-              log=lambda *a, **k: print(*a, **k, flush=True))
-    print(f"total {time.perf_counter() - t0:.0f} s (startup {t0 - _START:.1f} s); "
-          f"wrote {out} and {json_path}")
+    with interrupt.catch(), contextlib.ExitStack() as held:
+      setup, algos, scenarios, seeds, overrides = parse()
+      if FLAGS.checkpoint_every is None or FLAGS.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint_every={FLAGS.checkpoint_every} is invalid: expected an "
+                         "integer >= 0 (0: only after each task).")
+      out = Path(FLAGS.out)
+      json_path = Path(FLAGS.json) if FLAGS.json else out.with_suffix(".json")
+      for path in (out, json_path):
+        cli.check_workdir(str(path.parent))
+      root = None
+      if FLAGS.checkpoint:
+        workdir = cli.check_workdir(FLAGS.workdir)
+        held.enter_context(lock.hold(workdir))  # another invocation on it exits 2 at once
+        root = workdir / "checkpoints"
+      if FLAGS.compile_cache:
+        cli.enable_compile_cache()
+      ds = data.load_dataset("mnist", data_dir=FLAGS.data_dir)
+      print(f"{setup.citation}\n{len(scenarios) * len(algos)} runs of {len(seeds)} seeds"
+            + (f"; REDUCED: {'; '.join(overrides.describe())}" if overrides.reduced else ""),
+            flush=True)
+      t0 = time.perf_counter()
+      progress = ((lambda prefix: cli.make_progress(True, prefix)) if FLAGS.progress else None)
+      reproduce(setup, algos, scenarios, seeds, ds, out, json_path, overrides,
+                progress=progress, log=lambda *a, **k: print(*a, **k, flush=True),
+                checkpoint_root=root, checkpoint_every=FLAGS.checkpoint_every)
+      print(f"total {time.perf_counter() - t0:.0f} s (startup {t0 - _START:.1f} s); "
+            f"wrote {out} and {json_path}")
+  except interrupt.Interrupted as err:
+    print(f"\n{err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)
   except jax.errors.JaxRuntimeError:
     raise
   except (ValueError, data.DataError) as err:

@@ -14,7 +14,15 @@ Permuted MNIST's permutations follow the seed, so there each seed is its own swe
 Writes under --workdir: results.json (every config's accuracy matrix, its metrics and curves,
 and the table of the swept values sorted by average accuracy, mean ± std over seeds) and
 average_accuracy.png (average accuracy vs λ, one line per other swept combination, seed error
-bars, log x-axis). Checkpointing (--resume etc.) is not supported by sweeps.
+bars, log x-axis).
+
+Checkpoints as for a single run (--checkpoint, --resume, --force_restart, --checkpoint_every,
+--keep): the whole batched state of every config is saved under <workdir>/checkpoints/
+group_<g>/chunk_<i> (one folder per seed group and --max_parallel chunk) after each task and
+every --checkpoint_every steps; re-running the same command resumes every config bit for bit.
+The checkpoints' identity is the swept grid, the shared flags and the layout (chunks, devices):
+anything else is refused naming the keys. The workdir is locked for the run; SIGINT/SIGTERM
+save the position and exit 130/143. With --distributed, sweeps are not checkpointed (yet).
 """
 
 from __future__ import annotations
@@ -24,13 +32,16 @@ import time
 _START = time.perf_counter()
 
 # pylint: disable=wrong-import-position
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from ewc_jax import interrupt  # noqa: E402
 from experiments import cli  # noqa: E402
+from experiments import lock  # noqa: E402
 
 BENCHMARKS = {
     "split_mnist": cli.Benchmark(name="split_mnist", title="Split MNIST", max_tasks=5,
@@ -39,7 +50,6 @@ BENCHMARKS = {
                                     max_tasks=None, default_tasks=10),
 }
 SWEPT_FLAGS = ("lam", "p", "gamma", "lr")
-UNSUPPORTED = ("force_restart", "checkpoint_every", "keep", "resume")  # checkpoint flags
 
 FLAGS = flags.FLAGS
 cli.define_flags(cli.Benchmark(name="sweep", title="Sweep", max_tasks=None, default_tasks=5))
@@ -81,10 +91,6 @@ def _parse_floats(name: str, default: float) -> tuple[float, ...]:
 def configs_from_flags(bench: cli.Benchmark):
   """``(base config, {name: values}, [configs])``; raises ValueError naming the bad flag."""
   from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
-  for name in UNSUPPORTED + ("checkpoint",):
-    if name in FLAGS and FLAGS[name].present and (name != "checkpoint" or FLAGS.checkpoint):
-      raise ValueError(f"--{name} is not supported by experiments.sweep (no checkpointing of "
-                       "sweeps).")
   # The swept flags are lists: read apart, then set per config.
   defaults = cli.config_from_flags(bench.name, lists=SWEPT_FLAGS)
   values = {name: _parse_floats(name, getattr(defaults, name)) for name in SWEPT_FLAGS}
@@ -97,8 +103,34 @@ def configs_from_flags(bench: cli.Benchmark):
   return base, values, configs
 
 
-def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: int | None):
-  """Runs the sweep (one per seed for Permuted MNIST: the data follow the seed)."""
+def checkpoint_identity(bench: cli.Benchmark, base, values: dict, ds, num_tasks: int,
+                        max_examples: int | None) -> dict:
+  """What the sweep's checkpoints must come from: the grid and every shared flag."""
+  return {"benchmark": bench.name, "dataset": f"{ds.name}:{ds.version}", "num_tasks": num_tasks,
+          "max_examples": max_examples, "values": {n: list(v) for n, v in values.items()},
+          "base_config": dataclasses.asdict(base), "max_parallel": FLAGS.max_parallel}
+
+
+def prepare_checkpoints(root: Path) -> None:
+  """--force_restart discards them; --noresume refuses existing ones (the configs are checked
+  chunk by chunk by ewc_jax.sweep.run, before anything is trained)."""
+  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if FLAGS.force_restart:
+    if checkpoint.discard(root):
+      print(f"--force_restart: discarded the checkpoints in {root}")
+    return
+  if checkpoint.checkpoint_dirs(root, "group_*/chunk_*") and not FLAGS.resume:
+    raise checkpoint.CheckpointError(
+        f"--noresume: {root} already holds checkpoints; pass --resume to continue them or "
+        "--force_restart to discard them and start over.")
+
+
+def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: int | None,
+              checkpoints: tuple[Path, dict] | None = None):
+  """Runs the sweep (one per seed for Permuted MNIST: the data follow the seed).
+
+  ``checkpoints``: ``(root folder, identity)``: group g checkpoints under ``root/group_<g>``.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
   from ewc_jax import heads as heads_lib  # pylint: disable=import-outside-toplevel
   from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
@@ -134,9 +166,19 @@ def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: i
     def progress(*args):
       return cli.make_progress(True, bar["prefix"])(*args)
 
+    saver = None
+    if checkpoints is not None:
+      from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+      root, ident = checkpoints
+      prefix = f"seed group {g + 1}/{len(groups)} " if len(groups) > 1 else ""
+      saver = checkpoint.SweepCheckpointer(
+          root / f"group_{g}", {**ident, "group": g, "members": members}, keep=FLAGS.keep,
+          every=FLAGS.checkpoint_every, chunk_steps=first.chunk_steps,
+          log=lambda line, prefix=prefix: print(prefix + line, flush=True))
     result = sweep.run([configs[k] for k in members], net, train, test,
                        max_parallel=FLAGS.max_parallel,
-                       progress=progress if FLAGS.progress else None, chunk_progress=on_chunk)
+                       progress=progress if FLAGS.progress else None, chunk_progress=on_chunk,
+                       checkpointer=saver)
     for j, k in enumerate(members):
       acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
       if result.val_acc_matrix is not None:
@@ -183,27 +225,42 @@ def main(argv):
   import_seconds = time.perf_counter() - _START
   cli.quiet_logging()
   import jax  # pylint: disable=import-outside-toplevel
-  with cli.user_errors():
+  with cli.user_errors(), interrupt.catch(), contextlib.ExitStack() as held:
     bench = BENCHMARKS[FLAGS.benchmark]
     if not FLAGS["num_tasks"].present:
       FLAGS.num_tasks = bench.default_tasks
     base, values, configs = configs_from_flags(bench)
     num_tasks, max_examples = cli.check_subset_flags(bench)
+    cli.check_checkpoint_flags()
+    use_checkpoints = FLAGS.checkpoint
+    if FLAGS.distributed and FLAGS.checkpoint:
+      if FLAGS["checkpoint"].present:
+        raise ValueError("--checkpoint is not supported with --distributed (yet): pass "
+                         "--nocheckpoint.")
+      use_checkpoints = False
     if FLAGS.distributed:
       jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     writer = jax.process_index() == 0
     workdir = cli.check_workdir(FLAGS.workdir) if writer else Path(FLAGS.workdir)
+    if writer:  # the whole run: another run on this workdir exits 2 at once
+      held.enter_context(lock.hold(workdir))
     if FLAGS.compile_cache:
       cli.enable_compile_cache()
     t0 = time.perf_counter()
     ds = cli.load_dataset()
     load_seconds = time.perf_counter() - t0
-    result, layouts, built = run_sweep(bench, configs, ds, num_tasks, max_examples)
-  if not writer:
-    return
-  write_outputs(bench, base, values, result, layouts, built, ds, workdir,
-                {"import": import_seconds, "load": load_seconds})
+    checkpoints = None
+    if use_checkpoints:
+      prepare_checkpoints(workdir / "checkpoints")
+      checkpoints = (workdir / "checkpoints",
+                     checkpoint_identity(bench, base, values, ds, num_tasks, max_examples))
+    result, layouts, built = run_sweep(bench, configs, ds, num_tasks, max_examples,
+                                       checkpoints)
+    if not writer:
+      return
+    write_outputs(bench, base, values, result, layouts, built, ds, workdir,
+                  {"import": import_seconds, "load": load_seconds})
 
 
 def write_outputs(bench, base, values, result, layouts, built, ds, workdir: Path,

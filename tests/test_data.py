@@ -427,3 +427,53 @@ def test_real_mnist_matches_tfds_decoding_and_cache(real_mnist):
     assert cached.from_cache and cached.load_seconds < 1.0
     np.testing.assert_array_equal(cached.train_images, ds.train_images)
     np.testing.assert_array_equal(cached.test_labels, ds.test_labels)
+
+
+def test_cache_changed_in_place_is_detected_and_rebuilt(tiny_data, tmp_path):
+    """A cached label file overwritten in place with other labels (same size, still a valid
+    `.npy`) fails its content hash: one warning line, the split decoded again (fresh process)."""
+    data_dir, written = tiny_data
+    load_dataset("mnist", data_dir=data_dir, cache_dir=tmp_path, download=False)
+    (labels,) = (tmp_path / "datasets").glob("mnist-3.0.1-train-*.labels.npy")
+    size = labels.stat().st_size
+    wrong = np.load(labels)
+    wrong = (wrong + 1) % 10  # every label changed, same dtype and shape
+    with open(labels, "r+b") as f:  # in place: same file, same size
+        header = len(labels.read_bytes()) - wrong.nbytes
+        f.seek(header)
+        f.write(wrong.tobytes())
+    assert labels.stat().st_size == size
+    assert np.load(labels).shape == written["mnist"]["train"][1].shape  # still a valid .npy
+
+    code = (
+        "import json\n"
+        "from experiments.data import load_dataset\n"
+        f"ds = load_dataset('mnist', data_dir={os.fspath(data_dir)!r}, "
+        f"cache_dir={os.fspath(tmp_path)!r}, download=False)\n"
+        "print(json.dumps({'from_cache': ds.from_cache, 'labels': ds.train_labels.tolist()}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.fspath(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["from_cache"]  # decoded again from TFDS
+    assert out["labels"] == written["mnist"]["train"][1].tolist()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and str(labels) in lines[0], proc.stderr
+    assert "content hash" in lines[0] and "rebuilding" in lines[0]
+    np.testing.assert_array_equal(np.load(labels), written["mnist"]["train"][1])  # rewritten
+    fresh = _fresh_load("mnist", data_dir, tmp_path)  # and trusted again, from the index
+    assert fresh["from_cache"] and not fresh["tfds_imported"]
+    np.testing.assert_array_equal(fresh["arrays"][1], written["mnist"]["train"][1])
+
+
+def test_index_records_a_content_hash_per_cached_array(tiny_data, tmp_path):
+    data_dir, written = tiny_data
+    load_dataset("mnist", data_dir=data_dir, cache_dir=tmp_path, download=False)
+    (index,) = (tmp_path / "datasets").glob("mnist-*.index.json")
+    entry = json.loads(index.read_text())
+    for split in ("train", "test"):
+        images, labels = written["mnist"][split]
+        assert entry["splits"][split]["images_hash"] == data.content_hash(images)
+        assert entry["splits"][split]["labels_hash"] == data.content_hash(labels)

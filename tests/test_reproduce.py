@@ -2,6 +2,7 @@
 that writes the markdown (keeping hand-written text) and the JSON store."""
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -105,3 +106,43 @@ def test_each_departure_is_its_own_variant():
   assert (reproduce.record_key(reproduce.VDV_PERMUTED, check, "domain", "ewc")
           != reproduce.record_key(reproduce.VDV_PERMUTED, reproduce.Overrides(epochs=5),
                                   "domain", "ewc"))
+
+
+def test_reproduce_killed_then_resumed_gives_the_same_record(real_data_dir, tmp_path):
+  """The reproduction runner checkpoints its sweeps: killed (SIGKILL) after task 2 is trained,
+  the same command resumes from the task-1 checkpoint; the record's matrices are bit-identical
+  and the record's checkpoints are gone once it is stored."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+
+  def command(name, env=None):
+    args = [sys.executable, "-m", "experiments.reproduce", "--protocol=hsu", "--algos=ewc",
+            "--scenarios=task", "--seeds=0,1", "--epochs=1", "--max_examples=300",
+            "--num_tasks=2", "--hidden=32", "--noprogress", f"--data_dir={real_data_dir}",
+            f"--out={tmp_path / name / 'r.md'}", f"--workdir={tmp_path / name / 'work'}"]
+    return args, {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+  def records(name):
+    store = json.loads((tmp_path / name / "r.json").read_text())
+    return {k: (r["acc_matrix"], r["average_accuracy"]) for k, r in store["records"].items()}
+
+  cmd, env = command("ref")
+  assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+  marker = tmp_path / "marker"
+  cmd, env = command("run", {"EWC_JAX_TEST_HANG_AT": "1:1:0", "EWC_JAX_TEST_MARKER": str(marker)})
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.monotonic() + 300
+  while not marker.exists():
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  folders = list((tmp_path / "run" / "work" / "checkpoints").iterdir())
+  assert len(folders) == 1 and (folders[0] / "chunk_0" / "0").is_dir()
+  cmd, env = command("run")
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resuming from" in done.stdout and "(task 2, epoch 1, step 0)" in done.stdout
+  assert records("run") == records("ref") and len(records("ref")) == 1
+  assert not folders[0].exists()
