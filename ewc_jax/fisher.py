@@ -153,6 +153,18 @@ def fisher_diagonal(
     ValueError: bad arguments (names the argument and value); a ``logits_fn`` that does not
       return ``[B, C]`` logits; labels that are not integers, or (when concrete) outside
       ``[0, C)``; a non-finite result (when concrete).
+
+  Example (empirical Fisher F_i = (1/N) Σ_n (∂ℓ_n/∂θ_i)², Kirkpatrick et al. 2017)::
+
+    >>> import jax.numpy as jnp
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> F = fisher_diagonal(fn, {"w": jnp.zeros((1, 2))}, jnp.array([[1.0], [2.0]]),
+    ...                     jnp.array([0, 1]))
+    >>> F["w"].tolist()                     # (1/2) Σ_n (x_n / 2)² = (1/4 + 1) / 2
+    [[0.625, 0.625]]
+    >>> fisher_diagonal(fn, {"w": jnp.zeros((1, 2))}, jnp.ones((2, 1)), jnp.array([0, 2]))
+    Traceback (most recent call last):
+    ValueError: `labels` must lie in [0, 2) for the 2 logits of `logits_fn`, but labels[1]=2 ...
   """
   if kind not in KINDS:
     raise ValueError(f"`kind` must be one of {', '.join(KINDS)}, but got kind={kind!r}.")

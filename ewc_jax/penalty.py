@@ -145,7 +145,15 @@ Anchors = Union[Sequence[Anchor], Anchor]
 
 
 def stack_anchors(anchors: Sequence[Anchor]) -> Anchor:
-  """Stacks a sequence of anchors into one :class:`Anchor` with a leading task axis."""
+  """Stacks a sequence of anchors into one :class:`Anchor` with a leading task axis ``[K, ...]``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> a = Anchor(params={"w": jnp.zeros(3)}, importance={"w": jnp.ones(3)})
+    >>> stack_anchors([a, a]).params["w"].shape
+    (2, 3)
+  """
   if not anchors:
     raise ValueError("`anchors` must hold at least one Anchor to stack, got an empty sequence.")
   anchors = [a if isinstance(a, Anchor) else Anchor(*a) for a in anchors]

@@ -22,7 +22,9 @@ f32 parameters) to its one use, and checks the conditions above. :func:`make_sq_
 re-evaluates that jaxpr under ``vmap`` with a zero "tap" added to each site's output (the tap's
 gradient is δ) and records the site's input (a). Every other leaf (biases, norm scales, shared
 weights, grouped convolutions, ...) gets exact ``vmap(grad)`` gradients in the same backward
-pass; :class:`LeafPlan` says which path each leaf takes and why.
+pass; ``fisher_plan`` says which path each leaf takes and why. Memory: the batched matmuls hold
+``[B, K, O]`` per-example gradients of one layer at a time (what ``vmap(grad)`` holds for every
+leaf at once); lower ``batch_size`` for very wide layers.
 
 Example::
 

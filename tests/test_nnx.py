@@ -77,7 +77,7 @@ def test_nnx_fisher_equals_linen_style_dict_fisher_and_penalty_gradient():
   got = fisher_diagonal(lambda p, xb: nnx.merge(graphdef, p, rest)(xb), params, x, y,
                         batch_size=8)
   assert isinstance(got, nnx.State)
-  pure = params.to_pure_dict()
+  pure = nnx.to_pure_dict(params)
   def dict_fn(p, xb):
     h = jax.nn.relu(xb @ p["l1"]["kernel"] + p["l1"]["bias"])
     return h @ p["l2"]["kernel"] + p["l2"]["bias"]
@@ -128,8 +128,57 @@ def test_nnx_optax_transform_equals_penalty_gradient():
   anchors = (Anchor(params, imp),)
   moved = jax.tree.map(lambda v: v + 0.3, nnx.state(model, nnx.Param))
   tx = ewc_jax.add_ewc_gradient(anchors, lam=3.0)
-  zeros = jax.tree.map(jnp.zeros_like, params.to_pure_dict())
+  zeros = jax.tree.map(jnp.zeros_like, nnx.to_pure_dict(params))
   got, _ = tx.update(nnx.State(zeros), tx.init(params), moved)
-  want = jax.grad(lambda p: ewc_loss(p, anchors, lam=3.0))(moved.to_pure_dict())
+  want = jax.grad(lambda p: ewc_loss(p, anchors, lam=3.0))(nnx.to_pure_dict(moved))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+class DropoutMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(self.drop(nnx.relu(self.l1(x))))
+
+
+def test_whole_state_with_rng_keys_is_refused_with_the_fix():
+  model = DropoutMLP(nnx.Rngs(0))
+  model.eval()
+  x, y = _data()
+  graphdef, state = nnx.split(model)
+  with pytest.raises(ValueError, match=r"nnx\.state\(model, nnx\.Param\)"):
+    fisher_diagonal(lambda s, xb: nnx.merge(graphdef, s)(xb), state, x, y)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  f = fisher_diagonal(lambda p, xb: nnx.merge(graphdef, p, rest)(xb), params, x, y)
+  again = fisher_diagonal(lambda p, xb: nnx.merge(graphdef, p, rest)(xb), params, x, y)
+  for a, b in zip(jax.tree.leaves(f), jax.tree.leaves(again)):   # eval(): dropout off
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nnx_optimizer_with_the_optax_transform_trains_and_pulls_to_the_anchor():
+  model = MLP(nnx.Rngs(9))
+  x, y = _data(seed=10)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  imp = fisher_diagonal(lambda p, xb: nnx.merge(graphdef, p, rest)(xb), params, x, y)
+  anchors = (Anchor(params, jax.tree.map(lambda v: v + 1.0, imp)),)
+  start = [np.array(v) for v in jax.tree.leaves(anchors[0].params)]
+  def run(tx):
+    m = MLP(nnx.Rngs(9))
+    opt = nnx.Optimizer(m, tx, wrt=nnx.Param)
+    x_b, y_b = _data(seed=11)
+    @nnx.jit
+    def step(m, opt):
+      grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+          m(x_b), y_b).mean())(m)
+      opt.update(m, grads)
+    for _ in range(20):
+      step(m, opt)
+    return sum(float(np.sum((np.asarray(a) - b) ** 2))
+               for a, b in zip(jax.tree.leaves(nnx.state(m, nnx.Param)), start))
+  free = run(optax.sgd(0.1))
+  held = run(optax.chain(ewc_jax.add_ewc_gradient(anchors, lam=5.0), optax.sgd(0.1)))
+  assert held < 0.5 * free
