@@ -101,6 +101,7 @@ class Merged(NamedTuple):
 
 def empty_merged(params: PyTree) -> Merged:
   """The statistics of no anchor (contributes nothing)."""
+  params = variables.as_arrays(params)
   zeros = lambda: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)  # noqa: E731
   return Merged(weight=zeros(), center=zeros(), const=jnp.zeros((), jnp.float32))
 
@@ -135,6 +136,7 @@ def merge_anchor(merged: Merged, anchor: Anchor, decay: Any = 1.0) -> Merged:
 
 def merged_distance(params: PyTree, merged: Merged) -> jax.Array:
   """Σ_i A_i (θ_i − m_i)² + c  (= Σ_k Σ_i F_ki (θ_i − θ*_ki)² of the merged anchors)."""
+  params = variables.as_arrays(params)
   terms = jax.tree.map(
       lambda t, a, m: jnp.sum(a * jnp.square(t.astype(jnp.float32) - m)),
       params, merged.weight, merged.center)

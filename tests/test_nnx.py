@@ -182,3 +182,15 @@ def test_nnx_optimizer_with_the_optax_transform_trains_and_pulls_to_the_anchor()
   free = run(optax.sgd(0.1))
   held = run(optax.chain(ewc_jax.add_ewc_gradient(anchors, lam=5.0), optax.sgd(0.1)))
   assert held < 0.5 * free
+
+
+def test_merged_statistics_accept_nnx_state():
+  model = MLP(nnx.Rngs(12))
+  x, y = _data(seed=13)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  imp = fisher_diagonal(lambda p, xb: nnx.merge(graphdef, p, rest)(xb), params, x, y)
+  anchor = Anchor(params, imp)
+  merged = ewc_jax.merge_anchor(ewc_jax.empty_merged(params), anchor)
+  moved = jax.tree.map(lambda v: v + 0.2, nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(float(ewc_jax.merged_distance(moved, merged)),
+                             float(ewc_loss(moved, (anchor,), lam=2.0)), rtol=1e-5)
