@@ -112,8 +112,8 @@ def _site_rule(eqn, v) -> tuple[str | None, str]:
   size = 1
   for d in v.aval.shape:
     size *= d
-  cheap = (f"vmap(grad), cheap for a leaf of {size} values: not a Dense/conv kernel "
-           f"(used by {name})")
+  cheap = (f"vmap(grad): used by {name}, not directly as a Dense/conv kernel ({size} values "
+           f"per example: cheap for biases and scales)")
   if name == "dot_general":
     lhs, rhs = eqn.invars
     if rhs is not v or lhs is v:
