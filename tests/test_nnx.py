@@ -194,3 +194,31 @@ def test_merged_statistics_accept_nnx_state():
   moved = jax.tree.map(lambda v: v + 0.2, nnx.state(model, nnx.Param))
   np.testing.assert_allclose(float(ewc_jax.merged_distance(moved, merged)),
                              float(ewc_loss(moved, (anchor,), lam=2.0)), rtol=1e-5)
+
+
+class NnxCNN(nnx.Module):
+  """The CNN of Flax's NNX MNIST tutorial, narrowed."""
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(4, 6, kernel_size=(3, 3), rngs=rngs)
+    self.linear = nnx.Linear(6 * 3 * 3, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.avg_pool(nnx.relu(self.conv1(x)), window_shape=(2, 2), strides=(2, 2))
+    x = nnx.avg_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2), strides=(2, 2))
+    return self.linear(x.reshape(x.shape[0], -1))
+
+
+def test_nnx_cnn_takes_the_conv_fast_path_and_equals_vmap_grad():
+  model = NnxCNN(nnx.Rngs(14))
+  x = jax.random.normal(jax.random.key(15), (10, 12, 12, 1))
+  y = jnp.arange(10) % 3
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  fn = lambda p, xb: nnx.merge(graphdef, p, rest)(xb)  # noqa: E731
+  plan = {leaf.path: leaf.method for leaf in ewc_jax.fisher_plan(fn, params, x)}
+  assert plan["['conv1']['kernel']"] == plan["['conv2']['kernel']"] == "conv"
+  fast = fisher_diagonal(fn, params, x, y, batch_size=4)
+  slow = fisher_diagonal(fn, params, x, y, batch_size=4, method="vmap")
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * float(np.max(b)))
