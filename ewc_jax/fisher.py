@@ -1,7 +1,7 @@
 r"""Diagonal Fisher / importance estimators: pure functions returning a pytree shaped like ``params``.
 
-All estimators take ``logits_fn(params, x_batch) -> [B, C]`` and data ``inputs [N, ...]``,
-``labels [N]``; ℓ(x, y; θ) = −log softmax(logits_fn(θ, x))_y (a stable log-softmax, finite for
+All estimators take ``logits_fn(params, x_batch) -> [B, C]`` and data ``inputs [N, ...]`` (or a
+pytree of such arrays), ``labels [N]`` (integers in ``[0, C)``); ℓ(x, y; θ) = −log softmax(logits_fn(θ, x))_y (a stable log-softmax, finite for
 huge logits). Data are processed in batches with a ``lax.scan``, the last partial batch padded and
 masked, and every sum is accumulated in float32. The result is a mean over the N (unmasked)
 examples.
