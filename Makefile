@@ -31,6 +31,7 @@ prepare-data: install
 bench: install
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.fisher
+	$(BIN)/python -m benchmarks.fisher_conv
 	$(BIN)/python -m benchmarks.end_to_end
 	$(BIN)/python -m benchmarks.memory
 

@@ -2,14 +2,19 @@
 
 Pure functions on pytrees: :func:`fisher_diagonal` (importance), :func:`ewc_loss` (penalty),
 :class:`Anchor` (what is remembered of a task), plus the parity penalties of the reference;
-:func:`save_anchors` / :func:`restore_anchors` persist anchors (orbax).
+:func:`save_anchors` / :func:`restore_anchors` persist anchors (orbax); :func:`fisher_plan` shows
+how each leaf's importance is computed; :func:`add_ewc_gradient` is the p = 2 penalty as an optax
+transformation; :func:`path_mask` builds leaf masks. Flax NNX ``State`` works everywhere.
 """
 
 from ewc_jax.checkpoint import restore_anchors
 from ewc_jax.checkpoint import save_anchors
 from ewc_jax.fisher import KINDS as FISHER_KINDS
+from ewc_jax.fisher import LeafPlan
 from ewc_jax.fisher import fisher_diagonal
+from ewc_jax.fisher import fisher_plan
 from ewc_jax.fisher import num_parameters
+from ewc_jax.masks import path_mask
 from ewc_jax.penalty import Anchor
 from ewc_jax.penalty import Merged
 from ewc_jax.penalty import clarena_loss
@@ -22,12 +27,13 @@ from ewc_jax.penalty import seed_parity_loss
 from ewc_jax.penalty import set_anchor
 from ewc_jax.penalty import stack_anchors
 from ewc_jax.penalty import weighted_distance
+from ewc_jax.transform import add_ewc_gradient
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Anchor", "FISHER_KINDS", "Merged", "clarena_loss", "empty_anchors", "empty_merged",
-    "ewc_loss", "fisher_diagonal", "merge_anchor", "merged_distance", "num_parameters",
-    "restore_anchors", "save_anchors", "seed_parity_loss", "set_anchor", "stack_anchors",
-    "weighted_distance",
+    "Anchor", "FISHER_KINDS", "LeafPlan", "Merged", "add_ewc_gradient", "clarena_loss",
+    "empty_anchors", "empty_merged", "ewc_loss", "fisher_diagonal", "fisher_plan",
+    "merge_anchor", "merged_distance", "num_parameters", "path_mask", "restore_anchors",
+    "save_anchors", "seed_parity_loss", "set_anchor", "stack_anchors", "weighted_distance",
 ]

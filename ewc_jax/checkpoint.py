@@ -47,6 +47,7 @@ from ewc_jax import interrupt
 from ewc_jax import penalty as penalty_lib
 from ewc_jax import train as train_lib
 from ewc_jax import validation
+from ewc_jax import variables
 
 PyTree = Any
 FORMAT = "ewc_jax.run_state"
@@ -531,10 +532,11 @@ def _anchor_tree(anchors) -> tuple[str, Any]:
     if not isinstance(a, penalty_lib.Anchor) and not (isinstance(a, tuple) and len(a) == 2):
       raise ValueError(f"`anchors[{k}]` must be an ewc_jax.Anchor(params, importance), got "
                        f"{type(a).__name__}.")
-    a = penalty_lib.Anchor(*a)
-    validation.check_same_structure(f"anchors[{k}].importance", a.params, a.importance,
+    a_params, a_imp = (variables.as_arrays(x) for x in a)
+    validation.check_same_structure(f"anchors[{k}].importance", a_params, a_imp,
                                     f"anchors[{k}].params")
-    validation.check_importance(f"anchors[{k}].importance", a.importance)
+    validation.check_importance(f"anchors[{k}].importance", a_imp)
+    a = penalty_lib.Anchor(a_params, a_imp)
     if out:
       validation.check_same_structure(f"anchors[{k}].params", out[0].params, a.params,
                                       "anchors[0].params")

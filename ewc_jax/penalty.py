@@ -22,20 +22,60 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ewc_jax import masks as masks_lib
 from ewc_jax import validation
+from ewc_jax import variables
 
 PyTree = Any
 
 
-class Anchor(NamedTuple):
-  """What EWC remembers of one previous task.
-
-  Attributes:
-    params: θ*_k, the parameters right after training task k (any pytree).
-    importance: F_k, the diagonal importance, same structure and shapes as ``params``.
-  """
+class _AnchorFields(NamedTuple):
   params: PyTree
   importance: PyTree
+
+
+class Anchor(_AnchorFields):
+  """What EWC remembers of one previous task: θ*_k and F_k (a frozen copy, checked).
+
+  Building an Anchor (a) replaces Flax NNX Variables by their current values, so that an anchor
+  made from ``nnx.split(model, nnx.Param)`` or ``nnx.state(model, nnx.Param)`` -- the model's
+  *live* Variables -- stays θ*_k while the model trains on (JAX arrays are immutable: holding the
+  values is a copy); (b) checks that a concrete importance is finite and >= 0 everywhere.
+  Inside ``jit`` (traced importance) the check is skipped. JAX's own tree operations
+  (``jax.tree.map``, ``jit`` arguments, unflattening) rebuild anchors without either step.
+
+  Attributes:
+    params: θ*_k, the parameters right after training task k (any pytree; NNX Variables are
+      replaced by arrays).
+    importance: F_k, the diagonal importance, same structure and shapes as ``params``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> a = Anchor(params={"w": jnp.ones(2)}, importance={"w": jnp.full(2, 0.5)})
+    >>> float(ewc_loss({"w": jnp.zeros(2)}, (a,), lam=2.0))   # (2/2) * 2 * 0.5 * 1²
+    1.0
+  """
+  __slots__ = ()
+
+  def __new__(cls, params: PyTree, importance: PyTree):
+    params, importance = variables.as_arrays(params), variables.as_arrays(importance)
+    validation.check_importance("Anchor.importance", importance)
+    return super().__new__(cls, params, importance)
+
+
+def _anchor_flatten_with_keys(a):
+  return ((jax.tree_util.GetAttrKey("params"), a.params),
+          (jax.tree_util.GetAttrKey("importance"), a.importance)), None
+
+
+def _anchor_unflatten(_, children):
+  return tuple.__new__(Anchor, tuple(children))   # no copy, no check: leaves may be anything
+
+
+jax.tree_util.register_pytree_with_keys(
+    Anchor, _anchor_flatten_with_keys, _anchor_unflatten,
+    lambda a: ((a.params, a.importance), None))
 
 
 class Merged(NamedTuple):
@@ -61,6 +101,7 @@ class Merged(NamedTuple):
 
 def empty_merged(params: PyTree) -> Merged:
   """The statistics of no anchor (contributes nothing)."""
+  params = variables.as_arrays(params)
   zeros = lambda: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)  # noqa: E731
   return Merged(weight=zeros(), center=zeros(), const=jnp.zeros((), jnp.float32))
 
@@ -95,6 +136,7 @@ def merge_anchor(merged: Merged, anchor: Anchor, decay: Any = 1.0) -> Merged:
 
 def merged_distance(params: PyTree, merged: Merged) -> jax.Array:
   """Σ_i A_i (θ_i − m_i)² + c  (= Σ_k Σ_i F_ki (θ_i − θ*_ki)² of the merged anchors)."""
+  params = variables.as_arrays(params)
   terms = jax.tree.map(
       lambda t, a, m: jnp.sum(a * jnp.square(t.astype(jnp.float32) - m)),
       params, merged.weight, merged.center)
@@ -105,9 +147,18 @@ Anchors = Union[Sequence[Anchor], Anchor]
 
 
 def stack_anchors(anchors: Sequence[Anchor]) -> Anchor:
-  """Stacks a sequence of anchors into one :class:`Anchor` with a leading task axis."""
+  """Stacks a sequence of anchors into one :class:`Anchor` with a leading task axis ``[K, ...]``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> a = Anchor(params={"w": jnp.zeros(3)}, importance={"w": jnp.ones(3)})
+    >>> stack_anchors([a, a]).params["w"].shape
+    (2, 3)
+  """
   if not anchors:
     raise ValueError("`anchors` must hold at least one Anchor to stack, got an empty sequence.")
+  anchors = [a if isinstance(a, Anchor) else Anchor(*a) for a in anchors]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *anchors)
 
 
@@ -115,6 +166,7 @@ def empty_anchors(params: PyTree, num_slots: int) -> Anchor:
   """A stacked anchor with ``num_slots`` zero-importance slots (contributes nothing)."""
   if num_slots < 1:
     raise ValueError(f"`num_slots` should be >= 1, but got num_slots={num_slots}.")
+  params = variables.as_arrays(params)
   def zeros():
     return jax.tree.map(lambda p: jnp.zeros((num_slots,) + jnp.shape(p), jnp.result_type(p)),
                         params)
@@ -123,33 +175,55 @@ def empty_anchors(params: PyTree, num_slots: int) -> Anchor:
 
 def set_anchor(stacked: Anchor, slot: Any, anchor: Anchor) -> Anchor:
   """Returns a new stacked anchor whose ``slot`` holds ``anchor`` (functional update, jittable)."""
-  return jax.tree.map(lambda s, a: s.at[slot].set(a), stacked, anchor)
+  return jax.tree.map(lambda s, a: s.at[slot].set(a), stacked, Anchor(*anchor))
 
 
-def _as_stacked(params: PyTree, anchors: Anchors, name: str = "anchors") -> Anchor | None:
-  """Validates ``anchors`` against ``params`` and returns them stacked (None when empty)."""
+class _Stacked(NamedTuple):
+  """Anchors as flat lists in the leaf order of ``params``: ``[K, *leaf.shape]`` each."""
+  params: list
+  importance: list
+
+
+def _bare_anchor_error(name: str) -> ValueError:
+  return ValueError(
+      f"`{name}` is one Anchor whose leaves have the shapes of `params` (no leading task "
+      f"axis): pass one task's anchor as a sequence, `{name}=(anchor,)`, or stack several with "
+      f"ewc_jax.stack_anchors. A bare Anchor is read as a stacked one ([K, ...] leaves).")
+
+
+def _as_stacked(params: PyTree, anchors: Anchors, name: str = "anchors") -> _Stacked | None:
+  """Validates ``anchors`` against ``params`` (NNX Variables dropped) and returns them stacked
+  as flat leaf lists (None when empty)."""
   if isinstance(anchors, Anchor):
-    unstacked = jax.tree.map(lambda x: x[0], anchors)
+    p_shapes = [jnp.shape(x) for x in jax.tree.leaves(params)]
+    for field in ("params", "importance"):
+      shapes = [jnp.shape(x) for x in jax.tree.leaves(getattr(anchors, field))]
+      if shapes == p_shapes or any(len(s) == 0 for s in shapes):
+        raise _bare_anchor_error(name)
+    unstacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+                             anchors)
     validation.check_same_structure(f"{name}.params", params, unstacked.params)
     validation.check_same_structure(f"{name}.importance", params, unstacked.importance)
     validation.check_importance(f"{name}.importance", anchors.importance)
-    return anchors
+    return _Stacked(jax.tree.leaves(anchors.params), jax.tree.leaves(anchors.importance))
   if not isinstance(anchors, (list, tuple)):
     raise ValueError(
         f"`{name}` must be a sequence of ewc_jax.Anchor or one stacked Anchor, got "
         f"{type(anchors).__name__}.")
+  checked = []
   for k, anchor in enumerate(anchors):
     if not isinstance(anchor, Anchor) and not (isinstance(anchor, tuple) and len(anchor) == 2):
       raise ValueError(
           f"`{name}[{k}]` must be an ewc_jax.Anchor(params, importance), got "
           f"{type(anchor).__name__}.")
-    anchor = Anchor(*anchor)
-    validation.check_same_structure(f"{name}[{k}].params", params, anchor.params)
-    validation.check_same_structure(f"{name}[{k}].importance", params, anchor.importance)
-    validation.check_importance(f"{name}[{k}].importance", anchor.importance)
-  if not anchors:
+    a_params, a_imp = (variables.as_arrays(x) for x in anchor)
+    validation.check_same_structure(f"{name}[{k}].params", params, a_params)
+    validation.check_same_structure(f"{name}[{k}].importance", params, a_imp)
+    validation.check_importance(f"{name}[{k}].importance", a_imp)
+    checked.append((jax.tree.leaves(a_params), jax.tree.leaves(a_imp)))
+  if not checked:
     return None
-  return stack_anchors([Anchor(*a) for a in anchors])
+  return _Stacked(*([jnp.stack(xs) for xs in zip(*(c[j] for c in checked))] for j in (0, 1)))
 
 
 def abs_pow(x: jax.Array, p: Any) -> jax.Array:
@@ -162,33 +236,52 @@ def abs_pow(x: jax.Array, p: Any) -> jax.Array:
   return jnp.where(nonzero, safe ** p, 0.0)
 
 
-def ewc_loss(params: PyTree, anchors: Anchors, *, lam: Any, p: Any = 2.0) -> jax.Array:
+def ewc_loss(params: PyTree, anchors: Anchors, *, lam: Any, p: Any = 2.0,
+             leaf_mask: masks_lib.LeafMask = None) -> jax.Array:
   r"""Standard EWC penalty (Kirkpatrick et al. 2017, eq. 3, generalised to a p-power).
 
-  .. math::  R(\theta) = \frac{\lambda}{2} \sum_k \sum_i F_{k,i}\, |\theta_i - \theta^*_{k,i}|^p
+  .. math::  R(\theta) = \frac{\lambda}{2} \sum_k \sum_{i \in M} F_{k,i}\,
+             |\theta_i - \theta^*_{k,i}|^p
 
-  summed (not averaged) over previous tasks k. With p = 2 its gradient is
-  ``lam * sum_k F_k * (params - anchor_k)``.
+  summed (not averaged) over previous tasks k and over the leaves M chosen by ``leaf_mask``
+  (all by default). With p = 2 its gradient is ``lam * sum_k F_k * (params - anchor_k)``.
 
   Args:
-    params: current parameters θ (any pytree).
-    anchors: a sequence of :class:`Anchor` (one per previous task) or one stacked :class:`Anchor`.
-    lam: λ > 0 (may be a traced scalar, e.g. under ``vmap`` for a sweep).
+    params: current parameters θ (any pytree; an ``nnx.State`` of Variables included, e.g.
+      ``nnx.state(model, nnx.Param)`` inside an ``nnx.value_and_grad`` loss).
+    anchors: a sequence of :class:`Anchor` (one per previous task) or one stacked
+      :class:`Anchor` (leaves ``[K, ...]``); one task's anchor alone is ``(anchor,)``.
+    lam: λ >= 0; ``lam=0`` switches the penalty off (value and gradient exactly 0 for finite
+      parameters, eagerly and under ``jit``). May be traced (e.g. ``vmap`` over a sweep): a
+      traced λ cannot be checked, and a negative one gives a negative penalty -- check it
+      before ``jit`` when it comes from user input.
     p: exponent p > 0 (default 2).
+    leaf_mask: which leaves to penalise (``ewc_jax.masks``: a bool pytree, a prefix of one, or
+      ``mask_fn(params)``); the anchors still cover every leaf of ``params``.
 
   Returns:
     A float32 scalar; 0 when ``anchors`` is empty.
 
   Raises:
-    ValueError: mismatched tree structure or shapes (names the leaf path), λ <= 0, p <= 0,
-      negative or non-finite importance -- checked when the values are concrete.
+    ValueError: mismatched tree structure or shapes (names the leaf path), a bare unstacked
+      Anchor, λ < 0, p <= 0, negative or non-finite importance -- checked when the values are
+      concrete.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> a = Anchor(params={"w": jnp.zeros(2)}, importance={"w": jnp.array([1.0, 3.0])})
+    >>> float(ewc_loss({"w": jnp.ones(2)}, [a], lam=0.5))      # 0.25 * (1 + 3)
+    1.0
   """
-  validation.check_positive("lam", lam)
+  validation.check_non_negative("lam", lam)
   validation.check_positive("p", p)
+  params = variables.as_arrays(params)
   stacked = _as_stacked(params, anchors)
   if stacked is None:
     return jnp.zeros((), jnp.float32)
-  return 0.5 * lam * weighted_distance(params, stacked, p)
+  on = masks_lib.resolve(leaf_mask, params)
+  return 0.5 * lam * _distance(jax.tree.leaves(params), stacked, p, on)
 
 
 def weighted_distance(params: PyTree, stacked: Anchor, p: Any = 2.0) -> jax.Array:
@@ -199,22 +292,29 @@ def weighted_distance(params: PyTree, stacked: Anchor, p: Any = 2.0) -> jax.Arra
   over the (static) task axis is unrolled: XLA's CPU backend is ~20x slower at the equivalent
   broadcast-and-reduce over a leading axis (measured with benchmarks/train_step.py).
   """
+  params = variables.as_arrays(params)
+  flat = _Stacked(jax.tree.leaves(stacked.params), jax.tree.leaves(stacked.importance))
+  return _distance(jax.tree.leaves(params), flat, p, (True,) * len(flat.params))
+
+
+def _distance(theta_leaves, stacked: _Stacked, p, on) -> jax.Array:
   if not isinstance(p, (int, float)):
     return lax.cond(jnp.asarray(p) == 2,
-                    lambda: _weighted_distance(params, stacked, 2.0),
-                    lambda: _weighted_distance(params, stacked, p))
-  return _weighted_distance(params, stacked, p)
+                    lambda: _weighted_distance(theta_leaves, stacked, 2.0, on),
+                    lambda: _weighted_distance(theta_leaves, stacked, p, on))
+  return _weighted_distance(theta_leaves, stacked, p, on)
 
 
-def _weighted_distance(params, stacked, p):
+def _weighted_distance(theta_leaves, stacked, p, on):
   def leaf_term(theta, ref, imp):
     theta = theta.astype(jnp.float32)
     total = jnp.zeros(theta.shape, jnp.float32)
     for k in range(ref.shape[0]):
       total = total + imp[k].astype(jnp.float32) * abs_pow(theta - ref[k].astype(jnp.float32), p)
     return jnp.sum(total)
-  terms = jax.tree.map(leaf_term, params, stacked.params, stacked.importance)
-  return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+  terms = [leaf_term(t, r, f) for t, r, f, m in
+           zip(theta_leaves, stacked.params, stacked.importance, on) if m]
+  return sum(terms, jnp.zeros((), jnp.float32))
 
 
 def seed_parity_loss(params: PyTree, anchors: Anchors, *, factor: Any, p: Any = 2.0,
@@ -239,6 +339,7 @@ def seed_parity_loss(params: PyTree, anchors: Anchors, *, factor: Any, p: Any = 
   """
   validation.check_positive("factor", factor)
   validation.check_positive("p", p)
+  params = variables.as_arrays(params)
   stacked = _as_stacked(params, anchors)
   if stacked is None:
     return jnp.zeros((), jnp.float32)
@@ -251,8 +352,8 @@ def seed_parity_loss(params: PyTree, anchors: Anchors, *, factor: Any, p: Any = 
     norm = jnp.where(nonzero, jnp.where(nonzero, total, 1.0) ** (1.0 / p), 0.0)
     return jnp.sum(imp.astype(jnp.float32).reshape(k, -1), axis=1) * norm
 
-  per_slot = sum(jax.tree.leaves(jax.tree.map(leaf_term, params, stacked.params,
-                                              stacked.importance)))
+  per_slot = sum(leaf_term(t, r, f) for t, r, f in
+                 zip(jax.tree.leaves(params), stacked.params, stacked.importance))
   total = factor * jnp.sum(per_slot)
   task_id = jnp.asarray(task_id, jnp.float32)
   return jnp.where(task_id > 1, total / task_id, total)

@@ -57,7 +57,11 @@ def check_importance(name: str, importance: Any) -> None:
   for path, leaf in leaves:
     if not is_concrete(leaf):
       return
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float)):
+      continue  # e.g. jax.ShapeDtypeStruct (shapes only) or a placeholder
     arr = np.asarray(leaf)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+      continue
     ok = np.isfinite(arr) & (arr >= 0)
     if not np.all(ok):
       bad = arr[~ok].reshape(-1)[0]

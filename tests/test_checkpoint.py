@@ -105,12 +105,14 @@ def test_anchor_persistence_errors_name_the_problem(tmp_path):
     ewc_jax.restore_anchors(tmp_path / "a", like=anchors)
   with pytest.raises(ValueError, match="stacked"):
     ewc_jax.restore_anchors(tmp_path / "a", like=ewc_jax.stack_anchors(anchors))
-  bad = Anchor(params=_params(1), importance={"dense": _params(1)["dense"]})
+  bad = Anchor(params=_params(1), importance={"dense": jax.tree.map(jnp.abs, _params(1)["dense"])})
   with pytest.raises(ValueError, match=r"anchors\[0\]\.importance"):
     ewc_jax.save_anchors(tmp_path / "b", [bad])
-  neg = Anchor(params=_params(1), importance=jax.tree.map(lambda x: -jnp.ones_like(x), _params(1)))
-  with pytest.raises(ValueError, match="importance"):
-    ewc_jax.save_anchors(tmp_path / "c", [neg])
+  neg = jax.tree.map(lambda x: -jnp.ones_like(x), _params(1))
+  with pytest.raises(ValueError, match=r"anchors\[0\]\.importance"):
+    ewc_jax.save_anchors(tmp_path / "c", [(_params(1), neg)])   # a plain (params, F) pair
+  with pytest.raises(ValueError, match="Anchor.importance"):
+    Anchor(params=_params(1), importance=neg)                  # refused when it is built
   with pytest.raises(ValueError, match="not a folder"):
     ewc_jax.restore_anchors(tmp_path / "nowhere")
   # A damaged folder: every array file truncated.

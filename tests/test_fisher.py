@@ -298,36 +298,32 @@ def _model_zoo(name):
   if name == "conv":
     x16, _ = _data(n=7, d_in=16)
     m = TinyConv()
-    return m.apply, _np_init(m, x16[:1], 3), x16, {"['params']['Dense_0']['kernel']"}
+    return m.apply, _np_init(m, x16[:1], 3), x16, {"['params']['Dense_0']['kernel']",
+                                                   "['params']['Conv_0']['kernel']"}
   rng = np.random.default_rng(7)
   if name == "tokens":
     x6, _ = _data(n=7, d_in=6)
     tp = {"wt": rng.normal(size=(3, 4)).astype(np.float32), "bt": np.zeros(4, np.float32),
           "w2": rng.normal(size=(8, 3)).astype(np.float32), "b2": np.zeros(3, np.float32)}
-    return _tokens_fn, jax.tree.map(jnp.asarray, tp), x6, {"['w2']"}
+    return _tokens_fn, jax.tree.map(jnp.asarray, tp), x6, {"['w2']", "['wt']"}
   tp = {"wt": rng.normal(size=(4, 5)).astype(np.float32), "b1": np.zeros(4, np.float32),
         "we": rng.normal(size=(4, 4)).astype(np.float32), "be": np.full(4, 0.5, np.float32),
         "w2": rng.normal(size=(4, 3)).astype(np.float32), "b2": np.zeros(3, np.float32)}
   return _transposed_fn, jax.tree.map(jnp.asarray, tp), x5, {"['w2']"}
 
 
-def _fast_path_leaves(fn, params, example):
-  """Paths of the leaves the Dense fast path handles (inspects the traced single-example jaxpr)."""
-  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
-  treedef = jax.tree.structure(params)
-  single = lambda ls, x: fn(jax.tree.unflatten(treedef, ls), x[None])[0]  # noqa: E731
-  jaxpr = jax.make_jaxpr(single)(list(leaves), example).jaxpr
-  sites = fisher_lib._dense_sites(jaxpr, len(leaves))  # pylint: disable=protected-access
-  return {jax.tree_util.keystr(paths[i]) for i in sites.values()}
+def _fast_path_leaves(fn, params, x):
+  """Paths of the leaves that take a fast path, from the public plan."""
+  return {leaf.path for leaf in fisher_lib.fisher_plan(fn, params, x) if leaf.method != "vmap"}
 
 
 @pytest.mark.parametrize(
     "name", ["flax_mlp", "plain_mlp", "shared_kernel", "conv", "transposed", "tokens"])
 def test_auto_equals_vmap(name):
   fn, params, x, fast = _model_zoo(name)
-  # The fast path is really taken where exact, and only there (shared, conv and transposed
-  # kernels fall back to vmap(grad)), so the comparison tests both code paths.
-  assert _fast_path_leaves(fn, params, jnp.asarray(x[0])) == fast
+  # The fast paths are really taken where exact, and only there (shared and transposed kernels
+  # fall back to vmap(grad)), so the comparison tests both code paths.
+  assert _fast_path_leaves(fn, params, x) == fast
   y = np.random.default_rng(5).integers(0, 3, size=x.shape[0]).astype(np.int32)
   # batch_squared never uses per-example gradients: the method cannot change it. The kinds differ
   # only in the labels and weights they feed the per-example part ("empirical": mixed labels,

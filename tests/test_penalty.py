@@ -250,7 +250,6 @@ def test_traced_p_under_jit_matches_numpy():
 # Errors.
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(lam=0.0), "lam=0"),
     (dict(lam=-1.0), "lam=-1"),
     (dict(lam=float("nan")), "lam=nan"),
     (dict(lam=float("inf")), "lam=inf"),
@@ -270,6 +269,15 @@ def test_bad_lambda_or_p_raise(kwargs, needle):
   if "p" not in kwargs:
     with pytest.raises(ValueError, match=re.escape(factor_needle)):
       clarena_loss(params, anchors, **factor_kwargs)
+
+
+def test_reference_modes_refuse_factor_zero():
+  # The reference raises for parameter_change_reg_factor <= 0; ewc_loss's lam=0 means "off".
+  rng = np.random.default_rng(11)
+  params, anchors = _tree(rng), _anchors(rng, 1)
+  for fn in (seed_parity_loss, clarena_loss):
+    with pytest.raises(ValueError, match=re.escape("factor=0")):
+      fn(params, anchors, factor=0.0)
 
 
 @pytest.mark.parametrize("bad, value", [(-1.0, "-1"), (float("nan"), "nan"), (float("inf"), "inf")])
@@ -398,7 +406,7 @@ def test_mismatched_node_types_raise_value_error():
   params = _make("namedtuple", rng)
   other = {k: {"w": v.w, "b": v.b} for k, v in params.items()}
   with pytest.raises(ValueError, match="does not match"):
-    ewc_loss(params, [Anchor(other, other)], lam=1.0)
+    ewc_loss(params, [Anchor(other, jax.tree.map(np.abs, other))], lam=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
