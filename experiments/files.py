@@ -13,6 +13,16 @@ from pathlib import Path
 from typing import IO, Callable
 
 
+def _read_umask() -> int:
+  """The process umask (read once, at import: ``os.umask`` can only read it by setting it)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
   """Calls ``write(f)`` on a temporary binary file beside ``path``, fsyncs it, renames it over
   ``path`` (creating the folder if needed); on any error the temporary file is removed."""
@@ -20,6 +30,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.chmod(tmp, 0o666 & ~_UMASK)  # the mode a plain open() would give (mkstemp: 0600)
     with os.fdopen(fd, "wb") as f:
       write(f)
       f.flush()

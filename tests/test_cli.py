@@ -151,3 +151,12 @@ def test_defaults_follow_benchmark_and_scenario(real_data_dir, tmp_path):
     for field, value in expected.items():
       value = list(value) if isinstance(value, tuple) else value
       assert config[field] == value, (name, field, config[field], value)
+
+
+def test_outputs_get_the_mode_of_a_plain_open(tmp_path):
+  from experiments import files  # pylint: disable=import-outside-toplevel
+  target = tmp_path / "out.json"
+  files.write_atomic(target, lambda f: f.write(b"{}"))
+  plain = tmp_path / "plain.json"
+  plain.write_bytes(b"{}")
+  assert (target.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
