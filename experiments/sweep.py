@@ -11,8 +11,10 @@ a leading config axis (``jax.vmap`` of the single run; each config gives the sin
 result), sharded over all devices (``ewc_jax.sweep``); --max_parallel=N runs at most N at a time.
 Permuted MNIST's permutations follow the seed, so there each seed is its own sweep (its data).
 
-Writes under --workdir: results.json (every config's accuracy matrix, its metrics and curves,
-and the table of the swept values sorted by average accuracy, mean ± std over seeds) and
+Sweeps hold out --validation_fraction=0.1 of each task's training data by default (the same
+rows for every config). Writes under --workdir: results.json (every config's test and
+validation accuracy matrices, metrics and curves, and the table of the swept values ranked by
+validation average accuracy, mean ± std over seeds) and
 average_accuracy.png (average accuracy vs λ, one line per other swept combination, seed error
 bars, log x-axis).
 

@@ -4,9 +4,9 @@ The protocol (identical in every peer script and in our JAX run):
 
 * Split MNIST, task-incremental: 5 tasks with classes {0,1},{2,3},{4,5},{6,7},{8,9};
   labels mapped to 0/1 inside a task (label - 2*t); one 2-way head per task.
-* Inputs: raw IDX gzip files from ``/work/shared/data/mnist`` (override with
-  ``--data_dir`` or ``$MNIST_DIR``), parsed with numpy + gzip, pixels/255, flattened
-  to 784 float32.
+* Inputs: raw IDX gzip files from ``--data_dir``, else ``../shared/data/mnist`` beside the
+  checkout when it exists, else ``$MNIST_DIR`` (:func:`default_data_dir`), parsed with numpy +
+  gzip, pixels/255, flattened to 784 float32.
 * Backbone 784-400-400 (two Linear+ReLU layers), then a Linear(400, 2) head per task.
 * Adam(lr=1e-3), created fresh for every task; batch 128, last partial batch kept,
   reshuffled every epoch; 2 epochs per task by default.
@@ -29,7 +29,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-DEFAULT_DATA_DIR = os.environ.get("MNIST_DIR", "/work/shared/data/mnist")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 NUM_TASKS = 5
 BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000  # evaluation batch size: affects speed only, not accuracy
@@ -51,9 +53,30 @@ def parse_args(description: str, default_lam: float) -> argparse.Namespace:
         "to its library's own parameter (see the script's docstring).",
     )
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+    p.add_argument("--data_dir", default=None,
+                   help="folder of the four MNIST IDX files (default: ../shared/data/mnist "
+                        "beside the checkout, else $MNIST_DIR)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    return p.parse_args()
+    args = p.parse_args()
+    try:
+        args.data_dir = args.data_dir or default_data_dir()
+    except FileNotFoundError as err:
+        p.error(str(err))
+    return args
+
+
+def default_data_dir() -> str:
+    """``../shared/data/mnist`` beside the checkout when it holds the files, else
+    ``$MNIST_DIR``; a clear error when neither does."""
+    candidates = [os.path.join(os.path.dirname(REPO), "shared", "data", "mnist")]
+    if os.environ.get("MNIST_DIR"):
+        candidates.append(os.environ["MNIST_DIR"])
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, f)) for f in MNIST_FILES):
+            return folder
+    raise FileNotFoundError(
+        "no MNIST IDX files found: expected " + ", ".join(MNIST_FILES) + " in "
+        + " or ".join(candidates) + " (set $MNIST_DIR or pass --data_dir)")
 
 
 def setup_torch(torch, args) -> None:
@@ -74,7 +97,7 @@ def _read_idx(path: str) -> np.ndarray:
     return data.reshape(tuple(dims))
 
 
-def load_mnist(data_dir: str = DEFAULT_DATA_DIR):
+def load_mnist(data_dir: str):
     """Returns (x_train, y_train, x_test, y_test): float32 [N,784] in [0,1], int64 [N]."""
     out = []
     for split in ("train", "t10k"):
@@ -95,7 +118,7 @@ def split_tasks(x: np.ndarray, y: np.ndarray):
     return tasks
 
 
-def load_split_mnist(data_dir: str = DEFAULT_DATA_DIR):
+def load_split_mnist(data_dir: str):
     """(train_tasks, test_tasks), each a list of 5 (x, y) numpy pairs."""
     xtr, ytr, xte, yte = load_mnist(data_dir)
     return split_tasks(xtr, ytr), split_tasks(xte, yte)
