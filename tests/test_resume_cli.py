@@ -184,7 +184,9 @@ def test_checkpoint_errors_are_one_line_exit_2_and_force_restart_recovers(
     assert res["code"] == 2 and len(errors) == 1, res
     assert "Traceback" not in res["stderr"] and "--force_restart" in errors[0], res
     lines.append(errors[0])
-  assert "lam (checkpoint: 1000.0, now: 10.0)" in lines[0]
+  from experiments import defaults  # pylint: disable=import-outside-toplevel
+  default_lam = defaults.DEFAULTS[("split_mnist", "task")]["lam"]
+  assert f"lam (checkpoint: {default_lam!r}, now: 10.0)" in lines[0]
   assert "fisher (checkpoint: 'empirical', now: 'true')" in lines[0]
   assert str(a / "checkpoints" / "seed_0") in lines[0] and "--noresume" in lines[1]
   assert str(newest) in lines[2] and "corrupt or truncated" in lines[2]
