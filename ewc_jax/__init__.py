@@ -7,8 +7,8 @@ how each leaf's importance is computed; :func:`add_ewc_gradient` is the p = 2 pe
 transformation; :func:`path_mask` builds leaf masks. Flax NNX ``State`` works everywhere.
 """
 
-from ewc_jax.checkpoint import restore_anchors
-from ewc_jax.checkpoint import save_anchors
+from ewc_jax.anchor_io import restore_anchors
+from ewc_jax.anchor_io import save_anchors
 from ewc_jax.fisher import KINDS as FISHER_KINDS
 from ewc_jax.fisher import LeafPlan
 from ewc_jax.fisher import fisher_diagonal

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -42,16 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import continual
+from ewc_jax import orbax_io
+from ewc_jax.anchor_io import restore_anchors, save_anchors  # noqa: F401 (re-exported)
+from ewc_jax.orbax_io import quiet_orbax_errors  # noqa: F401 (re-exported)
 from ewc_jax import heads as heads_lib
 from ewc_jax import interrupt
-from ewc_jax import penalty as penalty_lib
 from ewc_jax import train as train_lib
-from ewc_jax import validation
-from ewc_jax import variables
 
 PyTree = Any
 FORMAT = "ewc_jax.run_state"
-ANCHORS_FORMAT = "ewc_jax.anchors"
 VERSION = 1
 RESTART_HINT = "pass --force_restart to discard the checkpoints and start over"
 
@@ -64,56 +62,6 @@ HANG_ENV, MARKER_ENV = "EWC_JAX_TEST_HANG_AT", "EWC_JAX_TEST_MARKER"
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be used: corrupt, truncated, or from another configuration."""
-
-
-def _ocp():
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  return ocp
-
-
-def _ignore_closed_loop_callbacks() -> None:
-  """Installed before orbax reads: when it fails on a damaged checkpoint, reads still in flight
-  complete on its already closed event loop and Python prints "RuntimeError: Event loop is
-  closed" with a traceback (harmless: nothing is written). Drop exactly that message (it goes
-  through ``sys.excepthook``/``sys.unraisablehook``) so that a user error stays one line."""
-  if getattr(sys.excepthook, "_ewc_jax_filter", False):
-    return
-
-  def noise(exc) -> bool:
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
-
-  def excepthook(exc_type, exc, tb):
-    if not noise(exc):
-      previous_except(exc_type, exc, tb)
-
-  def unraisablehook(unraisable):
-    if not noise(unraisable.exc_value):
-      previous_unraisable(unraisable)
-  excepthook._ewc_jax_filter = True  # pylint: disable=protected-access
-  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-
-
-class _DropOrbaxErrors(logging.Filter):
-  """Drops orbax's own error logs (with tracebacks) of a failed background save: the failure
-  reaches the caller as one :class:`CheckpointError` anyway."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-def quiet_orbax_errors() -> None:
-  """Installs :class:`_DropOrbaxErrors` on absl's logger (the command line does, without
-  ``--debug``); idempotent."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
-    logger.addFilter(_DropOrbaxErrors())
-
-
-def _first_line(err: BaseException) -> str:
-  text = str(err).strip()
-  return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -235,12 +183,12 @@ class RunCheckpointer:
     """Imports orbax on a background thread (idempotent); the first save then need not."""
     if self._prefetch is None and "orbax.checkpoint" not in sys.modules:
       import threading  # pylint: disable=import-outside-toplevel
-      self._prefetch = threading.Thread(target=_ocp, name="ewc_jax-orbax-import", daemon=True)
+      self._prefetch = threading.Thread(target=orbax_io.ocp, name="ewc_jax-orbax-import", daemon=True)
       self._prefetch.start()
 
   def _mgr(self):
     if self._manager is None:
-      ocp = _ocp()
+      ocp = orbax_io.ocp()
       _remove_unfinished(self.directory)
       # Not orbax's own cleanup: with async checkpointing it runs on a background thread, and
       # two managers of one folder (a config check, then the run's) race deleting one folder.
@@ -280,7 +228,7 @@ class RunCheckpointer:
     good = committed_steps(self.directory)
     kept = (f"the last complete checkpoint {self.step_path(good[-1])} is kept"
             if good else "no complete checkpoint was written")
-    return CheckpointError(f"could not save {what} ({_first_line(err)}); {kept}. Make "
+    return CheckpointError(f"could not save {what} ({orbax_io.first_line(err)}); {kept}. Make "
                            f"{self.directory} writable (or free space) and run the same "
                            "command again to resume.")
 
@@ -301,14 +249,14 @@ class RunCheckpointer:
 
   def _corrupt(self, step: int, err: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"checkpoint {self.step_path(step)} is corrupt or truncated ({_first_line(err)}); "
+        f"checkpoint {self.step_path(step)} is corrupt or truncated ({orbax_io.first_line(err)}); "
         f"{RESTART_HINT} (or delete that folder to fall back on an older one).")
 
   def read_meta(self, step: int | None = None) -> dict:
     """The JSON part of a checkpoint (position, accuracy matrix, curves, config)."""
     step = self.latest_step() if step is None else step
-    ocp = _ocp()
-    _ignore_closed_loop_callbacks()
+    ocp = orbax_io.ocp()
+    orbax_io.ignore_closed_loop_callbacks()
     try:
       meta = self._mgr().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as err:  # orbax/tensorstore/json raise many types: all mean unreadable
@@ -341,8 +289,8 @@ class RunCheckpointer:
       return None
     like = like() if callable(like) else like
     self.check_config(step)
-    ocp = _ocp()
-    _ignore_closed_loop_callbacks()
+    ocp = orbax_io.ocp()
+    orbax_io.ignore_closed_loop_callbacks()
     try:
       out = self._mgr().restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
@@ -378,7 +326,7 @@ class RunCheckpointer:
           "checkpoint is kept). Try a smaller --lr or --lam.",
           task=task, epoch=rs.epoch, step=rs.step, task_step=rs.step, part=what,
           value=float("nan"))
-    ocp = _ocp()
+    ocp = orbax_io.ocp()
     mgr = self._mgr()
     if self._next_step is None:
       latest = mgr.latest_step()
@@ -394,7 +342,7 @@ class RunCheckpointer:
             "config": self.config}
     # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax
     # still writes them in the background.
-    _ignore_closed_loop_callbacks()
+    orbax_io.ignore_closed_loop_callbacks()
     previous = self._pending
     try:
       mgr.save(step, args=ocp.args.Composite(
@@ -512,119 +460,6 @@ def discard(root: str | os.PathLike) -> bool:
     return False
   shutil.rmtree(root)
   return True
-
-
-# ------------------------------------------------------------------------------------------------
-# Anchors.
-
-def _anchor_tree(anchors) -> tuple[str, Any]:
-  """``("stacked", Anchor)`` or ``("sequence", tuple of Anchor)``, validated."""
-  if isinstance(anchors, penalty_lib.Anchor):
-    validation.check_same_structure("anchors.importance", anchors.params, anchors.importance,
-                                    "anchors.params")
-    validation.check_importance("anchors.importance", anchors.importance)
-    return "stacked", anchors
-  if not isinstance(anchors, (list, tuple)):
-    raise ValueError(f"`anchors` must be a sequence of ewc_jax.Anchor or one stacked Anchor, "
-                     f"got {type(anchors).__name__}.")
-  out = []
-  for k, a in enumerate(anchors):
-    if not isinstance(a, penalty_lib.Anchor) and not (isinstance(a, tuple) and len(a) == 2):
-      raise ValueError(f"`anchors[{k}]` must be an ewc_jax.Anchor(params, importance), got "
-                       f"{type(a).__name__}.")
-    a_params, a_imp = (variables.as_arrays(x) for x in a)
-    validation.check_same_structure(f"anchors[{k}].importance", a_params, a_imp,
-                                    f"anchors[{k}].params")
-    validation.check_importance(f"anchors[{k}].importance", a_imp)
-    a = penalty_lib.Anchor(a_params, a_imp)
-    if out:
-      validation.check_same_structure(f"anchors[{k}].params", out[0].params, a.params,
-                                      "anchors[0].params")
-    out.append(a)
-  return "sequence", tuple(out)
-
-
-def save_anchors(path: str | os.PathLike, anchors, *, overwrite: bool = False) -> None:
-  """Saves a sequence of :class:`~ewc_jax.Anchor` or one stacked Anchor to the folder ``path``.
-
-  Synchronous and atomic (orbax writes a temporary folder, then renames it). Any pytree of
-  arrays works (Flax, Haiku, Equinox, dicts); dtypes are kept.
-
-  Raises:
-    ValueError: ``path`` exists and ``overwrite`` is False; malformed anchors (names the leaf).
-  """
-  kind, tree = _anchor_tree(anchors)
-  path = Path(path).absolute()
-  if path.exists() and not overwrite:
-    raise ValueError(f"`path` {str(path)!r} already exists; pass overwrite=True to replace it.")
-  ocp = _ocp()
-  meta = {"format": ANCHORS_FORMAT, "version": VERSION, "kind": kind,
-          "count": None if kind == "stacked" else len(tree)}
-  args = {"meta": ocp.args.JsonSave(meta)}
-  if kind == "stacked" or tree:
-    args["anchors"] = ocp.args.StandardSave(tree)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(path, args=ocp.args.Composite(**args), force=overwrite)
-
-
-def restore_anchors(path: str | os.PathLike, like=None):
-  """Loads what :func:`save_anchors` wrote: a tuple of Anchor, or one stacked Anchor.
-
-  Args:
-    path: the folder given to :func:`save_anchors`.
-    like: optional anchors (arrays or ``jax.ShapeDtypeStruct``) of the same form: the result
-      then has exactly their pytree types and placement. Without it, ``params``/``importance``
-      come back as nested dicts and lists of ``jax.Array`` (orbax's generic form).
-
-  Raises:
-    ValueError: ``path`` holds no anchors, is corrupt, or does not match ``like``.
-  """
-  path = Path(path).absolute()
-  ocp = _ocp()
-  if not path.is_dir():
-    raise ValueError(f"`path` {str(path)!r} is not a folder written by ewc_jax.save_anchors.")
-  _ignore_closed_loop_callbacks()
-  try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-      if not isinstance(meta, dict) or meta.get("format") != ANCHORS_FORMAT:
-        raise ValueError("no ewc_jax anchors metadata")
-      kind, count = meta["kind"], meta["count"]
-      if kind == "sequence" and count == 0:
-        target = None
-      elif like is None:
-        target = ocp.args.StandardRestore()
-      else:
-        like_kind, like_tree = _like_tree(like)
-        if like_kind != kind or (kind == "sequence" and len(like_tree) != count):
-          what = "one stacked Anchor" if kind == "stacked" else f"a sequence of {count} anchors"
-          got = ("one stacked Anchor" if like_kind == "stacked"
-                 else f"a sequence of {len(like_tree)} anchors")
-          raise ValueError(f"`like` is {got} but {str(path)!r} holds {what}.")
-        target = ocp.args.StandardRestore(like_tree)
-      tree = None if target is None else ckptr.restore(
-          path, args=ocp.args.Composite(anchors=target)).anchors
-  except ValueError as err:
-    raise ValueError(f"cannot restore anchors from {str(path)!r}: {err}") from err
-  except Exception as err:  # noqa: BLE001 (tensorstore/orbax/json errors of a damaged folder)
-    raise ValueError(f"cannot restore anchors from {str(path)!r} (corrupt or truncated?): "
-                     f"{_first_line(err)}") from err
-  if tree is None:
-    return ()
-  if like is not None:
-    return tree
-  as_anchor = lambda a: penalty_lib.Anchor(params=a["params"], importance=a["importance"])  # noqa: E731
-  return as_anchor(tree) if kind == "stacked" else tuple(as_anchor(a) for a in tree)
-
-
-def _like_tree(like):
-  """``like`` in the form it was saved (no importance check: it may hold shapes only)."""
-  if isinstance(like, penalty_lib.Anchor):
-    return "stacked", like
-  if isinstance(like, (list, tuple)):
-    return "sequence", tuple(penalty_lib.Anchor(*a) for a in like)
-  raise ValueError(f"`like` must be a sequence of Anchor or one stacked Anchor, got "
-                   f"{type(like).__name__}.")
 
 
 __all__ = ["CheckpointError", "RunCheckpointer", "SweepCheckpointer", "abstract_run_state",
