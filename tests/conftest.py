@@ -17,6 +17,17 @@ def real_data_dir():
   return str(SHARED_TFDS)
 
 
+@pytest.fixture(scope="session")
+def tiny_mnist_dir(tmp_path_factory):
+  """A tiny MNIST (28x28x1, 10 classes; 2,000 train and 500 test images drawn around one
+  prototype per class) prepared for TFDS in a temporary folder: the end-to-end tests (CLI,
+  fuzz, kill-and-resume, sweeps) run on it with nothing beside the checkout."""
+  import tiny_tfds  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("tiny_tfds")
+  tiny_tfds.write_dataset(folder, "mnist", {"train": 2000, "test": 500}, seed=0, learnable=True)
+  return str(folder)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
   """Decoded-data and compile caches of the test session live in a temporary folder."""

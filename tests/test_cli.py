@@ -103,12 +103,12 @@ MORE_BAD_INPUTS = [  # (arguments, what the one error line must contain)
 ]
 
 
-def test_more_bad_inputs_one_line_exit_2_nothing_written(real_data_dir, tmp_path):
+def test_more_bad_inputs_one_line_exit_2_nothing_written(tiny_mnist_dir, tmp_path):
   """One process runs every case (tests/cli_batch.py): each is refused before any work (or, for
   the diverging run, stopped before anything is written)."""
   jobs = []
   for i, (args, _) in enumerate(MORE_BAD_INPUTS):
-    data = [] if any(a.startswith("--data_dir") for a in args) else [f"--data_dir={real_data_dir}"]
+    data = [] if any(a.startswith("--data_dir") for a in args) else [f"--data_dir={tiny_mnist_dir}"]
     jobs.append([*args, *data, f"--workdir={tmp_path / str(i)}", "--noprogress", "--noplots"])
   if os.geteuid() != 0:  # root reads everything: an unreadable folder cannot be made
     locked = tmp_path / "locked"
@@ -126,12 +126,12 @@ def test_more_bad_inputs_one_line_exit_2_nothing_written(real_data_dir, tmp_path
       assert not (folder / "results.json").exists() and not (folder / "checkpoints").exists()
 
 
-def test_defaults_follow_benchmark_and_scenario(real_data_dir, tmp_path):
+def test_defaults_follow_benchmark_and_scenario(tiny_mnist_dir, tmp_path):
   """Flags left unset take experiments/defaults.py's values for the benchmark and scenario;
   a flag given on the command line wins; the resolved values are stored in results.json."""
   from experiments import defaults  # pylint: disable=import-outside-toplevel
   common = ["--num_tasks=2", "--max_examples=200", "--noprogress", "--noplots",
-            "--nocheckpoint", f"--data_dir={real_data_dir}"]
+            "--nocheckpoint", f"--data_dir={tiny_mnist_dir}"]
   runs = {
       "permuted": ("experiments.permuted_mnist", [], ("permuted_mnist", "domain")),
       "split_class": ("experiments.split_mnist", ["--scenario=class"], ("split_mnist", "class")),

@@ -16,7 +16,6 @@ TFDS, i.e. the normal path, then raises).
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -26,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from array_record.python import array_record_module
-from PIL import Image
 
+import tiny_tfds
 from experiments import data
 from experiments.data import DataError, load_dataset
 
@@ -38,37 +36,8 @@ TINY_SIZES = {"train": 12, "test": 5}
 
 
 def _write_tiny_dataset(data_dir: Path, name: str, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Writes a small prepared array_record TFDS dataset; returns the arrays written."""
-    builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
-    out_dir = Path(os.fspath(builder.data_path))
-    out_dir.mkdir(parents=True)
-    features = builder.info.features
-    height, width, _ = features["image"].shape
-    rng = np.random.default_rng(seed)
-    written: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    split_infos = []
-    for split, n in TINY_SIZES.items():
-        images = rng.integers(0, 256, (n, height, width, 1), dtype=np.uint8)
-        labels = rng.integers(0, 10, (n,)).astype(np.int32)
-        template = tfds.core.ShardedFileTemplate(
-            data_dir=builder.data_path, dataset_name=builder.name, split=split, filetype_suffix="array_record"
-        )
-        path = os.fspath(template.sharded_filepath(shard_index=0, num_shards=1))
-        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-        for image, label in zip(images, labels):
-            png = io.BytesIO()
-            Image.fromarray(image[..., 0]).save(png, format="PNG")
-            writer.write(features.serialize_example({"image": png.getvalue(), "label": int(label)}))
-        writer.close()
-        split_infos.append(
-            tfds.core.SplitInfo(
-                name=split, shard_lengths=[n], num_bytes=os.path.getsize(path), filename_template=template
-            )
-        )
-        written[split] = (images, labels)
-    builder.info.set_splits(tfds.core.SplitDict(split_infos))
-    builder.info.write_to_directory(builder.data_path)
-    return written
+    """Writes a small prepared array_record TFDS dataset (noise); returns the arrays written."""
+    return tiny_tfds.write_dataset(data_dir, name, TINY_SIZES, seed)
 
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,9 @@ runpy.run_module("experiments.split_mnist", run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def reference(real_data_dir, tmp_path_factory):
+def reference(tiny_mnist_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("faults_reference") / "run"
-  run_ok(workdir, real_data_dir)
+  run_ok(workdir, tiny_mnist_dir)
   return workdir
 
 
@@ -70,14 +70,14 @@ def error_lines(stderr):
 
 
 def test_second_run_on_a_locked_workdir_exits_2_at_once_and_a_stale_lock_never_blocks(
-    reference, real_data_dir, tmp_path):
+    reference, tiny_mnist_dir, tmp_path):
   w = tmp_path / "run"
-  holder = start_paused(w, real_data_dir, "1:0:16")
+  holder = start_paused(w, tiny_mnist_dir, "1:0:16")
   try:
     t0 = time.monotonic()
     # Other flags (another config) and the same flags: both refused before touching anything.
     for extra in (["--lam=10"], []):
-      second = run_cmd(w, real_data_dir, *extra)
+      second = run_cmd(w, tiny_mnist_dir, *extra)
       assert second.returncode == 2, second.stderr[-3000:]
       (line,) = error_lines(second.stderr)
       assert "Traceback" not in second.stderr
@@ -88,7 +88,7 @@ def test_second_run_on_a_locked_workdir_exits_2_at_once_and_a_stale_lock_never_b
     holder.send_signal(signal.SIGKILL)
     holder.communicate(timeout=60)
   assert (w / ".lock").read_text().strip() == str(holder.pid)  # the stale lock file stays ...
-  proc = run_ok(w, real_data_dir)                              # ... and does not block
+  proc = run_ok(w, tiny_mnist_dir)                              # ... and does not block
   assert "(task 2, epoch 1, step 0)" in proc.stdout
   assert numbers(w) == numbers(reference)
 
@@ -97,10 +97,10 @@ def test_second_run_on_a_locked_workdir_exits_2_at_once_and_a_stale_lock_never_b
     (signal.SIGINT, "0:1:16", "task 1, epoch 2, step 16", 130),
     (signal.SIGTERM, "1:0:16", "task 2, epoch 1, step 16", 143)])
 def test_sigint_and_sigterm_save_the_position_and_resume_bit_identical(
-    reference, real_data_dir, tmp_path, sig, at, where, code):
+    reference, tiny_mnist_dir, tmp_path, sig, at, where, code):
   w = tmp_path / "run"
   before = steps_on_disk(w) if (w / "checkpoints").exists() else []
-  proc = start_paused(w, real_data_dir, at)   # default --checkpoint_every=0: no chunk saves
+  proc = start_paused(w, tiny_mnist_dir, at)   # default --checkpoint_every=0: no chunk saves
   proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == code, err[-3000:]
@@ -109,17 +109,17 @@ def test_sigint_and_sigterm_save_the_position_and_resume_bit_identical(
   assert last == (f"interrupted ({signal.Signals(sig).name}) at {where}; saved; run the same "
                   "command to resume"), err
   assert len(steps_on_disk(w)) == len(before) + (2 if at.startswith("1:") else 1)
-  proc = run_ok(w, real_data_dir)
+  proc = run_ok(w, tiny_mnist_dir)
   assert f"({where})" in proc.stdout  # resumed from the interrupt's checkpoint
   assert numbers(w) == numbers(reference)
   assert not (w / "results.json.tmp").exists()
 
 
-def test_a_second_signal_exits_at_once_without_saving(real_data_dir, tmp_path):
+def test_a_second_signal_exits_at_once_without_saving(tiny_mnist_dir, tmp_path):
   """SIGINT then SIGTERM delivered together (the process stopped meanwhile, so both are pending
   when it continues): the second ends the process at once, nothing more is written."""
   w = tmp_path / "run"
-  proc = start_paused(w, real_data_dir, "1:0:16")
+  proc = start_paused(w, tiny_mnist_dir, "1:0:16")
   assert steps_on_disk(w) == ["0"]
   proc.send_signal(signal.SIGSTOP)
   proc.send_signal(signal.SIGINT)
@@ -130,21 +130,21 @@ def test_a_second_signal_exits_at_once_without_saving(real_data_dir, tmp_path):
   assert "interrupted again (SIGTERM): exiting now without saving" in err
   assert "; saved;" not in err and "Traceback" not in err
   assert steps_on_disk(w) == ["0"]  # nothing more saved; checkpoint 0 is complete
-  proc = run_ok(w, real_data_dir)
+  proc = run_ok(w, tiny_mnist_dir)
   assert "(task 2, epoch 1, step 0)" in proc.stdout
 
 
-def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(reference, real_data_dir,
+def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(reference, tiny_mnist_dir,
                                                                  tmp_path):
   """Checkpoint 0 (after task 1) is written, then the run is killed; it resumes under a file
   size limit of 4 KiB (as on a full disk: EFBIG), so the save after task 2 fails."""
   w = tmp_path / "run"
-  holder = start_paused(w, real_data_dir, "1:0:16")
+  holder = start_paused(w, tiny_mnist_dir, "1:0:16")
   holder.send_signal(signal.SIGKILL)
   holder.communicate(timeout=60)
   good = sorted(p.name for p in (w / "checkpoints" / "seed_0" / "0").rglob("*"))
 
-  cmd, env = cli(w, real_data_dir, "--nocompile_cache", wrapper=LIMIT_FILE_SIZE)
+  cmd, env = cli(w, tiny_mnist_dir, "--nocompile_cache", wrapper=LIMIT_FILE_SIZE)
   failed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert failed.returncode == 2, failed.stderr[-3000:]
   assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
@@ -154,7 +154,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(reference, real
   assert f"the last complete checkpoint {w / 'checkpoints' / 'seed_0' / '0'} is kept" in line
   assert not (w / "results.json").exists()
   assert sorted(p.name for p in (w / "checkpoints" / "seed_0" / "0").rglob("*")) == good
-  proc = run_ok(w, real_data_dir)  # the limit gone: resumes from checkpoint 0, same numbers
+  proc = run_ok(w, tiny_mnist_dir)  # the limit gone: resumes from checkpoint 0, same numbers
   assert "(task 2, epoch 1, step 0)" in proc.stdout
   assert numbers(w) == numbers(reference)
 

@@ -89,9 +89,9 @@ def combinations(data_dir: str, workdirs: list, seed: int = 0, n: int = N) -> li
 
 
 @pytest.mark.slow
-def test_fuzz_200_flag_combinations(real_data_dir, tmp_path):
+def test_fuzz_200_flag_combinations(tiny_mnist_dir, tmp_path):
   workdirs = [str(tmp_path / f"w{i}") for i in range(3)]
-  jobs = combinations(real_data_dir, workdirs)
+  jobs = combinations(tiny_mnist_dir, workdirs)
   results = cli_batch.run_batch(jobs, tmp_path)
   assert len(results) == N
   problems = []

@@ -106,37 +106,37 @@ def steps_on_disk(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(real_data_dir, tmp_path_factory):
+def reference(tiny_mnist_dir, tmp_path_factory):
   """The uninterrupted run (checkpointing every chunk, which must not change any number)."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  run_ok(workdir, real_data_dir, "--checkpoint_every=16")
+  run_ok(workdir, tiny_mnist_dir, "--checkpoint_every=16")
   return workdir
 
 
-def test_same_seed_same_numbers_and_checkpointing_changes_nothing(reference, real_data_dir,
+def test_same_seed_same_numbers_and_checkpointing_changes_nothing(reference, tiny_mnist_dir,
                                                                    tmp_path):
-  run_ok(tmp_path / "again", real_data_dir)                     # no chunk checkpoints
+  run_ok(tmp_path / "again", tiny_mnist_dir)                     # no chunk checkpoints
   assert numbers(tmp_path / "again") == numbers(reference)
   assert steps_on_disk(reference) == ["13", "14"]  # 5 saves per task, --keep=2 by default
 
 
-def test_killed_three_times_then_resumed_is_bit_identical(reference, real_data_dir, tmp_path):
+def test_killed_three_times_then_resumed_is_bit_identical(reference, tiny_mnist_dir, tmp_path):
   """Killed mid-epoch, killed inside a save, killed right before the Fisher pass; then finished."""
   w = tmp_path / "run"
   every = "--checkpoint_every=16"
   # 1. Paused in task 1, epoch 2, after step 16 of 25 (checkpoint 2 saved there): SIGKILL.
-  run_until_hang(w, real_data_dir, "0:1:16", every)
+  run_until_hang(w, tiny_mnist_dir, "0:1:16", every)
   assert steps_on_disk(w) == ["1", "2"]
   # 2. Resumes from it; SIGKILLed inside its 3rd save (task 2, step 16) before the commit.
-  cmd, env = cli(w, real_data_dir, every, env={"KILL_AT_COMMIT": "3"}, wrapper=KILL_IN_SAVE)
+  cmd, env = cli(w, tiny_mnist_dir, every, env={"KILL_AT_COMMIT": "3"}, wrapper=KILL_IN_SAVE)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert "resuming from" in proc.stdout and "(task 1, epoch 2, step 16)" in proc.stdout
   assert steps_on_disk(w) == ["3", "4", "5.orbax-checkpoint-tmp"]   # 5: written, not committed
   # 3. Resumes from 4 (task 2 start); paused after training task 2, before its Fisher pass.
-  run_until_hang(w, real_data_dir, "1:2:0", every)
+  run_until_hang(w, tiny_mnist_dir, "1:2:0", every)
   # 4. Resumes there: evaluation + Fisher of task 2, then task 3, to the end.
-  proc = run_ok(w, real_data_dir, every)
+  proc = run_ok(w, tiny_mnist_dir, every)
   assert "(task 2 trained, evaluation and consolidation next)" in proc.stdout
   assert numbers(w) == numbers(reference)
   meta_a, arrays_a = final_state(w)
@@ -147,22 +147,22 @@ def test_killed_three_times_then_resumed_is_bit_identical(reference, real_data_d
     np.testing.assert_array_equal(value, arrays_b[key], err_msg=key)
 
 
-def test_killed_without_chunk_checkpoints_resumes_from_the_last_task(reference, real_data_dir,
+def test_killed_without_chunk_checkpoints_resumes_from_the_last_task(reference, tiny_mnist_dir,
                                                                       tmp_path):
   """Default --checkpoint_every=0: killed mid-task, the task is redone from its start."""
   w = tmp_path / "run"
-  run_until_hang(w, real_data_dir, "1:1:16")
+  run_until_hang(w, tiny_mnist_dir, "1:1:16")
   assert steps_on_disk(w) == ["0"]
-  proc = run_ok(w, real_data_dir)
+  proc = run_ok(w, tiny_mnist_dir)
   assert "(task 2, epoch 1, step 0)" in proc.stdout
   assert numbers(w) == numbers(reference)
   # Re-running the finished command again reproduces the results from the last checkpoint.
-  proc = run_ok(w, real_data_dir)
+  proc = run_ok(w, tiny_mnist_dir)
   assert "(all tasks done)" in proc.stdout and numbers(w) == numbers(reference)
 
 
 def test_checkpoint_errors_are_one_line_exit_2_and_force_restart_recovers(
-    reference, real_data_dir, tmp_path):
+    reference, tiny_mnist_dir, tmp_path):
   """Another config, --noresume, a truncated checkpoint: refused; then --force_restart. All four
   command lines run in one process (tests/cli_batch.py)."""
   a, b = tmp_path / "a", tmp_path / "b"
@@ -172,7 +172,7 @@ def test_checkpoint_errors_are_one_line_exit_2_and_force_restart_recovers(
   newest = b / "checkpoints" / "seed_0" / steps_on_disk(b)[-1]
   for path in (newest / "state" / "d").iterdir():  # truncate every array file of the newest
     path.write_bytes(path.read_bytes()[:10])
-  common = [*PROTOCOL, f"--data_dir={real_data_dir}"]
+  common = [*PROTOCOL, f"--data_dir={tiny_mnist_dir}"]
   jobs = [[*common, f"--workdir={a}", "--lam=10", "--fisher=true"],
           [*common, f"--workdir={a}", "--noresume"],
           [*common, f"--workdir={b}"],

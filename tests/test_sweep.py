@@ -155,9 +155,9 @@ def run_cli(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-def test_cli_real_data_smoke(real_data_dir, tmp_path):
+def test_cli_real_data_smoke(tiny_mnist_dir, tmp_path):
   proc = run_cli("--benchmark=split_mnist", "--algo=ewc", "--lam=1,1000", "--seeds=0,1",
-                 "--num_tasks=2", "--max_examples=300", f"--data_dir={real_data_dir}",
+                 "--num_tasks=2", "--max_examples=300", f"--data_dir={tiny_mnist_dir}",
                  f"--workdir={tmp_path}", "--noprogress", "--max_parallel=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "results.json").read_text())

@@ -68,31 +68,31 @@ EVERY = ("--max_parallel=2", "--checkpoint_every=16")  # two chunks of 2 configs
 
 
 @pytest.fixture(scope="module")
-def reference(real_data_dir, tmp_path_factory):
+def reference(tiny_mnist_dir, tmp_path_factory):
   """The uninterrupted sweep."""
   ref = tmp_path_factory.mktemp("sweep_reference") / "run"
-  run_ok(ref, real_data_dir, *EVERY)
+  run_ok(ref, tiny_mnist_dir, *EVERY)
   want = per_config(ref)
   assert len(want) == 4 and all(c["acc_matrix"][0][0] > 0.8 for c in want)
   return want
 
 
 def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
-    reference, real_data_dir, tmp_path):
+    reference, tiny_mnist_dir, tmp_path):
   """SIGKILL mid-task in chunk 1, then mid-epoch in chunk 2, then finished: all 4 matrices and
   curves equal the uninterrupted sweep's."""
   w = tmp_path / "run"
   # 1. Chunk 1 paused in task 2 after step 16 (a chunk checkpoint there): SIGKILL.
-  proc = start_paused(w, real_data_dir, "1:0:16", *EVERY)
+  proc = start_paused(w, tiny_mnist_dir, "1:0:16", *EVERY)
   # A second sweep on the locked workdir is refused at once.
-  cmd, env = command(w, real_data_dir, *EVERY)
+  cmd, env = command(w, tiny_mnist_dir, *EVERY)
   second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr[-2000:]
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert chunk_steps(w, 0) and not chunk_steps(w, 1)
   # A changed grid is refused, naming what differs (nothing is trained).
-  cmd, env = command(w, real_data_dir, *EVERY, "--lam=1,10")
+  cmd, env = command(w, tiny_mnist_dir, *EVERY, "--lam=1,10")
   bad = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   lines = [l for l in bad.stderr.splitlines() if l.startswith("error: ")]
   assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
@@ -100,13 +100,13 @@ def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
   assert "--force_restart" in lines[0] and "Traceback" not in bad.stderr
   # 2. Resumes chunk 1 from task 2, step 16 and finishes it; chunk 2 paused in task 1, epoch 2,
   #    step 16 (a position the resumed chunk 1 never passes again): SIGKILL.
-  proc = start_paused(w, real_data_dir, "0:1:16", *EVERY)
+  proc = start_paused(w, tiny_mnist_dir, "0:1:16", *EVERY)
   proc.send_signal(signal.SIGKILL)
   out, _ = proc.communicate(timeout=60)
   assert "chunk 1/2: resuming from" in out and "(task 2, epoch 1, step 16)" in out, out
   assert chunk_steps(w, 1)
   # 3. Finishes: chunk 1 restored as done, chunk 2 resumed from its chunk checkpoint.
-  proc = run_ok(w, real_data_dir, *EVERY)
+  proc = run_ok(w, tiny_mnist_dir, *EVERY)
   assert "chunk 1/2: resuming from" in proc.stdout and "(all tasks done)" in proc.stdout
   assert "chunk 2/2: resuming from" in proc.stdout
   assert "(task 1, epoch 2, step 16)" in proc.stdout, proc.stdout
@@ -115,14 +115,14 @@ def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
     assert a == b, f"config {k} differs"
 
 
-def test_sweep_sigterm_saves_the_position_and_resumes_bit_identical(reference, real_data_dir,
+def test_sweep_sigterm_saves_the_position_and_resumes_bit_identical(reference, tiny_mnist_dir,
                                                                      tmp_path):
   """Paused between two chunk checkpoints (task 1, epoch 2, step 16 with --checkpoint_every=64
   saves none there): SIGTERM saves that position, one line, exit 143; the resumed sweep equals
   the uninterrupted one."""
   w = tmp_path / "run"
   flags = ("--max_parallel=2", "--checkpoint_every=64")  # not part of the identity
-  proc = start_paused(w, real_data_dir, "0:1:16", *flags)
+  proc = start_paused(w, tiny_mnist_dir, "0:1:16", *flags)
   assert not chunk_steps(w, 0)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
@@ -131,28 +131,28 @@ def test_sweep_sigterm_saves_the_position_and_resumes_bit_identical(reference, r
   assert err.strip().splitlines()[-1] == ("interrupted (SIGTERM) at task 1, epoch 2, step 16; "
                                           "saved; run the same command to resume"), err
   assert chunk_steps(w, 0) == ["0"]
-  proc = run_ok(w, real_data_dir, *flags)
+  proc = run_ok(w, tiny_mnist_dir, *flags)
   assert "chunk 1/2: resuming from" in proc.stdout and "(task 1, epoch 2, step 16)" in proc.stdout
   assert per_config(w) == reference
 
 
-def test_sharded_sweep_killed_and_resumed_on_the_same_mesh(real_data_dir, tmp_path):
+def test_sharded_sweep_killed_and_resumed_on_the_same_mesh(tiny_mnist_dir, tmp_path):
   """Two forced host devices: the config axis sharded over a (2, 1) mesh; each device's shard
   saved and restored onto the same mesh."""
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
   ref = tmp_path / "reference"
-  run_ok(ref, real_data_dir, env=env)
+  run_ok(ref, tiny_mnist_dir, env=env)
   layout = json.loads((ref / "results.json").read_text())["layout"][0]
   assert (layout["config_parallel"], layout["num_devices"]) == (2, 2)
   w = tmp_path / "run"
-  proc = start_paused(w, real_data_dir, "1:1:16", "--checkpoint_every=16", env=env)
+  proc = start_paused(w, tiny_mnist_dir, "1:1:16", "--checkpoint_every=16", env=env)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
-  proc = run_ok(w, real_data_dir, "--checkpoint_every=16", env=env)
+  proc = run_ok(w, tiny_mnist_dir, "--checkpoint_every=16", env=env)
   assert "(task 2, epoch 2, step 16)" in proc.stdout, proc.stdout
   assert per_config(w) == per_config(ref)
   # Another device count is another layout: refused, not restored onto a different mesh.
-  cmd, env1 = command(w, real_data_dir, "--checkpoint_every=16", "--force_restart=false",
+  cmd, env1 = command(w, tiny_mnist_dir, "--checkpoint_every=16", "--force_restart=false",
                       env={"JAX_PLATFORMS": "cpu"})
   bad = subprocess.run(cmd, cwd=ROOT, env=env1, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "layout" in bad.stderr and "Traceback" not in bad.stderr, \
