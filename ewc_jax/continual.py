@@ -23,7 +23,6 @@ from ewc_jax import algorithms
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
 from ewc_jax import holdout
-from ewc_jax import metrics as metrics_lib
 from ewc_jax import train as train_lib
 
 PyTree = Any
@@ -511,6 +510,3 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   return Result(acc_matrix=rs.acc, curves=rs.curves, timings=timings,
                 params=rs.train_state.params, memory=rs.memory, val_acc_matrix=rs.val_acc)
 
-
-def summary(result: Result) -> dict:
-  return metrics_lib.summarize(result.acc_matrix)

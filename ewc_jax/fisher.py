@@ -6,7 +6,7 @@ huge logits). Data are processed in batches with a ``lax.scan``, the last partia
 masked, and every sum is accumulated in float32. The result is a mean over the N (unmasked)
 examples.
 
-Kinds (see SPEC.md):
+Kinds (docs/maths.md):
 
 * ``"empirical"`` (default): :math:`F_i = \frac1N \sum_n (\partial_i \ell(x_n, y_n))^2`,
   per-example gradients with the true labels.

@@ -66,10 +66,6 @@ class Network(NamedTuple):
   def task_names(self) -> list[str]:
     return list(self.heads)
 
-  @property
-  def num_tasks(self) -> int:
-    return len(self.head_of_task)
-
 
 def task_name(index: int) -> str:
   """Name of the head of task ``index`` (0-based): ``"task_1"``, ``"task_2"``, ..."""

@@ -1,6 +1,6 @@
 """Continual-learning metrics of an accuracy matrix.
 
-``R[i, j]`` = test accuracy on task j after training task i (0-based here; tasks 1..T in SPEC.md).
+``R[i, j]`` = test accuracy on task j after training task i (0-based here; tasks 1..T in docs/maths.md).
 
 * average accuracy  AA  = mean_j R[T-1, j]
 * backward transfer BWT = mean_{j<T-1} (R[T-1, j] - R[j, j])   (Lopez-Paz & Ranzato, 2017)
