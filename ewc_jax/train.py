@@ -28,6 +28,7 @@ METRIC_NAMES = ("loss", "loss_cls", "loss_reg", "acc")
 
 
 class TrainState(NamedTuple):
+  """``params`` (``{"backbone": ..., "heads": {...}}``) and the optimizer's state."""
   params: PyTree
   opt_state: PyTree
 

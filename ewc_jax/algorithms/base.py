@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 
@@ -17,22 +17,43 @@ class Hyper(NamedTuple):
   lr: Any = 1e-3
 
 
+class InitFn(Protocol):
+  """``(theta, num_tasks) -> memory``: the empty memory of the consolidated parameters θ, an
+  immutable pytree whose shape does not depend on the task (one compiled program for all)."""
+
+  def __call__(self, theta: PyTree, num_tasks: int) -> PyTree: ...
+
+
+class PenaltyFn(Protocol):
+  """``(theta, memory, hyper, task_index) -> scalar``: loss_reg, added to the task loss; pure and
+  differentiable in θ (``task_index`` is an int32 array: the task being trained)."""
+
+  def __call__(self, theta: PyTree, memory: PyTree, hyper: Hyper, task_index: Any) -> jax.Array: ...
+
+
+class ConsolidateFn(Protocol):
+  """``(memory, theta, importance, task_index, hyper) -> memory``: the memory after task
+  ``task_index`` (θ*_t = ``theta``, F_t = ``importance``, a pytree like θ)."""
+
+  def __call__(self, memory: PyTree, theta: PyTree, importance: PyTree, task_index: Any,
+               hyper: Hyper) -> PyTree: ...
+
+
 class Algorithm(NamedTuple):
-  """A continual-learning regulariser.
+  """A continual-learning regulariser: pure functions over a fixed-shape memory.
 
   Attributes:
     name: the ``--algo`` name.
-    init: ``(backbone, num_tasks) -> memory``, an immutable pytree of fixed shape (so one
-      compiled program serves every task).
-    penalty: ``(backbone, memory, hyper, task_index) -> scalar`` added to the loss.
-    consolidate: ``(memory, backbone, importance, task_index, hyper) -> memory`` after a task.
+    init: :class:`InitFn`.
+    penalty: :class:`PenaltyFn`.
+    consolidate: :class:`ConsolidateFn`, called after each task but the last.
     importance: what ``consolidate`` is given: ``"fisher"`` (the configured Fisher kind),
       ``"unit"`` (ones, e.g. L2) or ``None`` (nothing to consolidate).
     joint: train task t on the union of tasks 1..t (the upper bound).
   """
   name: str
-  init: Callable[[PyTree, int], PyTree]
-  penalty: Callable[[PyTree, PyTree, Hyper, Any], jax.Array]
-  consolidate: Callable[[PyTree, PyTree, PyTree, Any, Hyper], PyTree]
+  init: InitFn
+  penalty: PenaltyFn
+  consolidate: ConsolidateFn
   importance: str | None = "fisher"
   joint: bool = False

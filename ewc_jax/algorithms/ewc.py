@@ -28,6 +28,9 @@ PENALTIES = ("standard", "seed", "clarena")
 
 
 class EWCMemory(NamedTuple):
+  """What EWC remembers: ``anchors``, the (θ*_k, F_k) of every previous task stacked in
+  ``num_tasks - 1`` slots (free slots: zero importance), and ``merged``, their p = 2 sufficient
+  statistics (A, m, c of :class:`ewc_jax.penalty.Merged`, read when p = 2)."""
   anchors: penalty_lib.Anchor
   merged: penalty_lib.Merged
 
@@ -54,8 +57,7 @@ def _distance(backbone, memory: EWCMemory, p):
                   lambda: penalty_lib.weighted_distance(backbone, memory.anchors, p))
 
 
-def ewc(penalty: str = "standard", p: float | None = None, **unused) -> Algorithm:
-  del unused
+def ewc(penalty: str = "standard", p: float | None = None) -> Algorithm:
   if penalty == "standard":
     def pen(backbone, memory, hyper, task_index):
       return 0.5 * hyper.lam * _distance(backbone, memory, hyper.p if p is None else p)

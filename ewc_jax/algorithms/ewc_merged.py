@@ -11,8 +11,7 @@ from ewc_jax import penalty as penalty_lib
 from ewc_jax.algorithms.base import Algorithm
 
 
-def ewc_merged(p: float | None = 2.0, **unused) -> Algorithm:
-  del unused
+def ewc_merged(p: float | None = 2.0) -> Algorithm:
   if p is not None and p != 2:
     raise ValueError(f"`p` must be 2 for ewc_merged (a merged quadratic), but got p={p}.")
   return Algorithm(

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 from ewc_jax.algorithms.base import Algorithm
 
 
-def finetune(**unused) -> Algorithm:
-  del unused
+def finetune(p: float | None = None) -> Algorithm:
+  del p  # no penalty: the exponent is unused
   return Algorithm(
       name="finetune",
       init=lambda backbone, num_tasks: (),

@@ -4,6 +4,6 @@ from ewc_jax.algorithms.base import Algorithm
 from ewc_jax.algorithms.finetune import finetune
 
 
-def joint(**unused) -> Algorithm:
-  del unused
+def joint(p: float | None = None) -> Algorithm:
+  del p  # no penalty: the exponent is unused
   return finetune()._replace(name="joint", joint=True)

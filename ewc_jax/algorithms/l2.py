@@ -7,6 +7,5 @@ from ewc_jax.algorithms.base import Algorithm
 from ewc_jax.algorithms.ewc import ewc
 
 
-def l2(p: float | None = None, **unused) -> Algorithm:
-  del unused
+def l2(p: float | None = None) -> Algorithm:
   return ewc("standard", p=p)._replace(name="l2", importance="unit")

@@ -24,8 +24,7 @@ def _consolidate(memory, backbone, importance, task_index, hyper):
   return penalty_lib.stack_anchors([penalty_lib.Anchor(backbone, decayed)])
 
 
-def online_ewc(p: float | None = None, **unused) -> Algorithm:
-  del unused
+def online_ewc(p: float | None = None) -> Algorithm:
 
   def pen(backbone, memory, hyper, task_index):
     return 0.5 * hyper.lam * penalty_lib.weighted_distance(
