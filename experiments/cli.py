@@ -357,6 +357,9 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
   from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   num_tasks, max_examples = subset
+  if FLAGS.plots:  # matplotlib's import overlaps the training
+    from experiments import plots  # pylint: disable=import-outside-toplevel
+    plots.prefetch()
   runs = []
   for seed in seeds:
     cfg = dataclasses.replace(config, seed=seed)
