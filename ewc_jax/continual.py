@@ -23,6 +23,7 @@ from ewc_jax import algorithms
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
 from ewc_jax import holdout
+from ewc_jax import task_data
 from ewc_jax import train as train_lib
 
 PyTree = Any
@@ -179,27 +180,6 @@ def make_algorithm(cfg: Config, dynamic_p: bool = False) -> algorithms.Algorithm
 def hyper_of(cfg: Config) -> algorithms.Hyper:
   return algorithms.Hyper(*(jnp.asarray(v, jnp.float32)
                             for v in (cfg.lam, cfg.p, cfg.gamma, cfg.lr)))
-
-
-def cumulative(data: train_lib.TaskData) -> train_lib.TaskData:
-  """Training sets for joint training: set t holds the examples of tasks 0..t (with task ids)."""
-  inputs, labels, counts = (np.asarray(a) for a in data[:3])
-  ids = (np.asarray(data.task_ids) if data.task_ids is not None else
-         np.broadcast_to(np.arange(len(counts))[:, None], labels.shape))
-  num_tasks, total = len(counts), int(counts.sum())
-  out_x = np.zeros((num_tasks, total) + inputs.shape[2:], inputs.dtype)
-  out_y = np.zeros((num_tasks, total), np.int32)
-  out_t = np.zeros((num_tasks, total), np.int32)
-  out_n = np.zeros(num_tasks, np.int32)
-  for t in range(num_tasks):
-    rows = [(inputs[k, :counts[k]], labels[k, :counts[k]], ids[k, :counts[k]])
-            for k in range(t + 1)]
-    n = sum(len(r[1]) for r in rows)
-    out_x[t, :n] = np.concatenate([r[0] for r in rows])
-    out_y[t, :n] = np.concatenate([r[1] for r in rows])
-    out_t[t, :n] = np.concatenate([r[2] for r in rows])
-    out_n[t] = n
-  return train_lib.TaskData(*(jax.device_put(a) for a in (out_x, out_y, out_n, out_t)))
 
 
 class Programs(NamedTuple):
@@ -388,7 +368,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
         f"{int(np.asarray(train.counts).argmin()) + 1}"
         + (", after holding out the validation split)." if validation is not None else ")."))
   if algo.joint:
-    train = cumulative(train)
+    train = task_data.cumulative(train)
   batched = seeds is not None
   if sharding is not None and not batched:
     raise ValueError("`sharding` needs a sweep (`seeds` and `hyper` with a config axis).")

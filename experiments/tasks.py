@@ -7,21 +7,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from ewc_jax.task_data import pad_tasks
 from ewc_jax.train import TaskData
 
 SPLIT_MNIST_CLASSES = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
-
-
-def pad_tasks(task_inputs: Sequence[np.ndarray], task_labels: Sequence[np.ndarray]) -> TaskData:
-  """Stacks tasks of different sizes into ``[T, N_max, ...]`` arrays with per-task counts."""
-  counts = np.array([len(x) for x in task_inputs], np.int32)
-  n_max = int(counts.max())
-  inputs = np.zeros((len(task_inputs), n_max) + task_inputs[0].shape[1:], task_inputs[0].dtype)
-  labels = np.zeros((len(task_inputs), n_max), np.int32)
-  for t, (x, y) in enumerate(zip(task_inputs, task_labels)):
-    inputs[t, :len(x)] = x
-    labels[t, :len(y)] = y
-  return TaskData(inputs=inputs, labels=labels, counts=counts)
 
 
 def split_by_classes(images: np.ndarray, labels: np.ndarray,

@@ -18,7 +18,7 @@ CFG = continual.Config(epochs=1, batch_size=16, hidden=(16,), lam=100.0, chunk_s
 
 def float_tasks(n, nan_task=None):
   """T binary tasks of float features; every input of ``nan_task`` is NaN."""
-  from experiments.tasks import pad_tasks  # pylint: disable=import-outside-toplevel
+  from ewc_jax.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   xs, ys = [], []
   for t in range(T):
