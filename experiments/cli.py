@@ -113,6 +113,10 @@ def define_flags(bench: Benchmark) -> None:
                        "(quick checks; default: all).")
   flags.DEFINE_bool("plots", True, "Write the PNG plots.")
   flags.DEFINE_bool("progress", True, "Show a progress bar per task.")
+  flags.DEFINE_bool("tensorboard", False, "Write TensorBoard scalars while training (per epoch: "
+                    "train loss parts and accuracy; per task: test accuracy of every task seen, "
+                    "average accuracy, validation average accuracy) under "
+                    "<workdir>/tensorboard/seed_<s>.")
   flags.DEFINE_bool("compile_cache", True, "Use JAX's persistent compilation cache.")
   flags.DEFINE_bool("debug", False, "Show full tracebacks for user errors.")
   flags.DEFINE_bool("checkpoint", True, "Save the run state after every task (and every "
@@ -391,8 +395,13 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
       resumed_from = str(ckpt.step_path(ckpt.latest_step()))
       where = checkpoint.describe_position(resume, cfg, np.asarray(train.counts))
       print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
-    result = continual.run(cfg, net, train, test, resume=resume,
-                           on_checkpoint=ckpt if ckpt is not None else interrupt.check,
+    hook = ckpt if ckpt is not None else interrupt.check
+    if FLAGS.tensorboard:  # scalars first: an interrupt raised by the checkpointer keeps them
+      from experiments import tensorboard  # pylint: disable=import-outside-toplevel
+      logger = tensorboard.ScalarLogger(workdir / "tensorboard" / f"seed_{seed}", start=resume)
+      savers.callback(logger.close)
+      hook = tensorboard.chain(logger, hook)
+    result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=hook,
                            progress=make_progress(FLAGS.progress, prefix))
     timings = {"import": import_seconds, "data": data_seconds, **result.timings,
                "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
