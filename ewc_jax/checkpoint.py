@@ -53,11 +53,6 @@ FORMAT = "ewc_jax.run_state"
 VERSION = 1
 RESTART_HINT = "pass --force_restart to discard the checkpoints and start over"
 
-# Test hook (used by tests/test_checkpoint.py to kill a run at a known point, deterministically):
-# when the run reaches position "task:epoch:step" (after that checkpoint, if any, is saved), write
-# the file named by EWC_JAX_TEST_MARKER and sleep until killed (or until SIGINT/SIGTERM requests
-# a stop, see ewc_jax.interrupt: the run then saves that position and stops).
-HANG_ENV, MARKER_ENV = "EWC_JAX_TEST_HANG_AT", "EWC_JAX_TEST_MARKER"
 
 
 class CheckpointError(ValueError):
@@ -372,7 +367,6 @@ class RunCheckpointer:
       if self._since >= self.every:
         self.save(rs, reason)
         self._since, saved = 0, True
-    _maybe_hang(rs, self)
     if interrupt.requested() is not None:  # SIGINT/SIGTERM: save this position, then stop
       if not saved:
         self.save(rs, "interrupt")
@@ -429,19 +423,6 @@ def _remove_unfinished(directory: Path) -> None:
   if directory.is_dir():
     for path in directory.glob("*.orbax-checkpoint-tmp*"):
       shutil.rmtree(path, ignore_errors=True)
-
-
-def _maybe_hang(rs: continual.RunState, ckpt: RunCheckpointer) -> None:
-  at = os.environ.get(HANG_ENV)
-  if not at or at != f"{rs.task}:{rs.epoch}:{rs.step}":
-    return
-  ckpt.wait()  # "after that position's checkpoint is saved": committed, not just started
-  marker = os.environ.get(MARKER_ENV)
-  if marker:
-    Path(marker).write_text(at)
-  print(f"[{HANG_ENV}] paused at {at}", file=sys.stderr, flush=True)
-  while interrupt.requested() is None:  # until killed, or a stop is requested (SIGINT/SIGTERM)
-    time.sleep(0.05)
 
 
 def checkpoint_dirs(root: str | os.PathLike, pattern: str = "seed_*") -> list[Path]:

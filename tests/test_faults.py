@@ -7,9 +7,9 @@
 * A save that fails (the file-size limit of the process, as on a full disk): one error line,
   exit 2, the last complete checkpoint intact and resumable.
 
-Positions are reached deterministically through the EWC_JAX_TEST_HANG_AT pause of
-ewc_jax.checkpoint (see tests/test_resume_cli.py); the same tiny protocol (3 tasks of 400 real
-MNIST examples, batch 16, chunks of 16 steps, 2 epochs, MLP 784-64).
+Positions are reached deterministically through the test-only EWC_JAX_TEST_HANG_AT pause
+(tests/hooks/sitecustomize.py, see tests/test_resume_cli.py); the same tiny protocol (3 tasks of
+400 examples of the session's tiny MNIST, batch 16, chunks of 16 steps, 2 epochs, MLP 784-64).
 """
 
 import os
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import pause
 
 from tests.test_resume_cli import ROOT, cli, numbers, run_ok, steps_on_disk
 
@@ -46,7 +48,7 @@ def start_paused(workdir, data_dir, at, *extra):
   process (still running, holding the workdir's lock)."""
   marker = Path(workdir).parent / f"marker-{Path(workdir).name}-{at.replace(':', '_')}"
   cmd, env = cli(workdir, data_dir, *extra,
-                 env={"EWC_JAX_TEST_HANG_AT": at, "EWC_JAX_TEST_MARKER": str(marker)})
+                 env=pause.pause_env(at, marker))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 300

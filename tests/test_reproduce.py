@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import pause
+
 from experiments import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +131,7 @@ def test_reproduce_killed_then_resumed_gives_the_same_record(real_data_dir, tmp_
   cmd, env = command("ref")
   assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
   marker = tmp_path / "marker"
-  cmd, env = command("run", {"EWC_JAX_TEST_HANG_AT": "1:1:0", "EWC_JAX_TEST_MARKER": str(marker)})
+  cmd, env = command("run", pause.pause_env("1:1:0", marker))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 300
   while not marker.exists():

@@ -1,7 +1,8 @@
 """The command line killed with SIGKILL and resumed: results bit-identical to an uninterrupted run.
 
-Kills are deterministic: the run pauses at a given position through the EWC_JAX_TEST_HANG_AT
-hook of ewc_jax.checkpoint (after that position's checkpoint, if any, is saved) and writes a
+Kills are deterministic: the run pauses at a given position through the test-only
+EWC_JAX_TEST_HANG_AT pause that tests/hooks/sitecustomize.py installs in the subprocess (after
+that position's checkpoint, if any, is saved; production code has no hook) and writes a
 marker file; the test waits for the marker, then sends SIGKILL. The kill *inside* a save patches
 orbax's rename (tests only) to SIGKILL the process just before a step folder is committed.
 Tiny protocol: 3 tasks of 400 real MNIST examples, batch 16 (25 steps per epoch, chunks of 16
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import pause
 
 import cli_batch
 
@@ -62,7 +65,7 @@ def run_until_hang(workdir, data_dir, at, *extra):
   """Starts the CLI, waits until it pauses at position ``at`` ("task:epoch:step"), SIGKILLs it."""
   marker = Path(workdir).parent / f"marker-{Path(workdir).name}-{at.replace(':', '_')}"
   cmd, env = cli(workdir, data_dir, *extra,
-                 env={"EWC_JAX_TEST_HANG_AT": at, "EWC_JAX_TEST_MARKER": str(marker)})
+                 env=pause.pause_env(at, marker))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 600

@@ -2,8 +2,9 @@
 and curves bit-identical to the uninterrupted sweep; with --max_parallel chunks and on a
 sharded mesh of forced host devices.
 
-Positions are reached through the EWC_JAX_TEST_HANG_AT pause of ewc_jax.checkpoint (the
-position of the chunk being trained). Tiny protocol: 3 tasks of 400 real MNIST examples,
+Positions are reached through the test-only EWC_JAX_TEST_HANG_AT pause
+(tests/hooks/sitecustomize.py; the position of the chunk being trained). Tiny protocol: 3 tasks
+of 400 examples of the session's tiny MNIST,
 batch 16, chunks of 16 steps, 2 epochs, MLP 784-32; 4 configs (lam x seed).
 """
 
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import pause
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ("--benchmark=split_mnist", "--lam=1,1000", "--seeds=0,1", "--num_tasks=3",
@@ -39,7 +42,7 @@ def run_ok(workdir, data_dir, *extra, env=None):
 def start_paused(workdir, data_dir, at, *extra, env=None):
   marker = Path(workdir).parent / f"marker-{Path(workdir).name}-{at.replace(':', '_')}"
   cmd, env = command(workdir, data_dir, *extra, env={
-      **(env or {}), "EWC_JAX_TEST_HANG_AT": at, "EWC_JAX_TEST_MARKER": str(marker)})
+      **(env or {}), **pause.pause_env(at, marker)})
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 300
