@@ -13,7 +13,6 @@ from typing import Any
 from ewc_jax import orbax_io
 from ewc_jax import penalty as penalty_lib
 from ewc_jax import validation
-from ewc_jax import variables
 
 ANCHORS_FORMAT = "ewc_jax.anchors"
 VERSION = 1
@@ -26,24 +25,11 @@ def _anchor_tree(anchors) -> tuple[str, Any]:
                                     "anchors.params")
     validation.check_importance("anchors.importance", anchors.importance)
     return "stacked", anchors
-  if not isinstance(anchors, (list, tuple)):
-    raise ValueError(f"`anchors` must be a sequence of ewc_jax.Anchor or one stacked Anchor, "
-                     f"got {type(anchors).__name__}.")
-  out = []
-  for k, a in enumerate(anchors):
-    if not isinstance(a, penalty_lib.Anchor) and not (isinstance(a, tuple) and len(a) == 2):
-      raise ValueError(f"`anchors[{k}]` must be an ewc_jax.Anchor(params, importance), got "
-                       f"{type(a).__name__}.")
-    a_params, a_imp = (variables.as_arrays(x) for x in a)
-    validation.check_same_structure(f"anchors[{k}].importance", a_params, a_imp,
-                                    f"anchors[{k}].params")
-    validation.check_importance(f"anchors[{k}].importance", a_imp)
-    a = penalty_lib.Anchor(a_params, a_imp)
-    if out:
-      validation.check_same_structure(f"anchors[{k}].params", out[0].params, a.params,
-                                      "anchors[0].params")
-    out.append(a)
-  return "sequence", tuple(out)
+  out = penalty_lib.anchor_sequence(anchors)
+  for k, a in enumerate(out[1:], start=1):
+    validation.check_same_structure(f"anchors[{k}].params", out[0].params, a.params,
+                                    "anchors[0].params")
+  return "sequence", out
 
 
 def save_anchors(path: str | os.PathLike, anchors, *, overwrite: bool = False) -> None:

@@ -206,24 +206,37 @@ def _as_stacked(params: PyTree, anchors: Anchors, name: str = "anchors") -> _Sta
     validation.check_same_structure(f"{name}.importance", params, unstacked.importance)
     validation.check_importance(f"{name}.importance", anchors.importance)
     return _Stacked(jax.tree.leaves(anchors.params), jax.tree.leaves(anchors.importance))
+  checked = []
+  for k, anchor in enumerate(anchor_sequence(anchors, name)):
+    validation.check_same_structure(f"{name}[{k}].params", params, anchor.params)
+    validation.check_same_structure(f"{name}[{k}].importance", params, anchor.importance)
+    checked.append((jax.tree.leaves(anchor.params), jax.tree.leaves(anchor.importance)))
+  if not checked:
+    return None
+  return _Stacked(*([jnp.stack(xs) for xs in zip(*(c[j] for c in checked))] for j in (0, 1)))
+
+
+def anchor_sequence(anchors, name: str = "anchors") -> tuple[Anchor, ...]:
+  """``anchors`` (a sequence of :class:`Anchor` or ``(params, importance)`` pairs) as a tuple of
+  Anchors of plain arrays (NNX Variables dropped), each checked where concrete: its importance
+  has the structure of its params and is finite and >= 0. The one check of a sequence of anchors
+  (the penalties, :func:`ewc_jax.save_anchors`); errors name ``name[k]``."""
   if not isinstance(anchors, (list, tuple)):
     raise ValueError(
         f"`{name}` must be a sequence of ewc_jax.Anchor or one stacked Anchor, got "
         f"{type(anchors).__name__}.")
-  checked = []
+  out = []
   for k, anchor in enumerate(anchors):
     if not isinstance(anchor, Anchor) and not (isinstance(anchor, tuple) and len(anchor) == 2):
       raise ValueError(
           f"`{name}[{k}]` must be an ewc_jax.Anchor(params, importance), got "
           f"{type(anchor).__name__}.")
     a_params, a_imp = (variables.as_arrays(x) for x in anchor)
-    validation.check_same_structure(f"{name}[{k}].params", params, a_params)
-    validation.check_same_structure(f"{name}[{k}].importance", params, a_imp)
+    validation.check_same_structure(f"{name}[{k}].importance", a_params, a_imp,
+                                    f"{name}[{k}].params")
     validation.check_importance(f"{name}[{k}].importance", a_imp)
-    checked.append((jax.tree.leaves(a_params), jax.tree.leaves(a_imp)))
-  if not checked:
-    return None
-  return _Stacked(*([jnp.stack(xs) for xs in zip(*(c[j] for c in checked))] for j in (0, 1)))
+    out.append(tuple.__new__(Anchor, (a_params, a_imp)))  # checked above: no second check
+  return tuple(out)
 
 
 def abs_pow(x: jax.Array, p: Any) -> jax.Array:
