@@ -397,7 +397,6 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
                        sharding, validation)
   timings["compile"] = time.perf_counter() - t0
 
-  counts = np.asarray(train.counts)
   lead = (len(seeds),) if batched else ()
   if resume is None:
     params = c.init(k_init)
@@ -408,85 +407,122 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
                            np.zeros(lead + (num_tasks, num_tasks))))
   else:
     rs = resume
-
-  def epoch_means(sums):
-    total = np.maximum(sums["count"], 1.0)
-    return {k: sums[k] / total for k in train_lib.METRIC_NAMES}
-
+  loop = _Loop(cfg, c, train, test, validation, hyper, k_order, k_fisher, fold, lead,
+               progress, on_checkpoint, timings)
   while rs.task < num_tasks:
-    t = rs.task
-    epochs, steps, last_steps = cfg.schedule(counts[t])
-    state = rs.train_state
-    if rs.epoch == 0 and rs.step == 0:
-      if cfg.reset_optimizer or t == 0:  # Adam restarts at every task, or only at the first
-        state = c.new_state(state.params, hyper.lr)
-      rs = rs._replace(curves=rs.curves[:t] + [{k: [] for k in train_lib.METRIC_NAMES}],
-                       epoch_sums={})
-    done = rs.epoch * steps + rs.step
-    total_steps = (epochs - 1) * steps + last_steps
-    bar = progress(t, total_steps, done) if progress and rs.epoch < epochs else None
-    t0 = time.perf_counter()
-    epoch, start, sums, curves = rs.epoch, rs.step, dict(rs.epoch_sums), rs.curves
-    while epoch < epochs:
-      stop = last_steps if epoch == epochs - 1 else steps
-      order = c.order(fold(fold(k_order, t), epoch), _i32(counts[t]))
-      if not sums:
-        sums = {k: np.zeros(lead) for k in ("count",) + train_lib.METRIC_NAMES}
-      while start < stop:
-        prev = start
-        state, m = c.chunk(state, train, order, _i32(start), _i32(t), rs.memory, hyper,
-                           _i32(stop))
-        m = jax.device_get(m)
-        try:  # before anything of this chunk is kept (sums, RunState, checkpoint)
-          check_finite(m, task=t, num_tasks=num_tasks, epoch=epoch, start=start, steps=stop)
-        except NumericalError:
-          if bar is not None:
-            bar.close()
-          raise
-        n = m["count"]
-        sums = {"count": sums["count"] + n.sum(-1),
-                **{k: sums[k] + np.sum(m[k] * n, -1) for k in train_lib.METRIC_NAMES}}
-        start = min(start + cfg.chunk_steps, stop)
-        if bar is not None:
-          bar.update(start - prev)
-          means = {k: float(np.mean(np.sum(m[k] * n, -1) / np.maximum(n.sum(-1), 1)))
-                   for k in ("loss_cls", "loss_reg", "acc")}
-          bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
-        finished = start >= stop
-        if finished:
-          means = epoch_means(sums)
-          cur = curves[t]
-          curves = curves[:t] + [{k: cur[k] + [means[k].tolist()] for k in cur}]
-          epoch, start, sums = epoch + 1, 0, {}
-        rs = rs._replace(epoch=epoch, step=start, train_state=state, curves=curves,
-                         epoch_sums=sums)
-        if on_checkpoint is not None:
-          on_checkpoint(rs, "chunk")
-        if finished:
-          break
-    jax.block_until_ready(state.params)
-    timings["train"] += time.perf_counter() - t0
-    if bar is not None:
-      bar.close()
-
-    t0 = time.perf_counter()
-    acc = rs.acc.copy()
-    acc[..., t, :] = np.asarray(c.evaluate(state.params, test, _i32(t)))
-    val_acc = rs.val_acc
-    if validation is not None:
-      val_acc = val_acc.copy()
-      val_acc[..., t, :] = np.asarray(c.evaluate_validation(state.params, validation, _i32(t)))
-    timings["eval"] += time.perf_counter() - t0
-    memory = rs.memory
-    if c.consolidate is not None and t < num_tasks - 1:
-      t0 = time.perf_counter()
-      memory = jax.block_until_ready(c.consolidate(
-          memory, state.params, train, _i32(t), fold(k_fisher, t), hyper))
-      timings["fisher"] += time.perf_counter() - t0
-    rs = RunState(task=t + 1, epoch=0, step=0, train_state=state, memory=memory, acc=acc,
-                  curves=rs.curves, epoch_sums={}, val_acc=val_acc)
+    rs = _train_task(loop, rs)
+    rs = _evaluate_and_consolidate(loop, rs)
     if on_checkpoint is not None:
       on_checkpoint(rs, "task")
   return Result(acc_matrix=rs.acc, curves=rs.curves, timings=timings,
                 params=rs.train_state.params, memory=rs.memory, val_acc_matrix=rs.val_acc)
 
+
+class _Loop(NamedTuple):
+  """What the per-task parts of :func:`run` share (compiled programs, data, keys, hooks)."""
+  cfg: Config
+  c: Compiled
+  train: train_lib.TaskData
+  test: train_lib.TaskData
+  validation: train_lib.TaskData | None
+  hyper: algorithms.Hyper
+  k_order: jax.Array
+  k_fisher: jax.Array
+  fold: Callable
+  lead: tuple
+  progress: Callable | None
+  on_checkpoint: Callable | None
+  timings: dict          # seconds, updated in place
+
+
+def _train_task(loop: _Loop, rs: RunState) -> RunState:
+  """Trains task ``rs.task`` from its position (epoch, step) to its end, chunk by chunk; the
+  RunState after every chunk goes to ``on_checkpoint(rs, "chunk")``."""
+  cfg, c, t = loop.cfg, loop.c, rs.task
+  num_tasks = int(loop.train.inputs.shape[0])
+  count = int(np.asarray(loop.train.counts)[t])
+  epochs, steps, last_steps = cfg.schedule(count)
+  state = rs.train_state
+  if rs.epoch == 0 and rs.step == 0:
+    if cfg.reset_optimizer or t == 0:  # Adam restarts at every task, or only at the first
+      state = c.new_state(state.params, loop.hyper.lr)
+    rs = rs._replace(curves=rs.curves[:t] + [{k: [] for k in train_lib.METRIC_NAMES}],
+                     epoch_sums={})
+  done = rs.epoch * steps + rs.step
+  total_steps = (epochs - 1) * steps + last_steps
+  bar = (loop.progress(t, total_steps, done) if loop.progress and rs.epoch < epochs
+         else None)
+  t0 = time.perf_counter()
+  epoch, start, sums, curves = rs.epoch, rs.step, dict(rs.epoch_sums), rs.curves
+  while epoch < epochs:
+    stop = last_steps if epoch == epochs - 1 else steps
+    order = c.order(loop.fold(loop.fold(loop.k_order, t), epoch), _i32(count))
+    if not sums:
+      sums = {k: np.zeros(loop.lead) for k in ("count",) + train_lib.METRIC_NAMES}
+    while start < stop:
+      prev = start
+      state, m = c.chunk(state, loop.train, order, _i32(start), _i32(t), rs.memory, loop.hyper,
+                         _i32(stop))
+      m = jax.device_get(m)
+      try:  # before anything of this chunk is kept (sums, RunState, checkpoint)
+        check_finite(m, task=t, num_tasks=num_tasks, epoch=epoch, start=start, steps=stop)
+      except NumericalError:
+        if bar is not None:
+          bar.close()
+        raise
+      n = m["count"]
+      sums = {"count": sums["count"] + n.sum(-1),
+              **{k: sums[k] + np.sum(m[k] * n, -1) for k in train_lib.METRIC_NAMES}}
+      start = min(start + cfg.chunk_steps, stop)
+      if bar is not None:
+        bar.update(start - prev)
+        means = {k: float(np.mean(np.sum(m[k] * n, -1) / np.maximum(n.sum(-1), 1)))
+                 for k in ("loss_cls", "loss_reg", "acc")}
+        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+      finished = start >= stop
+      if finished:
+        means = _epoch_means(sums)
+        cur = curves[t]
+        curves = curves[:t] + [{k: cur[k] + [means[k].tolist()] for k in cur}]
+        epoch, start, sums = epoch + 1, 0, {}
+      rs = rs._replace(epoch=epoch, step=start, train_state=state, curves=curves,
+                       epoch_sums=sums)
+      if loop.on_checkpoint is not None:
+        loop.on_checkpoint(rs, "chunk")
+      if finished:
+        break
+  jax.block_until_ready(state.params)
+  loop.timings["train"] += time.perf_counter() - t0
+  if bar is not None:
+    bar.close()
+  return rs._replace(train_state=state)
+
+
+def _epoch_means(sums: dict) -> dict:
+  total = np.maximum(sums["count"], 1.0)
+  return {k: sums[k] / total for k in train_lib.METRIC_NAMES}
+
+
+def _evaluate_and_consolidate(loop: _Loop, rs: RunState) -> RunState:
+  """After training task t: row t of the test (and validation) accuracy matrix, then (except
+  after the last task) the memory update with the importance of task t; the RunState of the
+  start of task t + 1."""
+  c, t, state = loop.c, rs.task, rs.train_state
+  num_tasks = int(loop.train.inputs.shape[0])
+  t0 = time.perf_counter()
+  acc = rs.acc.copy()
+  acc[..., t, :] = np.asarray(c.evaluate(state.params, loop.test, _i32(t)))
+  val_acc = rs.val_acc
+  if loop.validation is not None:
+    val_acc = val_acc.copy()
+    val_acc[..., t, :] = np.asarray(c.evaluate_validation(state.params, loop.validation,
+                                                          _i32(t)))
+  loop.timings["eval"] += time.perf_counter() - t0
+  memory = rs.memory
+  if c.consolidate is not None and t < num_tasks - 1:
+    t0 = time.perf_counter()
+    memory = jax.block_until_ready(c.consolidate(
+        memory, state.params, loop.train, _i32(t), loop.fold(loop.k_fisher, t), loop.hyper))
+    loop.timings["fisher"] += time.perf_counter() - t0
+  return RunState(task=t + 1, epoch=0, step=0, train_state=state, memory=memory, acc=acc,
+                  curves=rs.curves, epoch_sums={}, val_acc=val_acc)
