@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -46,19 +45,9 @@ def reference(tiny_mnist_dir, tmp_path_factory):
 def start_paused(workdir, data_dir, at, *extra):
   """Starts the CLI and waits until it pauses at ``at`` ("task:epoch:step"); returns the
   process (still running, holding the workdir's lock)."""
-  marker = Path(workdir).parent / f"marker-{Path(workdir).name}-{at.replace(':', '_')}"
-  cmd, env = cli(workdir, data_dir, *extra,
-                 env=pause.pause_env(at, marker))
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 300
-  while not marker.exists():
-    if proc.poll() is not None:
-      pytest.fail(f"exited {proc.returncode} before pausing at {at}: {proc.stderr.read()[-3000:]}")
-    assert time.monotonic() < deadline, f"never paused at {at}"
-    time.sleep(0.05)
-  marker.unlink()
-  return proc
+  marker = pause.marker_path(workdir, at)
+  cmd, env = cli(workdir, data_dir, *extra, env=pause.pause_env(at, marker))
+  return pause.start_paused(cmd, env, at, marker)
 
 
 def run_cmd(workdir, data_dir, *extra, **kw):

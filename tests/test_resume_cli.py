@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,17 +62,9 @@ def run_ok(workdir, data_dir, *extra):
 
 def run_until_hang(workdir, data_dir, at, *extra):
   """Starts the CLI, waits until it pauses at position ``at`` ("task:epoch:step"), SIGKILLs it."""
-  marker = Path(workdir).parent / f"marker-{Path(workdir).name}-{at.replace(':', '_')}"
-  cmd, env = cli(workdir, data_dir, *extra,
-                 env=pause.pause_env(at, marker))
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 600
-  while not marker.exists():
-    if proc.poll() is not None:
-      pytest.fail(f"exited {proc.returncode} before pausing at {at}: {proc.stderr.read()[-3000:]}")
-    assert time.monotonic() < deadline, f"never paused at {at}"
-    time.sleep(0.05)
+  marker = pause.marker_path(workdir, at)
+  cmd, env = cli(workdir, data_dir, *extra, env=pause.pause_env(at, marker))
+  proc = pause.start_paused(cmd, env, at, marker, timeout=600)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL

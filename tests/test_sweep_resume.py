@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,9 @@ def run_ok(workdir, data_dir, *extra, env=None):
 
 
 def start_paused(workdir, data_dir, at, *extra, env=None):
-  marker = Path(workdir).parent / f"marker-{Path(workdir).name}-{at.replace(':', '_')}"
-  cmd, env = command(workdir, data_dir, *extra, env={
-      **(env or {}), **pause.pause_env(at, marker)})
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 300
-  while not marker.exists():
-    if proc.poll() is not None:
-      pytest.fail(f"exited {proc.returncode} before pausing at {at}: {proc.stderr.read()[-3000:]}")
-    assert time.monotonic() < deadline, f"never paused at {at}"
-    time.sleep(0.05)
-  marker.unlink()
-  return proc
+  marker = pause.marker_path(workdir, at)
+  cmd, env = command(workdir, data_dir, *extra, env={**(env or {}), **pause.pause_env(at, marker)})
+  return pause.start_paused(cmd, env, at, marker)
 
 
 def per_config(workdir):
