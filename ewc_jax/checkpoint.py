@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import continual
+from ewc_jax import errors
 from ewc_jax import orbax_io
 from ewc_jax.anchor_io import restore_anchors, save_anchors  # noqa: F401 (re-exported)
 from ewc_jax.orbax_io import quiet_orbax_errors  # noqa: F401 (re-exported)
@@ -158,9 +159,9 @@ class RunCheckpointer:
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
                async_save: bool = True):
     if not isinstance(keep, (int, np.integer)) or keep < 1:
-      raise ValueError(f"--keep={keep} is invalid: expected an integer >= 1.")
+      raise errors.SettingError.invalid("keep", keep, "an integer >= 1")
     if not isinstance(every, (int, np.integer)) or every < 0:
-      raise ValueError(f"--checkpoint_every={every} is invalid: expected an integer >= 0.")
+      raise errors.SettingError.invalid("checkpoint_every", every, "an integer >= 0")
     self.directory = Path(directory).absolute()
     self.config = _jsonable(config)
     self.keep, self.every, self.chunk_steps = int(keep), int(every), int(chunk_steps)

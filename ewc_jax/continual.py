@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import algorithms
+from ewc_jax import errors
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
 from ewc_jax import holdout
@@ -78,7 +79,7 @@ class Config:
   def validate(self) -> None:
     """Raises ``ValueError`` naming the first bad field (flag), its value and what is allowed."""
     def bad(name, value, allowed):
-      raise ValueError(f"--{name}={value!r} is invalid: expected {allowed}.")
+      raise errors.SettingError.invalid(name, value, allowed)
     if self.algo not in ALGOS:
       bad("algo", self.algo, "one of " + ", ".join(ALGOS))
     if self.scenario not in heads.SCENARIOS:
@@ -102,10 +103,10 @@ class Config:
     if not np.isfinite(self.lr) or self.lr <= 0:
       bad("lr", self.lr, "a finite number > 0")
     if (self.epochs is None) == (self.steps_per_task is None):
-      raise ValueError(
-          f"--epochs={self.epochs!r} and --steps_per_task={self.steps_per_task!r} are invalid "
-          "together: expected exactly one of them (training length per task in epochs or in "
-          "iterations).")
+      epochs, steps = self.epochs, self.steps_per_task
+      raise errors.SettingError(lambda n: (
+          f"{n('epochs')}={epochs!r} and {n('steps_per_task')}={steps!r} are invalid together: "
+          "expected exactly one of them (training length per task in epochs or in iterations)."))
     for name in ("epochs", "steps_per_task", "batch_size", "fisher_batch_size", "chunk_steps"):
       value = getattr(self, name)
       if value is None and name in ("epochs", "steps_per_task"):
@@ -362,11 +363,11 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     train, validation = holdout.split(train, cfg.validation_fraction, cfg.validation_seed)
   smallest = int(np.asarray(train.counts).min())
   if cfg.batch_size > smallest:
-    raise ValueError(
-        f"--batch_size={cfg.batch_size} is invalid: expected at most {smallest}, the number of "
-        f"training examples of the smallest task (task "
-        f"{int(np.asarray(train.counts).argmin()) + 1}"
-        + (", after holding out the validation split)." if validation is not None else ")."))
+    task = int(np.asarray(train.counts).argmin()) + 1
+    held = ", after holding out the validation split" if validation is not None else ""
+    raise errors.SettingError(lambda n: (
+        f"{n('batch_size')}={cfg.batch_size} is invalid: expected at most {smallest}, the number "
+        f"of training examples of the smallest task (task {task}{held})."))
   if algo.joint:
     train = task_data.cumulative(train)
   batched = seeds is not None

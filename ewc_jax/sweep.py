@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ewc_jax import algorithms
 from ewc_jax import checkpoint as checkpoint_lib
 from ewc_jax import continual
+from ewc_jax import errors
 from ewc_jax import heads
 from ewc_jax import interrupt
 from ewc_jax import metrics as metrics_lib
@@ -66,7 +67,8 @@ def grid(base: continual.Config, **values: Sequence) -> list[continual.Config]:
     if name not in SWEEPABLE:
       raise ValueError(f"`{name}` cannot be swept: expected one of {', '.join(SWEEPABLE)}.")
     if len(vals) == 0:
-      raise ValueError(f"--{name} is invalid: expected at least one value.")
+      raise errors.SettingError(lambda n, name=name: f"{n(name)} is invalid: expected at least "
+                                "one value.")
   names = list(values)
   return [dataclasses.replace(base, **dict(zip(names, combo)))
           for combo in itertools.product(*(values[n] for n in names))]
@@ -88,8 +90,9 @@ def validate(configs: Sequence[continual.Config]) -> None:
   for cfg in configs[1:]:
     for name, value in dataclasses.asdict(cfg).items():
       if name not in SWEEPABLE and value != first[name]:
-        raise ValueError(f"--{name} differs between the configs of a sweep ({first[name]!r} vs "
-                         f"{value!r}): only {', '.join(SWEEPABLE)} can be swept.")
+        raise errors.SettingError(lambda n, name=name, a=first[name], b=value: (
+            f"{n(name)} differs between the configs of a sweep ({a!r} vs {b!r}): only "
+            f"{', '.join(SWEEPABLE)} can be swept."))
 
 
 class Layout(NamedTuple):
@@ -111,7 +114,7 @@ def plan(num_configs: int, num_devices: int = 1, max_parallel: int | None = None
   if num_configs < 1:
     raise ValueError("A sweep needs at least one config.")
   if max_parallel is not None and max_parallel < 1:
-    raise ValueError(f"--max_parallel={max_parallel} is invalid: expected an integer >= 1.")
+    raise errors.SettingError.invalid("max_parallel", max_parallel, "an integer >= 1")
   cap = min(num_configs, max_parallel or num_configs)
   c = max(x for x in range(1, num_devices + 1) if num_devices % x == 0 and x <= cap)
   # A multiple of c: rounded down to stay <= max_parallel, else up (one chunk, padded).

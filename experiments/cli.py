@@ -27,6 +27,7 @@ from absl import flags
 from ewc_jax import algorithms
 from ewc_jax import checkpoint
 from ewc_jax import continual
+from ewc_jax import errors
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads as heads_lib
 from ewc_jax import interrupt
@@ -533,7 +534,10 @@ def main_and_exit(main: Callable) -> Callable:
 
 
 def user_message(err: BaseException) -> str:
-  """One line; data errors name their flag (``data_dir '/x' ...`` -> ``--data_dir='/x' ...``)."""
+  """One line; settings are named as flags (:class:`ewc_jax.errors.SettingError`, and data
+  errors: ``data_dir '/x' ...`` -> ``--data_dir='/x' ...``)."""
+  if isinstance(err, errors.SettingError):
+    return " ".join(err.for_flags().split())
   text = " ".join(str(err).split())
   for name in ("data_dir", "dataset", "manual_dir"):
     if text.startswith(name + " "):

@@ -153,13 +153,13 @@ def test_optimizer_kept_across_tasks_when_not_reset():
 
 
 @pytest.mark.parametrize("changes,flag", [
-    ({"epochs": None}, "--epochs=None and --steps_per_task=None"),
-    ({"steps_per_task": 10}, "--epochs=2 and --steps_per_task=10"),
-    ({"epochs": None, "steps_per_task": 0}, "--steps_per_task=0"),
-    ({"consolidate": "heads"}, "--consolidate='heads'"),
-    ({"validation_fraction": 1.0}, "--validation_fraction=1.0"),
-    ({"validation_fraction": -0.1}, "--validation_fraction=-0.1"),
-    ({"reset_optimizer": "yes"}, "--reset_optimizer='yes'")])
+    ({"epochs": None}, "`epochs`=None and `steps_per_task`=None"),
+    ({"steps_per_task": 10}, "`epochs`=2 and `steps_per_task`=10"),
+    ({"epochs": None, "steps_per_task": 0}, "`steps_per_task`=0"),
+    ({"consolidate": "heads"}, "`consolidate`='heads'"),
+    ({"validation_fraction": 1.0}, "`validation_fraction`=1.0"),
+    ({"validation_fraction": -0.1}, "`validation_fraction`=-0.1"),
+    ({"reset_optimizer": "yes"}, "`reset_optimizer`='yes'")])
 def test_protocol_fields_are_validated(changes, flag):
   with pytest.raises(ValueError, match=flag.replace("(", r"\(")):
     dataclasses.replace(CFG, **changes).validate()

@@ -82,7 +82,7 @@ def test_ewc_remembers_better_than_finetune():
     ("lam", float("nan")), ("p", -1.0), ("lr", 0.0), ("epochs", 0), ("batch_size", -1),
     ("fisher_batch_size", 0)])
 def test_config_validation_names_the_flag(field, value):
-  with pytest.raises(ValueError, match=f"--{field}="):
+  with pytest.raises(ValueError, match=f"`{field}`="):
     dataclasses.replace(CFG, **{field: value}).validate()
 
 

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["ewc_jax.fisher", "ewc_jax.penalty", "ewc_jax.per_example", "ewc_jax.masks",
-           "ewc_jax.variables", "ewc_jax.transform", "ewc_jax.holdout", "ewc_jax.task_data"]
+           "ewc_jax.variables", "ewc_jax.transform", "ewc_jax.holdout", "ewc_jax.task_data",
+           "ewc_jax.errors"]
 
 
 @pytest.mark.parametrize("name", MODULES)

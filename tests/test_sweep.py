@@ -73,11 +73,11 @@ def test_plan(k, devices, max_parallel, want):
 def test_grid_and_validation_check_every_value():
   configs = sweep.grid(BASE, lam=[1.0, 10.0], seed=[0, 1, 2])
   assert [(c.lam, c.seed) for c in configs][:4] == [(1, 0), (1, 1), (1, 2), (10, 0)]
-  with pytest.raises(ValueError, match="--lam=0"):
+  with pytest.raises(ValueError, match="`lam`=0"):
     sweep.validate(sweep.grid(BASE, lam=[1.0, 0.0]))
-  with pytest.raises(ValueError, match="--p=-1"):
+  with pytest.raises(ValueError, match="`p`=-1"):
     sweep.validate(sweep.grid(BASE, p=[2.0, -1.0]))
-  with pytest.raises(ValueError, match="--epochs differs"):
+  with pytest.raises(ValueError, match="`epochs` differs"):
     sweep.validate([BASE, dataclasses.replace(BASE, epochs=3)])
   with pytest.raises(ValueError, match="cannot be swept"):
     sweep.grid(BASE, epochs=[1, 2])
