@@ -85,11 +85,13 @@ def define_flags(bench: Benchmark) -> None:
                        "with --steps_per_task." + _PER)
   flags.DEFINE_integer("steps_per_task", None, "Training length per task in iterations (>= 1; "
                        "van de Ven & Tolias count iterations); exclusive with --epochs." + _PER)
-  flags.DEFINE_bool("reset_optimizer", None, "Restart Adam at every task (as CLArena and "
-                    "Avalanche); --noreset_optimizer keeps its state across tasks (as Hsu et "
-                    "al. 2018 and van de Ven & Tolias 2019)." + _PER)
+  flags.DEFINE_bool("reset_optimizer", None, "Restart the optimizer at every task (as CLArena "
+                    "and Avalanche); --noreset_optimizer keeps its state across tasks (as Hsu "
+                    "et al. 2018 and van de Ven & Tolias 2019)." + _PER)
   flags.DEFINE_integer("batch_size", None, "Training batch size (>= 1)." + _PER)
-  flags.DEFINE_float("lr", None, "Adam learning rate (> 0)." + _PER)
+  flags.DEFINE_string("optimizer", d.optimizer, "adam | sgd (plain SGD, no momentum: "
+                      "Avalanche's baseline); --lr is its learning rate.")
+  flags.DEFINE_float("lr", None, "Learning rate of --optimizer (> 0)." + _PER)
   flags.DEFINE_list("hidden", None, "Backbone MLP layer widths." + _PER)
   flags.DEFINE_float("validation_fraction", d.validation_fraction,
                      "Hold out this fraction of each task's training data as a validation "
@@ -202,7 +204,7 @@ def config_from_flags(benchmark: str, lists: tuple[str, ...] = ()) -> continual.
                    continual.Config(penalty=penalty).consolidated),
       **{name: FLAGS[name].value for name in ("p", "gamma") if name not in lists},
       fisher_batch_size=FLAGS.fisher_batch_size,
-      fisher_normalize=FLAGS.fisher_normalize, seed=FLAGS.seed,
+      fisher_normalize=FLAGS.fisher_normalize, seed=FLAGS.seed, optimizer=FLAGS.optimizer,
       validation_fraction=FLAGS.validation_fraction, validation_seed=FLAGS.validation_seed,
       chunk_steps=FLAGS.chunk_steps, **fields)
 

@@ -12,13 +12,13 @@ the paper's hyperparameters translated to our conventions (:data:`PROTOCOLS`; λ
 (λ/2) Σ F (θ − θ*)² with F the mean per-example Fisher, see README) and the papers' protocol
 controls: training length per task as the paper counts it (van de Ven & Tolias: iterations,
 ``Config.steps_per_task``; Hsu et al.: epochs), Adam kept across tasks (neither paper resets
-it), every parameter shared by several tasks penalised (the shared head too). Results accumulate in a
-JSON store (``--json``, default ``--out`` with ``.json``; re-read before every write) keyed by
-protocol / benchmark / variant / scenario / algorithm, and the tables of every stored result
-are rewritten between two markers in ``--out`` (text outside the markers is kept). Any
-departure from the protocol (``--epochs``, ``--hidden``, ``--max_examples``, ``--num_tasks``,
-or a λ check ``--lam_factor``) makes a *reduced* variant named by its departures, stored and
-shown apart from the full protocol.
+it), every parameter shared by several tasks penalised (the shared head too). Results
+accumulate in a JSON store (``--json``, default ``--out`` with ``.json``; re-read before every
+write) keyed by protocol / benchmark / variant / scenario / algorithm, and the tables of
+every stored result are rewritten between two markers in ``--out`` (text outside the markers
+is kept). Any departure from the protocol (``--epochs``, ``--hidden``, ``--max_examples``,
+``--num_tasks``, or a λ check ``--lam_factor``) makes a *reduced* variant named by its
+departures, stored and shown apart from the full protocol.
 """
 
 from __future__ import annotations
@@ -508,8 +508,8 @@ def render_group(recs: list[dict]) -> str:
       cells.append("–" if r is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
       cells.append(f"{pm[0]:.2f} ± {pm[1]:.2f}")
     out.append(f"| {ALGO_TITLES[a]} | " + " | ".join(cells) + " |")
-  out += ["", "| scenario | method | λ paper → ours | γ paper → ours | per task | ours mean ± std "
-          "(n) | paper | Δ ours − paper | vs paper | wall s |",
+  out += ["", "| scenario | method | λ paper → ours | γ paper → ours | per task | "
+          "ours mean ± std (n) | paper | Δ ours − paper | vs paper | wall s |",
           "|---|---|---|---|---:|---|---|---:|---|---:|"]
   for s in scen:
     for a in algos:

@@ -46,6 +46,7 @@ def test_real_data_smoke_two_tasks(real_data_dir, tmp_path):
     ("--epochs=0", "--epochs=0"),
     ("--batch_size=-5", "--batch_size=-5"),
     ("--num_tasks=9", "--num_tasks=9"),
+    ("--optimizer=adagrad", "--optimizer='adagrad'"),
 ])
 def test_bad_flag_gives_one_line_and_exit_2(flag, needle, tmp_path):
   proc = run_cli(flag, f"--workdir={tmp_path / 'out'}")

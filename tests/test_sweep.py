@@ -182,3 +182,18 @@ def test_cli_bad_flag_one_line_exit_2_nothing_written(flag, needle, tmp_path):
   assert needle in proc.stderr and "Traceback" not in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_sgd_sweep_over_lr_equals_its_single_runs():
+  """--optimizer=sgd: a vmapped sweep over lr (the lr lives in the optimizer state) gives each
+  single run, and a larger lr trains further on the first task (SGD is slow at 1e-3)."""
+  base = dataclasses.replace(BASE, optimizer="sgd", algo="finetune", epochs=1)
+  configs = [dataclasses.replace(base, lr=lr) for lr in (1e-3, 0.3)]
+  swept = sweep.run(configs, net(), *data())
+  assert swept.swept == ("lr",)
+  for k, cfg in enumerate(configs):
+    single = continual.run(cfg, net(), *data())
+    np.testing.assert_allclose(swept.acc_matrix[k], single.acc_matrix, atol=1e-6)
+    np.testing.assert_allclose(swept.curves[k][0]["loss_cls"], single.curves[0]["loss_cls"],
+                               rtol=1e-4)
+  assert swept.curves[1][0]["loss_cls"][0] < swept.curves[0][0]["loss_cls"][0]
