@@ -162,7 +162,7 @@ def test_cli_real_data_smoke(real_data_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "results.json").read_text())
   assert res["num_configs"] == 4 and res["acc_matrix_shape"] == [4, 2, 2]
-  assert res["swept"] == ["lam", "seed"]
+  assert res["swept"] == ["lam", "seed"] and res["benchmark"]["input_norm"] == "none"
   assert [(c["lam"], c["seed"]) for c in res["configs"]] == [(1, 0), (1, 1), (1000, 0),
                                                                 (1000, 1)]
   assert all(c["acc_matrix"][0][0] > 0.9 for c in res["configs"])
@@ -175,7 +175,8 @@ def test_cli_real_data_smoke(real_data_dir, tmp_path):
 
 @pytest.mark.parametrize("flag,needle", [
     ("--lam=10,0", "--lam=0.0"), ("--lam=1,x", "--lam=1,x"), ("--p=2,-1", "--p=-1.0"),
-    ("--max_parallel=0", "--max_parallel=0"), ("--benchmark=cifar", "benchmark")])
+    ("--max_parallel=0", "--max_parallel=0"), ("--benchmark=cifar", "benchmark"),
+    ("--optimizer=lbfgs", "--optimizer='lbfgs'"), ("--input_norm=z", "--input_norm='z'")])
 def test_cli_bad_flag_one_line_exit_2_nothing_written(flag, needle, tmp_path):
   proc = run_cli(flag, f"--workdir={tmp_path / 'out'}", "--noprogress")
   assert proc.returncode == 2, proc.stderr[-2000:]
