@@ -65,12 +65,16 @@ def _jsonable(obj: Any) -> Any:
   return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))
 
 
+# Config fields added after checkpoints were written, with the value those checkpoints ran with.
+_ADDED = {"optimizer": "adam"}
+
+
 def config_diff(saved: dict, current: dict) -> list[str]:
   """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised)."""
   saved, current = _jsonable(saved), _jsonable(current)
   out = []
   for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    a, b = saved.get(key, _ADDED.get(key, "<absent>")), current.get(key, "<absent>")
     if a != b:
       out.append(f"{key} (checkpoint: {a!r}, now: {b!r})")
   return out
@@ -93,7 +97,7 @@ def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
   """
   algo = continual.make_algorithm(cfg, dynamic_p)
   num_tasks = int(train.inputs.shape[0])
-  tx = train_lib.make_optimizer()
+  tx = train_lib.make_optimizer(cfg.optimizer)
   example = jax.ShapeDtypeStruct((1,) + tuple(train.inputs.shape[2:]), train.inputs.dtype)
 
   def init(key, lr, x):

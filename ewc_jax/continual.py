@@ -51,7 +51,8 @@ class Config:
   consolidate: str | None = None
   epochs: int | None = 2           # training length per task: epochs, or ...
   steps_per_task: int | None = None  # ... iterations (exactly one of the two is set)
-  reset_optimizer: bool = True     # restart Adam at each task (CLArena, Avalanche) or keep it
+  reset_optimizer: bool = True     # restart the optimizer at each task (CLArena, Avalanche)
+  optimizer: str = "adam"          # "adam" | "sgd" (plain SGD, Avalanche's baseline); lr: Hyper.lr
   batch_size: int = 128
   lr: float = 1e-3
   seed: int = 0
@@ -113,6 +114,8 @@ class Config:
         continue
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
         bad(name, value, "an integer >= 1")
+    if self.optimizer not in train_lib.OPTIMIZERS:
+      bad("optimizer", self.optimizer, "one of " + ", ".join(train_lib.OPTIMIZERS))
     if not isinstance(self.reset_optimizer, (bool, np.bool_)):
       bad("reset_optimizer", self.reset_optimizer, "true or false")
     if not (np.isfinite(self.validation_fraction) and 0 <= self.validation_fraction < 1):
@@ -196,7 +199,7 @@ class Programs(NamedTuple):
 
 def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
              train: train_lib.TaskData, preprocess: Callable = train_lib.scale_pixels) -> Programs:
-  tx = train_lib.make_optimizer()
+  tx = train_lib.make_optimizer(cfg.optimizer)
   n_max = train.inputs.shape[1]
   steps = -(-n_max // cfg.batch_size)
   example = preprocess(train.inputs[0, :1])
@@ -296,7 +299,7 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   """
   progs = programs(cfg, net, algo, train, preprocess)
   num_tasks = int(train.inputs.shape[0])
-  tx = train_lib.make_optimizer()
+  tx = train_lib.make_optimizer(cfg.optimizer)
   jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
   zero = _i32(0)
   lowered = {"init": jit(progs.init, 0).lower(key),
@@ -445,7 +448,7 @@ def _train_task(loop: _Loop, rs: RunState) -> RunState:
   epochs, steps, last_steps = cfg.schedule(count)
   state = rs.train_state
   if rs.epoch == 0 and rs.step == 0:
-    if cfg.reset_optimizer or t == 0:  # Adam restarts at every task, or only at the first
+    if cfg.reset_optimizer or t == 0:  # the optimizer restarts at every task, or at the first
       state = c.new_state(state.params, loop.hyper.lr)
     rs = rs._replace(curves=rs.curves[:t] + [{k: [] for k in train_lib.METRIC_NAMES}],
                      epoch_sums={})

@@ -54,13 +54,20 @@ def scale_pixels(x: jax.Array) -> jax.Array:
   return x.reshape((x.shape[0], -1)).astype(jnp.float32) / 255.0
 
 
-def make_optimizer() -> optax.GradientTransformation:
-  """Adam whose learning rate lives in the optimizer state (so sweeps can vmap over it)."""
-  return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str = "adam") -> optax.GradientTransformation:
+  """``"adam"`` or ``"sgd"`` (plain SGD: no momentum, no weight decay), with the learning rate
+  in the optimizer state (set by :func:`init_train_state`; so sweeps can vmap over it)."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"--optimizer={name!r} is invalid: expected one of {', '.join(OPTIMIZERS)}.")
+  return optax.inject_hyperparams(getattr(optax, name))(learning_rate=1e-3)
 
 
 def init_train_state(tx: optax.GradientTransformation, params: PyTree, lr: Any) -> TrainState:
-  """A fresh optimizer state (the protocol restarts Adam at each task)."""
+  """A fresh optimizer state with learning rate ``lr`` (at the start, and at each task when
+  the optimizer is reset)."""
   opt_state = tx.init(params)
   # A fresh buffer: the state may be donated to the train step while ``lr`` is still in use.
   opt_state.hyperparams["learning_rate"] = jnp.array(lr, jnp.float32, copy=True)

@@ -86,12 +86,17 @@ def define_flags(bench: Benchmark) -> None:
                        "with --steps_per_task." + _PER)
   flags.DEFINE_integer("steps_per_task", None, "Training length per task in iterations (>= 1; "
                        "van de Ven & Tolias count iterations); exclusive with --epochs." + _PER)
-  flags.DEFINE_bool("reset_optimizer", None, "Restart Adam at every task (as CLArena and "
-                    "Avalanche); --noreset_optimizer keeps its state across tasks (as Hsu et "
-                    "al. 2018 and van de Ven & Tolias 2019)." + _PER)
+  flags.DEFINE_bool("reset_optimizer", None, "Restart the optimizer at every task (as CLArena "
+                    "and Avalanche); --noreset_optimizer keeps its state across tasks (as Hsu "
+                    "et al. 2018 and van de Ven & Tolias 2019)." + _PER)
   flags.DEFINE_integer("batch_size", None, "Training batch size (>= 1)." + _PER)
-  flags.DEFINE_float("lr", None, "Adam learning rate (> 0)." + _PER)
+  flags.DEFINE_string("optimizer", d.optimizer, "adam | sgd (plain SGD, no momentum: "
+                      "Avalanche's baseline); --lr is its learning rate.")
+  flags.DEFINE_float("lr", None, "Learning rate of --optimizer (> 0)." + _PER)
   flags.DEFINE_list("hidden", None, "Backbone MLP layer widths." + _PER)
+  flags.DEFINE_string("input_norm", "none", "Input scaling: none (pixels / 255, in [0, 1]) | "
+                      "mnist ((pixels / 255 - 0.1307) / 0.3081: torchvision's MNIST "
+                      "normalisation, as in Avalanche's benchmarks).")
   flags.DEFINE_float("validation_fraction", d.validation_fraction,
                      "Hold out this fraction of each task's training data as a validation "
                      "split, scored like the test set (results.json: val_acc_matrix), in [0, 1); "
@@ -207,7 +212,7 @@ def config_from_flags(benchmark: str, lists: tuple[str, ...] = ()) -> continual.
                    continual.Config(penalty=penalty).consolidated),
       **{name: FLAGS[name].value for name in ("p", "gamma") if name not in lists},
       fisher_batch_size=FLAGS.fisher_batch_size,
-      fisher_normalize=FLAGS.fisher_normalize, seed=FLAGS.seed,
+      fisher_normalize=FLAGS.fisher_normalize, seed=FLAGS.seed, optimizer=FLAGS.optimizer,
       validation_fraction=FLAGS.validation_fraction, validation_seed=FLAGS.validation_seed,
       chunk_steps=FLAGS.chunk_steps, **fields)
 
@@ -312,6 +317,25 @@ def make_progress(enabled: bool, prefix: str = "") -> Callable | None:
   return progress
 
 
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def mnist_normalize(x):
+  """uint8 images -> ``(x / 255 - 0.1307) / 0.3081`` float32, flattened to ``[B, H*W*C]``."""
+  from ewc_jax import train  # pylint: disable=import-outside-toplevel
+  return (train.scale_pixels(x) - MNIST_MEAN) / MNIST_STD
+
+
+def preprocess_from_flags() -> Callable:
+  """The model-input function of ``--input_norm``."""
+  from ewc_jax import train  # pylint: disable=import-outside-toplevel
+  choices = {"none": train.scale_pixels, "mnist": mnist_normalize}
+  if FLAGS.input_norm not in choices:
+    raise ValueError(f"--input_norm={FLAGS.input_norm!r} is invalid: expected one of "
+                     f"{', '.join(choices)}.")
+  return choices[FLAGS.input_norm]
+
+
 def build_tasks(bench: Benchmark, ds, config: continual.Config, num_tasks: int,
                 max_examples: int | None):
   import jax  # pylint: disable=import-outside-toplevel
@@ -362,6 +386,7 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
   from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   num_tasks, max_examples = subset
+  preprocess = preprocess_from_flags()
   if FLAGS.plots:  # matplotlib's import overlaps the training
     from experiments import plots  # pylint: disable=import-outside-toplevel
     plots.prefetch()
@@ -381,7 +406,7 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
             f"{int(counts.argmin()) + 1}).")
       identity = {"benchmark": bench.name, "dataset": f"{ds.name}:{ds.version}",
                   "num_tasks": num_tasks, "max_examples": max_examples, "seeds": list(seeds),
-                  **dataclasses.asdict(config)}
+                  "input_norm": FLAGS.input_norm, **dataclasses.asdict(config)}
       if FLAGS.checkpoint:
         prepare_checkpoints(workdir / "checkpoints", identity)
     net = heads_lib.make_network(cfg.scenario, built.class_groups, cfg.hidden)
@@ -389,7 +414,8 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
     ckpt = savers.enter_context(checkpoint.RunCheckpointer(
         workdir / "checkpoints" / f"seed_{seed}", identity, keep=FLAGS.keep,
         every=FLAGS.checkpoint_every, chunk_steps=cfg.chunk_steps)) if FLAGS.checkpoint else None
-    resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(cfg, net, train))
+    resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(cfg, net, train,
+                                                                 preprocess=preprocess))
               if ckpt is not None else None)
     resumed_from = None
     if resume is not None:
@@ -402,7 +428,8 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
       logger = tensorboard.ScalarLogger(workdir / "tensorboard" / f"seed_{seed}", start=resume)
       savers.callback(logger.close)
       hook = tensorboard.chain(logger, hook)
-    result = continual.run(cfg, net, train, test, resume=resume, on_checkpoint=hook,
+    result = continual.run(cfg, net, train, test, preprocess=preprocess, resume=resume,
+                           on_checkpoint=hook,
                            progress=make_progress(FLAGS.progress, prefix))
     timings = {"import": import_seconds, "data": data_seconds, **result.timings,
                "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
@@ -427,7 +454,8 @@ def _train_and_evaluate(bench, config, workdir, seeds, import_seconds, start_tim
   record = {
       "benchmark": {"name": bench.name, "scenario": config.scenario,
                     "dataset": f"{ds.name}:{ds.version}", "num_tasks": num_tasks,
-                    "max_examples": max_examples, **built.info},
+                    "max_examples": max_examples, "input_norm": FLAGS.input_norm,
+                    **built.info},
       "acc_matrix": mean.tolist(),
       "acc_matrix_std": std.tolist(),
       **summary,
@@ -509,6 +537,7 @@ def run_main(bench: Benchmark, argv, start_time: float) -> None:
   with user_errors(), interrupt.catch():
     config = config_from_flags(bench.name)
     config.validate()
+    preprocess_from_flags()
     seeds = seeds_from_flags(config)
     check_subset_flags(bench)
     check_checkpoint_flags()

@@ -9,13 +9,16 @@ r"""Reproduce published EWC tables: Hsu et al. 2018 and van de Ven & Tolias 2019
 Each (scenario, algorithm) is one ``ewc_jax.sweep.run`` over the seeds (one vmapped program),
 on the tasks of ``experiments.cli.build_tasks`` and the network of ``heads.make_network``, with
 the paper's hyperparameters translated to our conventions (:data:`PROTOCOLS`; λ: our penalty is
-(λ/2) Σ F (θ − θ*)² with F the mean per-example Fisher, see README). Results accumulate in a
-JSON store (``--json``, default ``--out`` with ``.json``; re-read before every write) keyed by
-protocol / benchmark / variant / scenario / algorithm, and the tables of every stored result
-are rewritten between two markers in ``--out`` (text outside the markers is kept). Any
-departure from the protocol (``--epochs``, ``--hidden``, ``--max_examples``, ``--num_tasks``,
-or a λ check ``--lam_factor``) makes a *reduced* variant named by its departures, stored and
-shown apart from the full protocol.
+(λ/2) Σ F (θ − θ*)² with F the mean per-example Fisher, see README) and the papers' protocol
+controls: training length per task as the paper counts it (van de Ven & Tolias: iterations,
+``Config.steps_per_task``; Hsu et al.: epochs), Adam kept across tasks (neither paper resets
+it), every parameter shared by several tasks penalised (the shared head too). Results
+accumulate in a JSON store (``--json``, default ``--out`` with ``.json``; re-read before every
+write) keyed by protocol / benchmark / variant / scenario / algorithm, and the tables of
+every stored result are rewritten between two markers in ``--out`` (text outside the markers
+is kept). Any departure from the protocol (``--epochs``, ``--hidden``, ``--max_examples``,
+``--num_tasks``, or a λ check ``--lam_factor``) makes a *reduced* variant named by its
+departures, stored and shown apart from the full protocol.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import re
@@ -60,10 +64,15 @@ class Setup:
   ``published[algo][scenario] = (mean, err)`` in percent; ``err`` is a std (``err_kind="std"``)
   or a standard error of the mean (``"sem"``) over ``runs`` runs. ``lam[algo][scenario] =
   (their λ, their γ)``; ``translate(algo, lam, gamma) -> (our lam, our gamma)``.
-  ``iterations`` (per task) is converted to epochs from the task sizes; else ``epochs``.
-  ``joint_rule``: ``"epochs"`` (joint trains as many epochs as the others) or
-  ``"iterations"`` (joint's epochs give, on the final set of all tasks, the iterations of one
-  task: the paper's offline baseline trains a fixed number of iterations per task).
+  Training length per task as the paper counts it: ``iterations`` (``Config.steps_per_task``)
+  or ``epochs``. Joint training trains task t on the union of tasks 1..t, for the same
+  ``iterations`` (van de Ven & Tolias' offline baseline: ``ConcatDataset(train_datasets[:task])``
+  for ``iters`` iterations) or ``epochs`` of that union. ``joint_rule`` only matters when an
+  ``--epochs`` override replaces the paper's iterations: ``"iterations"`` gives joint the
+  epochs that make, on the final set of all tasks, the iterations of one task (see
+  :func:`epochs_for`). ``reset_optimizer``: whether the paper restarts Adam at every task
+  (neither does: Hsu's ``reset_optimizer = False``, van de Ven's ``optim_type = "adam"``).
+  Every parameter shared by several tasks is penalised (``Config.consolidate`` default).
   """
   protocol: str
   benchmark: str
@@ -83,6 +92,7 @@ class Setup:
   epochs: int | None = None
   iterations: int | None = None
   joint_rule: str = "epochs"
+  reset_optimizer: bool = False
   preprocess: str = "scale"        # "scale": pixels / 255; "hsu": pad to 32x32, normalise
   source: str = ""                 # where the hyperparameters come from
 
@@ -246,6 +256,22 @@ def epochs_for(setup: Setup, algo: str, counts: Sequence[int], override: int | N
   return int(epochs)
 
 
+def length_for(setup: Setup, algo: str, counts: Sequence[int],
+               override: int | None) -> tuple[int | None, int | None]:
+  """``(epochs, steps_per_task)`` of a run (exactly one is set): the paper's iterations per
+  task (joint too: that many iterations on the union of the tasks so far), else the paper's
+  epochs; an ``--epochs`` override gives epochs (:func:`epochs_for`, a reduced variant)."""
+  if override is None and setup.iterations is not None:
+    return None, int(setup.iterations)
+  return epochs_for(setup, algo, counts, override), None
+
+
+def iterations(cfg, count: int) -> int:
+  """Optimizer steps on a training set of ``count`` examples under ``cfg``'s schedule."""
+  epochs, steps, last = cfg.schedule(count)
+  return (epochs - 1) * steps + last
+
+
 def hyper_for(setup: Setup, algo: str, scenario: str) -> tuple[float | None, float | None,
                                                                float, float]:
   """``(their λ, their γ, our lam, our gamma)``; λ None for unregularised algorithms."""
@@ -292,15 +318,20 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
   hidden = overrides.hidden or setup.hidden
   base = continual.Config(algo=algo, scenario=scenario, lam=lam, gamma=gamma,
                           fisher=setup.fisher, batch_size=setup.batch_size, lr=setup.lr,
-                          hidden=tuple(hidden), seed=int(seeds[0]))
+                          hidden=tuple(hidden), seed=int(seeds[0]),
+                          reset_optimizer=setup.reset_optimizer)
   bench = BENCHMARKS[setup.benchmark]
   built = cli.build_tasks(bench, ds, base, num_tasks, overrides.max_examples)
   counts = [int(c) for c in np.asarray(built.train.counts)]
-  epochs = epochs_for(setup, algo, counts, overrides.epochs)
-  base = dataclasses.replace(base, epochs=epochs)
+  epochs, steps_per_task = length_for(setup, algo, counts, overrides.epochs)
+  base = dataclasses.replace(base, epochs=epochs, steps_per_task=steps_per_task)
+  base.validate()
+  length = (f"{epochs} epochs/task" if epochs is not None else
+            f"{steps_per_task} iterations/task")
   log(f"{tag}{setup.protocol}/{setup.benchmark} {SCENARIO_TITLES[scenario]} {algo}: "
       + (f"λ paper {lam_paper:g} -> ours {lam:g}, γ {gamma:g}, " if lam_paper is not None else "")
-      + f"{epochs} epochs/task, seeds {','.join(map(str, seeds))}")
+      + f"{length}, Adam {'reset' if base.reset_optimizer else 'kept'}, consolidated "
+      f"{base.consolidated}, seeds {','.join(map(str, seeds))}")
   train, test = tasks.to_device(built.train), tasks.to_device(built.test)
   net = heads.make_network(scenario, built.class_groups, base.hidden)
   result = sweep.run(sweep.grid(base, seed=[int(s) for s in seeds]), net, train, test,
@@ -309,16 +340,20 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
   acc = np.asarray(result.acc_matrix, np.float64)           # [K, T, T]
   final = 100.0 * acc[:, -1, :].mean(-1)                     # average accuracy per seed (%)
   mean, err = setup.published[algo][scenario]
+  # The training set of each task: joint trains task t on the union of tasks 1..t.
+  sizes = list(itertools.accumulate(counts)) if algo == "joint" else counts
   record = {
       "protocol": setup.protocol, "benchmark": setup.benchmark, "scenario": scenario,
       "algo": algo, "seeds": [int(s) for s in seeds],
       "reduced": overrides.reduced, "variant": variant(overrides),
       "deviations": overrides.describe(),
       "lam_paper": lam_paper, "gamma_paper": gamma_paper, "lam": lam, "gamma": gamma,
-      "epochs": epochs, "task_sizes": counts, "num_tasks": num_tasks,
+      "epochs": epochs, "steps_per_task": steps_per_task,
+      "reset_optimizer": bool(base.reset_optimizer), "consolidated": base.consolidated,
+      "task_sizes": counts, "num_tasks": num_tasks,
       "hidden": list(base.hidden), "lr": base.lr, "batch_size": base.batch_size,
       "fisher": base.fisher, "max_examples": overrides.max_examples,
-      "iterations_per_task": [math.ceil(n / base.batch_size) * epochs for n in counts],
+      "iterations_per_task": [iterations(base, n) for n in sizes],
       "average_accuracy": final.tolist(),
       "mean": float(final.mean()), "std": float(final.std()),
       "sem": float(final.std(ddof=1) / math.sqrt(len(final))) if len(final) > 1 else None,
@@ -344,13 +379,25 @@ BEGIN = ("<!-- BEGIN tables generated by `python -m experiments.reproduce` from 
 END = "<!-- END generated tables -->"
 
 
+# A record of the runner before it followed the papers' protocol controls (no reset_optimizer
+# in the record): it restarted Adam at every task, penalised the backbone only and converted
+# iterations to epochs. Such records are kept as their own (reduced) variant.
+EARLIER_RUNNER = ("earlier runner: Adam restarted at every task, heads not penalised, "
+                  "iterations converted to epochs")
+
+
 def load_store(path: Path) -> dict:
   if not path.exists():
     return {"records": {}}
   store = json.loads(path.read_text())
   records = {}
-  for rec in store["records"].values():  # records written before variants were named
-    if "variant" not in rec:
+  for rec in store["records"].values():
+    if "reset_optimizer" not in rec:  # the runner before the papers' protocol controls
+      rec.update(reset_optimizer=True, consolidated="backbone", steps_per_task=None)
+      rec["deviations"] = list(rec["deviations"]) + [EARLIER_RUNNER]
+      rec["reduced"] = True
+      rec["variant"] = f"reduced[{'; '.join(rec['deviations'])}]"
+    if "variant" not in rec:  # records written before variants were named
       rec["variant"] = (f"reduced[{'; '.join(rec['deviations'])}]" if rec["reduced"] else "full")
     records[f"{rec['protocol']}/{rec['benchmark']}/{rec['variant']}/{rec['scenario']}/"
             f"{rec['algo']}"] = rec
@@ -388,6 +435,11 @@ def _fmt_lam(x) -> str:
   return "–" if x is None else f"{x:g}"
 
 
+def _length(rec: dict) -> str:
+  steps = rec.get("steps_per_task")
+  return f"{steps} it" if steps is not None else f"{rec['epochs']} ep"
+
+
 def _group_header(recs: list[dict]) -> str:
   r = recs[0]
   setup = get_setup(r["protocol"], r["benchmark"])
@@ -403,16 +455,32 @@ def _group_header(recs: list[dict]) -> str:
       f"Ours: MLP {'-'.join(map(str, [1024 if hsu else 784] + r['hidden']))} "
       + ("(28x28 zero-padded to 32x32, then (x − 0.1) / 0.2752, as in their code) "
          if hsu else "(pixels / 255) ")
-      + f"ReLU, Adam lr {r['lr']:g} (restarted at every task), batch {r['batch_size']}, "
+      + f"ReLU, Adam lr {r['lr']:g} ("
+      + ("restarted at every task" if r["reset_optimizer"] else "kept across tasks, not reset")
+      + f"), batch {r['batch_size']}, "
       f"Fisher `{r['fisher']}` (argmax label, mean over the task's examples), "
-      f"{len(sizes)} tasks of {min(sizes)}–{max(sizes)} training examples, "
+      + ("penalising every parameter shared by several tasks (the backbone, and the shared "
+         "head of Domain-IL and Class-IL; Task-IL's per-task heads stay free), "
+         if r["consolidated"] == "shared" else
+         "penalising the backbone only (heads free), "
+         if r["consolidated"] == "backbone" else f"penalising {r['consolidated']} parameters, ")
+      + f"{len(sizes)} tasks of {min(sizes)}–{max(sizes)} training examples, "
       f"seeds {'; '.join(','.join(map(str, s)) for s in seeds)} (one vmapped run per row).",
   ]
-  if setup.iterations is not None:
-    lines += ["", f"The paper trains {setup.iterations} iterations per task; our runner counts "
+  steps = {x["steps_per_task"] for x in recs}
+  if steps != {None}:
+    lines += ["", f"Training length: {'/'.join(str(v) for v in sorted(steps - {None}))} "
+              "iterations per task, as the paper counts it (a partial last batch of an epoch is "
+              "one iteration). Joint training trains task t on the union of tasks 1..t for the "
+              "same number of iterations (column *per task*)."]
+  elif setup.iterations is not None:
+    lines += ["", f"The paper trains {setup.iterations} iterations per task; this run counts "
               "epochs: epochs = round(iterations × batch / mean task size), and joint training "
               "(cumulative sets) gets the epochs giving that many iterations on the final set "
-              "of all tasks (column *epochs*)."]
+              "of all tasks (column *per task*)."]
+  else:
+    lines += ["", "Training length: the epochs per task of column *per task*; joint training "
+              "trains task t on the union of tasks 1..t for as many epochs."]
   if r["reduced"]:
     lines += ["", "**Reduced protocol** (not the paper's): " + "; ".join(r["deviations"])
               + ". Published numbers (full protocol) are shown for orientation only."]
@@ -440,8 +508,8 @@ def render_group(recs: list[dict]) -> str:
       cells.append("–" if r is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
       cells.append(f"{pm[0]:.2f} ± {pm[1]:.2f}")
     out.append(f"| {ALGO_TITLES[a]} | " + " | ".join(cells) + " |")
-  out += ["", "| scenario | method | λ paper → ours | γ paper → ours | epochs | ours mean ± std "
-          "(n) | paper | Δ ours − paper | vs paper | wall s |",
+  out += ["", "| scenario | method | λ paper → ours | γ paper → ours | per task | "
+          "ours mean ± std (n) | paper | Δ ours − paper | vs paper | wall s |",
           "|---|---|---|---|---:|---|---|---:|---|---:|"]
   for s in scen:
     for a in algos:
@@ -454,7 +522,7 @@ def render_group(recs: list[dict]) -> str:
              f"{_fmt_lam(r['gamma_paper'])} → {_fmt_lam(r['gamma'])}")
       pub = r["published"]
       out.append(
-          f"| {SCENARIO_TITLES[s]} | {ALGO_TITLES[a]} | {lam} | {gam} | {r['epochs']} | "
+          f"| {SCENARIO_TITLES[s]} | {ALGO_TITLES[a]} | {lam} | {gam} | {_length(r)} | "
           f"{r['mean']:.2f} ± {r['std']:.2f} ({len(r['seeds'])}) | "
           f"{pub['mean']:.2f} ± {pub['err']:.2f} {'SEM' if pub['err_kind'] == 'sem' else 'std'} "
           f"({pub['runs']}) | {r['mean'] - pub['mean']:+.2f} | {verdict(r)} | "

@@ -109,7 +109,8 @@ def checkpoint_identity(bench: cli.Benchmark, base, values: dict, ds, num_tasks:
                         max_examples: int | None) -> dict:
   """What the sweep's checkpoints must come from: the grid and every shared flag."""
   return {"benchmark": bench.name, "dataset": f"{ds.name}:{ds.version}", "num_tasks": num_tasks,
-          "max_examples": max_examples, "values": {n: list(v) for n, v in values.items()},
+          "max_examples": max_examples, "input_norm": FLAGS.input_norm,
+          "values": {n: list(v) for n, v in values.items()},
           "base_config": dataclasses.asdict(base), "max_parallel": FLAGS.max_parallel}
 
 
@@ -178,7 +179,7 @@ def run_sweep(bench: cli.Benchmark, configs, ds, num_tasks: int, max_examples: i
           every=FLAGS.checkpoint_every, chunk_steps=first.chunk_steps,
           log=lambda line, prefix=prefix: print(prefix + line, flush=True))
     result = sweep.run([configs[k] for k in members], net, train, test,
-                       max_parallel=FLAGS.max_parallel,
+                       preprocess=cli.preprocess_from_flags(), max_parallel=FLAGS.max_parallel,
                        progress=progress if FLAGS.progress else None, chunk_progress=on_chunk,
                        checkpointer=saver)
     for j, k in enumerate(members):
@@ -232,6 +233,7 @@ def main(argv):
     if not FLAGS["num_tasks"].present:
       FLAGS.num_tasks = bench.default_tasks
     base, values, configs = configs_from_flags(bench)
+    cli.preprocess_from_flags()  # --input_norm checked before anything runs
     num_tasks, max_examples = cli.check_subset_flags(bench)
     cli.check_checkpoint_flags()
     use_checkpoints = FLAGS.checkpoint
@@ -283,7 +285,8 @@ def write_outputs(bench, base, values, result, layouts, built, ds, workdir: Path
   record = {
       "benchmark": {"name": bench.name, "scenario": base.scenario,
                     "dataset": f"{ds.name}:{ds.version}", "num_tasks": int(FLAGS.num_tasks),
-                    "max_examples": FLAGS.max_examples, **built.info},
+                    "max_examples": FLAGS.max_examples, "input_norm": FLAGS.input_norm,
+                    **built.info},
       "swept": list(result.swept),
       "values": {n: list(v) for n, v in values.items()},
       "num_configs": len(result.configs),

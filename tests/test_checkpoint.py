@@ -223,3 +223,34 @@ def test_non_finite_state_is_never_saved(tmp_path):
     run(dataclasses.replace(CFG, epochs=1), on_checkpoint=hook)
   ckpt.close()
   assert checkpoint.RunCheckpointer(tmp_path / "ck", IDENTITY).latest_step() is None
+
+
+def test_sgd_run_state_restores_and_resumes_exactly(tmp_path):
+  """--optimizer=sgd: the abstract state (the restore target) has SGD's structure, a checkpoint
+  of an SGD run restores into it and the resumed run equals the uninterrupted one; an Adam
+  config refuses that checkpoint (the optimizer is part of the config)."""
+  cfg = dataclasses.replace(CFG, optimizer="sgd", lr=0.05)
+  identity = {"benchmark": "synthetic", **dataclasses.asdict(cfg)}
+  with checkpoint.RunCheckpointer(tmp_path / "ck", identity, keep=1000, every=1,
+                                  chunk_steps=cfg.chunk_steps) as saver:
+    net, full = run(cfg, on_checkpoint=saver)
+  like = checkpoint.abstract_run_state(cfg, net, tasks(90, 0))
+  adam_like = checkpoint.abstract_run_state(CFG, net, tasks(90, 0))
+  assert jax.tree.structure(like["train_state"]) != jax.tree.structure(adam_like["train_state"])
+  ckpt = checkpoint.RunCheckpointer(tmp_path / "ck", identity)
+  step = next(s for s in saver.saved_steps if ckpt.read_meta(s)["task"] == 1)
+  rs = ckpt.restore(like, step=step)
+  assert jax.tree.structure(rs.train_state) == jax.tree.structure(like["train_state"])
+  assert float(rs.train_state.opt_state.hyperparams["learning_rate"]) == pytest.approx(0.05)
+  _, resumed = run(cfg, resume=rs)
+  np.testing.assert_array_equal(resumed.acc_matrix, full.acc_matrix)
+  assert resumed.curves == full.curves
+  with pytest.raises(checkpoint.CheckpointError, match="optimizer"):
+    checkpoint.RunCheckpointer(tmp_path / "ck", {**identity, "optimizer": "adam"}).check_config()
+
+
+def test_checkpoints_from_before_the_optimizer_field_count_as_adam():
+  saved = {k: v for k, v in IDENTITY.items() if k != "optimizer"}
+  assert checkpoint.config_diff(saved, IDENTITY) == []
+  assert checkpoint.config_diff(saved, {**IDENTITY, "optimizer": "sgd"}) == [
+      "optimizer (checkpoint: 'adam', now: 'sgd')"]

@@ -46,6 +46,7 @@ def test_real_data_smoke_two_tasks(real_data_dir, tmp_path):
     ("--epochs=0", "--epochs=0"),
     ("--batch_size=-5", "--batch_size=-5"),
     ("--num_tasks=9", "--num_tasks=9"),
+    ("--optimizer=adagrad", "--optimizer='adagrad'"),
 ])
 def test_bad_flag_gives_one_line_and_exit_2(flag, needle, tmp_path):
   proc = run_cli(flag, f"--workdir={tmp_path / 'out'}")
@@ -160,3 +161,25 @@ def test_outputs_get_the_mode_of_a_plain_open(tmp_path):
   plain = tmp_path / "plain.json"
   plain.write_bytes(b"{}")
   assert (target.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+
+
+def test_input_norm_mnist_is_torchvisions_normalisation_and_is_recorded(real_data_dir, tmp_path):
+  """--input_norm=mnist feeds (x/255 − 0.1307)/0.3081 (Avalanche's MNIST inputs): a different
+  run from the default [0, 1] inputs, recorded in results.json; a bad value exits 2."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  x = np.array([[0, 255, 51]], np.uint8)
+  np.testing.assert_allclose(np.asarray(cli.mnist_normalize(x)),
+                             (x / 255.0 - 0.1307) / 0.3081, rtol=1e-6)
+  common = ("--algo=finetune", "--num_tasks=2", "--max_examples=200", "--epochs=1",
+            "--hidden=16", "--noplots", "--nocheckpoint", f"--data_dir={real_data_dir}")
+  recs = {}
+  for norm in ("none", "mnist"):
+    proc = run_cli(*common, f"--input_norm={norm}", f"--workdir={tmp_path / norm}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs[norm] = json.loads((tmp_path / norm / "results.json").read_text())
+    assert recs[norm]["benchmark"]["input_norm"] == norm
+  assert recs["none"]["acc_matrix"] != recs["mnist"]["acc_matrix"]
+  proc = run_cli(*common, "--input_norm=zscore", f"--workdir={tmp_path / 'bad'}")
+  assert proc.returncode == 2 and "--input_norm='zscore' is invalid" in proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / "results.json").exists()

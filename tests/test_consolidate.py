@@ -159,7 +159,8 @@ def test_optimizer_kept_across_tasks_when_not_reset():
     ({"consolidate": "heads"}, "`consolidate`='heads'"),
     ({"validation_fraction": 1.0}, "`validation_fraction`=1.0"),
     ({"validation_fraction": -0.1}, "`validation_fraction`=-0.1"),
-    ({"reset_optimizer": "yes"}, "`reset_optimizer`='yes'")])
+    ({"reset_optimizer": "yes"}, "`reset_optimizer`='yes'"),
+    ({"optimizer": "momentum"}, "`optimizer`='momentum' is invalid: expected one of adam, sgd")])
 def test_protocol_fields_are_validated(changes, flag):
   with pytest.raises(ValueError, match=flag.replace("(", r"\(")):
     dataclasses.replace(CFG, **changes).validate()

@@ -162,7 +162,7 @@ def test_cli_real_data_smoke(tiny_mnist_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "results.json").read_text())
   assert res["num_configs"] == 4 and res["acc_matrix_shape"] == [4, 2, 2]
-  assert res["swept"] == ["lam", "seed"]
+  assert res["swept"] == ["lam", "seed"] and res["benchmark"]["input_norm"] == "none"
   assert [(c["lam"], c["seed"]) for c in res["configs"]] == [(1, 0), (1, 1), (1000, 0),
                                                                 (1000, 1)]
   assert all(c["acc_matrix"][0][0] > 0.9 for c in res["configs"])
@@ -175,10 +175,26 @@ def test_cli_real_data_smoke(tiny_mnist_dir, tmp_path):
 
 @pytest.mark.parametrize("flag,needle", [
     ("--lam=10,0", "--lam=0.0"), ("--lam=1,x", "--lam=1,x"), ("--p=2,-1", "--p=-1.0"),
-    ("--max_parallel=0", "--max_parallel=0"), ("--benchmark=cifar", "benchmark")])
+    ("--max_parallel=0", "--max_parallel=0"), ("--benchmark=cifar", "benchmark"),
+    ("--optimizer=lbfgs", "--optimizer='lbfgs'"), ("--input_norm=z", "--input_norm='z'")])
 def test_cli_bad_flag_one_line_exit_2_nothing_written(flag, needle, tmp_path):
   proc = run_cli(flag, f"--workdir={tmp_path / 'out'}", "--noprogress")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert needle in proc.stderr and "Traceback" not in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_sgd_sweep_over_lr_equals_its_single_runs():
+  """--optimizer=sgd: a vmapped sweep over lr (the lr lives in the optimizer state) gives each
+  single run, and a larger lr trains further on the first task (SGD is slow at 1e-3)."""
+  base = dataclasses.replace(BASE, optimizer="sgd", algo="finetune", epochs=1)
+  configs = [dataclasses.replace(base, lr=lr) for lr in (1e-3, 0.3)]
+  swept = sweep.run(configs, net(), *data())
+  assert swept.swept == ("lr",)
+  for k, cfg in enumerate(configs):
+    single = continual.run(cfg, net(), *data())
+    np.testing.assert_allclose(swept.acc_matrix[k], single.acc_matrix, atol=1e-6)
+    np.testing.assert_allclose(swept.curves[k][0]["loss_cls"], single.curves[0]["loss_cls"],
+                               rtol=1e-4)
+  assert swept.curves[1][0]["loss_cls"][0] < swept.curves[0][0]["loss_cls"][0]
