@@ -21,6 +21,7 @@ import optax
 from jax import lax
 
 from ewc_jax import algorithms
+from ewc_jax import errors
 from ewc_jax import heads
 
 PyTree = Any
@@ -61,7 +62,7 @@ def make_optimizer(name: str = "adam") -> optax.GradientTransformation:
   """``"adam"`` or ``"sgd"`` (plain SGD: no momentum, no weight decay), with the learning rate
   in the optimizer state (set by :func:`init_train_state`; so sweeps can vmap over it)."""
   if name not in OPTIMIZERS:
-    raise ValueError(f"--optimizer={name!r} is invalid: expected one of {', '.join(OPTIMIZERS)}.")
+    raise errors.SettingError.invalid("optimizer", name, "one of " + ", ".join(OPTIMIZERS))
   return optax.inject_hyperparams(getattr(optax, name))(learning_rate=1e-3)
 
 

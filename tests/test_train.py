@@ -165,6 +165,6 @@ def test_sgd_step_is_minus_lr_times_the_gradient_and_lowers_the_loss(setup):
 
 
 def test_unknown_optimizer_is_refused():
-  with pytest.raises(ValueError, match=r"--optimizer='rmsprop' is invalid: expected one of "
+  with pytest.raises(ValueError, match=r"`optimizer`='rmsprop' is invalid: expected one of "
                                        "adam, sgd"):
     train.make_optimizer("rmsprop")
