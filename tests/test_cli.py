@@ -163,7 +163,7 @@ def test_outputs_get_the_mode_of_a_plain_open(tmp_path):
   assert (target.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
 
 
-def test_input_norm_mnist_is_torchvisions_normalisation_and_is_recorded(real_data_dir, tmp_path):
+def test_input_norm_mnist_is_torchvisions_normalisation_and_is_recorded(tiny_mnist_dir, tmp_path):
   """--input_norm=mnist feeds (x/255 − 0.1307)/0.3081 (Avalanche's MNIST inputs): a different
   run from the default [0, 1] inputs, recorded in results.json; a bad value exits 2."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -172,7 +172,7 @@ def test_input_norm_mnist_is_torchvisions_normalisation_and_is_recorded(real_dat
   np.testing.assert_allclose(np.asarray(cli.mnist_normalize(x)),
                              (x / 255.0 - 0.1307) / 0.3081, rtol=1e-6)
   common = ("--algo=finetune", "--num_tasks=2", "--max_examples=200", "--epochs=1",
-            "--hidden=16", "--noplots", "--nocheckpoint", f"--data_dir={real_data_dir}")
+            "--hidden=16", "--noplots", "--nocheckpoint", f"--data_dir={tiny_mnist_dir}")
   recs = {}
   for norm in ("none", "mnist"):
     proc = run_cli(*common, f"--input_norm={norm}", f"--workdir={tmp_path / norm}")

@@ -62,9 +62,9 @@ def test_splice_keeps_text_outside_markers():
   assert reproduce.splice(None, "X").endswith("\n\nX\n")
 
 
-def test_tiny_real_run_writes_markdown_and_json(real_data_dir, tmp_path):
+def test_tiny_real_run_writes_markdown_and_json(tiny_mnist_dir, tmp_path):
   from experiments import data
-  ds = data.load_dataset("mnist", data_dir=real_data_dir)
+  ds = data.load_dataset("mnist", data_dir=tiny_mnist_dir)
   out, store = tmp_path / "results.md", tmp_path / "results.json"
   out.write_text(f"# Mine\n\nhand-written\n\n{reproduce.BEGIN}\nstale\n{reproduce.END}\nafter\n")
   over = reproduce.Overrides(epochs=1, max_examples=300, num_tasks=2)
@@ -96,13 +96,13 @@ def test_tiny_real_run_writes_markdown_and_json(real_data_dir, tmp_path):
   assert "| EWC | " in md and "97.70 ± 0.81" in md          # ours beside the paper's
 
 
-def test_iterations_protocol_trains_the_papers_iterations(real_data_dir, tmp_path):
+def test_iterations_protocol_trains_the_papers_iterations(tiny_mnist_dir, tmp_path):
   """van de Ven's protocol counts iterations per task (joint too, on the union of the tasks so
   far), keeps Adam across tasks and penalises the shared head; the record and the markdown say
   so. (The paper's 2,000 iterations are cut to 7 here: a reduced copy of the setup.)"""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from experiments import data  # pylint: disable=import-outside-toplevel
-  ds = data.load_dataset("mnist", data_dir=real_data_dir)
+  ds = data.load_dataset("mnist", data_dir=tiny_mnist_dir)
   setup = dataclasses.replace(reproduce.VDV_SPLIT, iterations=7)
   assert reproduce.length_for(setup, "joint", [300, 300], None) == (None, 7)
   assert reproduce.length_for(setup, "joint", [300, 300], 2) == (1, None)  # --epochs override
@@ -156,7 +156,7 @@ def test_each_departure_is_its_own_variant():
                                   "domain", "ewc"))
 
 
-def test_reproduce_killed_then_resumed_gives_the_same_record(real_data_dir, tmp_path):
+def test_reproduce_killed_then_resumed_gives_the_same_record(tiny_mnist_dir, tmp_path):
   """The reproduction runner checkpoints its sweeps: killed (SIGKILL) after task 2 is trained,
   the same command resumes from the task-1 checkpoint; the record's matrices are bit-identical
   and the record's checkpoints are gone once it is stored."""
@@ -166,7 +166,7 @@ def test_reproduce_killed_then_resumed_gives_the_same_record(real_data_dir, tmp_
   def command(name, env=None):
     args = [sys.executable, "-m", "experiments.reproduce", "--protocol=hsu", "--algos=ewc",
             "--scenarios=task", "--seeds=0,1", "--epochs=1", "--max_examples=300",
-            "--num_tasks=2", "--hidden=32", "--noprogress", f"--data_dir={real_data_dir}",
+            "--num_tasks=2", "--hidden=32", "--noprogress", f"--data_dir={tiny_mnist_dir}",
             f"--out={tmp_path / name / 'r.md'}", f"--workdir={tmp_path / name / 'work'}"]
     return args, {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
 
