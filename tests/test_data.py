@@ -67,6 +67,17 @@ def _assert_same_arrays(got: list[np.ndarray], want: list[np.ndarray]) -> None:
     np.testing.assert_array_equal(a, b)
 
 
+def _python_json(code: str):
+  """Runs ``code`` in a new Python process (the checkout importable); returns the finished
+  process and the JSON of its last stdout line."""
+  env = dict(os.environ, PYTHONPATH=os.fspath(ROOT))
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr
+  return proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _fresh_load(name: str, data_dir: Path, cache_dir: Path) -> dict:
   """`load_dataset` in a new Python process: from_cache, whether TFDS got imported, arrays."""
   code = (
@@ -79,12 +90,7 @@ def _fresh_load(name: str, data_dir: Path, cache_dir: Path) -> dict:
     "'pil_imported': 'PIL' in sys.modules, 'name': ds.name, 'version': ds.version, "
     "'arrays': [[a.dtype.str, list(a.shape), a.tolist()] for a in ds[:4]]}))\n"
   )
-  env = dict(os.environ, PYTHONPATH=os.fspath(ROOT))
-  proc = subprocess.run(
-    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-  )
-  assert proc.returncode == 0, proc.stderr
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  proc, out = _python_json(code)
   out["arrays"] = [
     np.asarray(values, np.dtype(dt)).reshape(shape) for dt, shape, values in out["arrays"]
   ]
@@ -449,12 +455,7 @@ def test_cache_changed_in_place_is_detected_and_rebuilt(tiny_data, tmp_path):
     f"cache_dir={os.fspath(tmp_path)!r}, download=False)\n"
     "print(json.dumps({'from_cache': ds.from_cache, 'labels': ds.train_labels.tolist()}))\n"
   )
-  env = dict(os.environ, PYTHONPATH=os.fspath(ROOT))
-  proc = subprocess.run(
-    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-  )
-  assert proc.returncode == 0, proc.stderr
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  proc, out = _python_json(code)
   assert not out["from_cache"]  # decoded again from TFDS
   assert out["labels"] == written["mnist"]["train"][1].tolist()
   lines = proc.stderr.strip().splitlines()
