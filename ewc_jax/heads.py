@@ -246,7 +246,8 @@ def consolidated_logits_fn(net: Network, params: PyTree, task_index: Any):
 
 
 def backbone_logits_fn(net: Network, head_params: dict[str, PyTree], task_index: Any):
-  """``logits_fn(backbone_params, x)`` for one task's head (the heads closed over: they never
-  appear in the importance pytree; the reference-parity modes weigh this)."""
+  """``logits_fn(backbone_params, x)`` for one task's head, a function of the bare backbone
+  pytree (the heads closed over: they never appear in the importance pytree). The runner uses
+  :func:`consolidated_logits_fn` in every mode; this is for weighing the backbone alone."""
   return lambda backbone_params, x: head_logits(
       net, head_params, features(net, backbone_params, x), task_index)
