@@ -33,33 +33,68 @@ ALGOS = algorithms.NAMES
 PENALTIES = algorithms.PENALTIES
 
 
+def _setting(default: Any, help_text: str) -> Any:
+  """A :class:`Config` field with its description (``metadata["help"]``: command lines generate
+  their flags, and their help, from the fields)."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Plain-data configuration of one continual-learning run (defaults: the peers' protocol)."""
-  algo: str = "ewc"
-  scenario: str = "task"
-  penalty: str = "standard"
-  lam: float = 1000.0
-  p: float = 2.0
-  gamma: float = 1.0
-  fisher: str = "empirical"
-  fisher_batch_size: int = 256
-  fisher_normalize: bool = False
-  # What is consolidated (see ewc_jax.heads.consolidated): "shared" (the backbone and every head
-  # used by several tasks), "backbone", "all"; None: "backbone" for the reference-parity
-  # penalties (seed, clarena), else "shared".
-  consolidate: str | None = None
-  epochs: int | None = 2           # training length per task: epochs, or ...
-  steps_per_task: int | None = None  # ... iterations (exactly one of the two is set)
-  reset_optimizer: bool = True     # restart the optimizer at each task (CLArena, Avalanche)
-  optimizer: str = "adam"          # "adam" | "sgd" (plain SGD, Avalanche's baseline); lr: Hyper.lr
-  batch_size: int = 128
-  lr: float = 1e-3
-  seed: int = 0
-  hidden: tuple[int, ...] = (400, 400)
-  validation_fraction: float = 0.0  # held out of each task's training data (ewc_jax.holdout)
-  validation_seed: int = 0          # which rows: the same for every run seed and sweep config
-  chunk_steps: int = 64  # steps per compiled lax.scan; host work (metrics, saves) between
+  """Plain-data configuration of one continual-learning run (defaults: the peers' protocol).
+
+  Each field's ``metadata["help"]`` says what it means (the experiment command lines turn every
+  field into a flag of the same name, e.g. ``lam`` -> ``--lam``).
+  """
+  algo: str = _setting("ewc", f"Algorithm: {'|'.join(algorithms.NAMES)}.")
+  scenario: str = _setting(
+      "task", "task (a head per task, task id known) | domain (one shared head) | class (one "
+      "head over all classes seen so far).")
+  penalty: str = _setting(
+      "standard", "EWC penalty (with algo=ewc): standard = (lam/2)*sum F|theta-theta*|^p "
+      "(Kirkpatrick 2017); seed = the seed reference's per-tensor p-norm / task id; clarena = "
+      "CLArena 1.1.0's 0.5*lam*sum F (theta-theta*)^2.")
+  lam: float = _setting(
+      1000.0, "Regularisation strength lambda (> 0). Convention: the loss adds (lam/2) * "
+      "sum_k sum_i F_ki |theta_i - theta*_ki|^p, with F the mean per-example Fisher (no "
+      "1/num_params).")
+  p: float = _setting(2.0, "Exponent p of |theta - theta*| (> 0).")
+  gamma: float = _setting(1.0, "Online EWC decay of the accumulated importance, (0, 1].")
+  fisher: str = _setting("empirical", f"Importance estimator: {'|'.join(fisher_lib.KINDS)}.")
+  fisher_batch_size: int = _setting(
+      256, "Examples per Fisher scan step (changes the result only for batch_squared).")
+  fisher_normalize: bool = _setting(
+      False, "Divide the importance by the number of backbone parameters (seed parity).")
+  consolidate: str | None = _setting(
+      None, "What EWC consolidates (ewc_jax.heads.consolidated): shared (the backbone and "
+      "every head used by more than one task: domain-IL's shared head, class-IL's single head; "
+      "task-IL's per-task heads stay free) | backbone | all. Default: shared, or backbone for "
+      "penalty=seed|clarena (the reference's behaviour).")
+  epochs: int | None = _setting(
+      2, "Training length per task in epochs (>= 1); exclusive with steps_per_task.")
+  steps_per_task: int | None = _setting(
+      None, "Training length per task in iterations (>= 1; van de Ven & Tolias count "
+      "iterations); exclusive with epochs.")
+  reset_optimizer: bool = _setting(
+      True, "Restart the optimizer at every task (as CLArena and Avalanche); false keeps its "
+      "state across tasks (as Hsu et al. 2018 and van de Ven & Tolias 2019).")
+  optimizer: str = _setting(
+      "adam", "adam | sgd (plain SGD, no momentum: Avalanche's baseline); lr is its learning "
+      "rate.")
+  batch_size: int = _setting(128, "Training batch size (>= 1).")
+  lr: float = _setting(1e-3, "Learning rate of the optimizer (> 0).")
+  seed: int = _setting(
+      0, "PRNG seed: initialisation, shuffling, permutations, sampled labels.")
+  hidden: tuple[int, ...] = _setting((400, 400), "Backbone MLP layer widths.")
+  validation_fraction: float = _setting(
+      0.0, "Hold out this fraction of each task's training data as a validation split, scored "
+      "like the test set (val_acc_matrix), in [0, 1); 0: none. The held-out rows depend on "
+      "validation_seed only (ewc_jax.holdout).")
+  validation_seed: int = _setting(
+      0, "Which rows the validation split holds out (the same for every seed and sweep config).")
+  chunk_steps: int = _setting(
+      64, "Train steps per compiled chunk (a lax.scan): progress, checkpoints and the NaN "
+      "check act between chunks. Does not change the results.")
 
   @property
   def consolidated(self) -> str:

@@ -7,26 +7,43 @@ flag (--lam), from the same error.
     '`lam`=0.0 is invalid: expected a finite number > 0.'
     >>> err.for_flags()
     '--lam=0.0 is invalid: expected a finite number > 0.'
+    >>> off = SettingError(lambda name: f"{name('resume', False)}: the folder holds checkpoints.")
+    >>> str(off), off.for_flags()
+    ('`resume`=False: the folder holds checkpoints.', '--noresume: the folder holds checkpoints.')
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+_NO_VALUE = object()
+
+
+def _as_field(field: str, value: Any = _NO_VALUE) -> str:
+  return f"`{field}`" if value is _NO_VALUE else f"`{field}`={value!r}"
+
+
+def _as_flag(field: str, value: Any = _NO_VALUE) -> str:
+  if value is _NO_VALUE or value is True:
+    return f"--{field}"
+  return f"--no{field}" if value is False else f"--{field}={value!r}"
+
 
 class SettingError(ValueError):
   """A bad setting (a :class:`ewc_jax.continual.Config` field or a run argument).
 
-  ``render(name)`` writes the message with ``name(field)`` spelling each setting it mentions:
-  ``str(err)`` uses ``\\`field\\```, :meth:`for_flags` uses ``--field``.
+  ``render(name)`` writes the message with ``name(field)`` spelling each setting it mentions
+  (``name(field, value)``: the setting with its value): ``str(err)`` uses ``\\`field\\``` and
+  ``\\`field\\`=value``, :meth:`for_flags` uses ``--field`` and ``--field=value`` (a boolean:
+  ``--field`` / ``--nofield``).
   """
 
-  def __init__(self, render: Callable[[Callable[[str], str]], str]):
+  def __init__(self, render: Callable[..., str]):
     self.render = render
-    super().__init__(render(lambda field: f"`{field}`"))
+    super().__init__(render(_as_field))
 
   def for_flags(self) -> str:
-    return self.render(lambda field: f"--{field}")
+    return self.render(_as_flag)
 
   @classmethod
   def invalid(cls, field: str, value: Any, allowed: str) -> "SettingError":

@@ -23,7 +23,8 @@ DEFAULTS: dict[tuple[str, str], dict] = {
     ("permuted_mnist", "class"): {"lam": 10.0, "reset_optimizer": False},
 }
 
-SCENARIO = {"split_mnist": "task", "permuted_mnist": "domain"}
+# The settings whose default depends on the benchmark and scenario (the flags' help says so).
+PER_BENCHMARK = frozenset({"scenario"} | {name for fields in DEFAULTS.values() for name in fields})
 
 
 def for_run(benchmark: str, scenario: str) -> dict:

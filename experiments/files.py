@@ -1,4 +1,5 @@
-"""Atomic file writes: the run outputs (results, CSV, PNGs) and the decoded-data cache.
+"""Atomic file writes (the run outputs: results, CSV, PNGs; the decoded-data cache) and the
+workdir check.
 
 A reader (or a process killed mid-write) never sees a half-written file: the bytes go to a
 temporary file in the same folder, are flushed to disk, then renamed over the target.
@@ -7,6 +8,7 @@ temporary file in the same folder, are flushed to disk, then renamed over the ta
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +42,29 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def write_text(path: Path, text: str) -> None:
+  """Writes ``text`` (UTF-8) to ``path`` atomically."""
+  write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, obj) -> None:
+  """Writes ``obj`` as indented JSON to ``path`` atomically."""
+  write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+  """Creates ``workdir`` and checks it is writable, before any work is done
+  (:class:`ewc_jax.errors.SettingError` naming ``workdir`` otherwise)."""
+  from ewc_jax import errors  # pylint: disable=import-outside-toplevel
+  path = Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check_"):
+      pass
+  except OSError as err:
+    reason = err.strerror
+    raise errors.SettingError(lambda n: f"{n('workdir')}={str(workdir)!r} is not a writable "
+                              f"directory ({reason}).") from err
+  return path

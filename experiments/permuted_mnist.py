@@ -17,13 +17,11 @@ from absl import app  # noqa: E402
 
 from experiments import cli  # noqa: E402
 
-BENCHMARK = cli.Benchmark(name="permuted_mnist", title="Permuted MNIST", max_tasks=None,
-                          default_tasks=10)
-cli.define_flags(BENCHMARK)
+cli.define_flags("permuted_mnist")
 
 
 def main(argv):
-  cli.run_main(BENCHMARK, argv, _START)
+  cli.run_main("permuted_mnist", argv, _START)
 
 
 if __name__ == "__main__":

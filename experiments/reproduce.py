@@ -7,9 +7,10 @@ r"""Reproduce published EWC tables: Hsu et al. 2018 and van de Ven & Tolias 2019
         --hidden=400,400 --max_examples=10000 --epochs=6                       # a reduced run
 
 Each (scenario, algorithm) is one ``ewc_jax.sweep.run`` over the seeds (one vmapped program),
-on the tasks of ``experiments.cli.build_tasks`` and the network of ``heads.make_network``, with
-the paper's hyperparameters translated to our conventions (:data:`PROTOCOLS`; λ: our penalty is
-(λ/2) Σ F (θ − θ*)² with F the mean per-example Fisher, see README) and the papers' protocol
+on the tasks of the benchmark registry (``experiments.benchmark``) and the network of
+``heads.make_network``, with the paper's hyperparameters translated to our conventions
+(:data:`PROTOCOLS`; λ: our penalty is (λ/2) Σ F (θ − θ*)² with F the mean per-example Fisher,
+see README) and the papers' protocol
 controls: training length per task as the paper counts it (van de Ven & Tolias: iterations,
 ``Config.steps_per_task``; Hsu et al.: epochs), Adam kept across tasks (neither paper resets
 it), every parameter shared by several tasks penalised (the shared head too). Results
@@ -41,16 +42,18 @@ _START = time.perf_counter()
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from experiments import cli  # noqa: E402
+from experiments import benchmark as benchmark_lib  # noqa: E402
+from experiments import compile_cache  # noqa: E402
+from experiments import environment as environment_lib  # noqa: E402
+from experiments import files  # noqa: E402
+from experiments import progress as progress_lib  # noqa: E402
 
 SCENARIOS = ("task", "domain", "class")
 SCENARIO_TITLES = {"task": "Task-IL", "domain": "Domain-IL", "class": "Class-IL"}
 ALGO_TITLES = {"finetune": "finetune (none)", "joint": "joint (offline)", "ewc": "EWC",
                "online_ewc": "online EWC", "l2": "L2"}
-SPLIT = cli.Benchmark(name="split_mnist", title="Split MNIST", max_tasks=5, default_tasks=5)
-PERMUTED = cli.Benchmark(name="permuted_mnist", title="Permuted MNIST", max_tasks=None,
-                         default_tasks=10)
-BENCHMARKS = {"split": SPLIT, "permuted": PERMUTED}
+BENCHMARKS = {"split": benchmark_lib.get("split_mnist"),
+              "permuted": benchmark_lib.get("permuted_mnist")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +324,7 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
                           hidden=tuple(hidden), seed=int(seeds[0]),
                           reset_optimizer=setup.reset_optimizer)
   bench = BENCHMARKS[setup.benchmark]
-  built = cli.build_tasks(bench, ds, base, num_tasks, overrides.max_examples)
+  built = bench.build(ds, base.scenario, num_tasks, overrides.max_examples, base.seed)
   counts = [int(c) for c in np.asarray(built.train.counts)]
   epochs, steps_per_task = length_for(setup, algo, counts, overrides.epochs)
   base = dataclasses.replace(base, epochs=epochs, steps_per_task=steps_per_task)
@@ -571,9 +574,9 @@ def splice(old: str | None, block: str, title: str = "# Reproducing published EW
 
 def write_outputs(store: dict, out: Path, json_path: Path) -> None:
   store["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  cli.write_json_atomic(json_path, store)
+  files.write_json(json_path, store)
   old = out.read_text() if out.exists() else None
-  cli.write_atomic(out, splice(old, render(store)))
+  files.write_text(out, splice(old, render(store)))
 
 
 def checkpoint_folder(root: Path, key: str) -> Path:
@@ -593,7 +596,7 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
   re-run with the same flags resumes it. A record's checkpoints are deleted once the record is
   stored (the next invocation trains it again, as without checkpoints)."""
   from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  environment = cli.environment()
+  environment = environment_lib.environment()
   total = len(algos) * len(scenarios)
   for i, scenario in enumerate(scenarios):
     for j, algo in enumerate(algos):
@@ -714,20 +717,20 @@ def main(argv):
       out = Path(FLAGS.out)
       json_path = Path(FLAGS.json) if FLAGS.json else out.with_suffix(".json")
       for path in (out, json_path):
-        cli.check_workdir(str(path.parent))
+        files.check_workdir(str(path.parent))
       root = None
       if FLAGS.checkpoint:
-        workdir = cli.check_workdir(FLAGS.workdir)
+        workdir = files.check_workdir(FLAGS.workdir)
         held.enter_context(lock.hold(workdir))  # another invocation on it exits 2 at once
         root = workdir / "checkpoints"
       if FLAGS.compile_cache:
-        cli.enable_compile_cache()
+        compile_cache.enable()
       ds = data.load_dataset("mnist", data_dir=FLAGS.data_dir)
       print(f"{setup.citation}\n{len(scenarios) * len(algos)} runs of {len(seeds)} seeds"
             + (f"; REDUCED: {'; '.join(overrides.describe())}" if overrides.reduced else ""),
             flush=True)
       t0 = time.perf_counter()
-      progress = ((lambda prefix: cli.make_progress(True, prefix)) if FLAGS.progress else None)
+      progress = ((lambda prefix: progress_lib.make(True, prefix)) if FLAGS.progress else None)
       reproduce(setup, algos, scenarios, seeds, ds, out, json_path, overrides,
                 progress=progress, log=lambda *a, **k: print(*a, **k, flush=True),
                 checkpoint_root=root, checkpoint_every=FLAGS.checkpoint_every)

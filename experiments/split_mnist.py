@@ -19,12 +19,11 @@ from absl import app  # noqa: E402
 
 from experiments import cli  # noqa: E402
 
-BENCHMARK = cli.Benchmark(name="split_mnist", title="Split MNIST", max_tasks=5, default_tasks=5)
-cli.define_flags(BENCHMARK)
+cli.define_flags("split_mnist")
 
 
 def main(argv):
-  cli.run_main(BENCHMARK, argv, _START)
+  cli.run_main("split_mnist", argv, _START)
 
 
 if __name__ == "__main__":

@@ -167,9 +167,9 @@ def test_input_norm_mnist_is_torchvisions_normalisation_and_is_recorded(tiny_mni
   """--input_norm=mnist feeds (x/255 − 0.1307)/0.3081 (Avalanche's MNIST inputs): a different
   run from the default [0, 1] inputs, recorded in results.json; a bad value exits 2."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from experiments import cli  # pylint: disable=import-outside-toplevel
+  from experiments import input_norm  # pylint: disable=import-outside-toplevel
   x = np.array([[0, 255, 51]], np.uint8)
-  np.testing.assert_allclose(np.asarray(cli.mnist_normalize(x)),
+  np.testing.assert_allclose(np.asarray(input_norm.mnist_normalize(x)),
                              (x / 255.0 - 0.1307) / 0.3081, rtol=1e-6)
   common = ("--algo=finetune", "--num_tasks=2", "--max_examples=200", "--epochs=1",
             "--hidden=16", "--noplots", "--nocheckpoint", f"--data_dir={tiny_mnist_dir}")

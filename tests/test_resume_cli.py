@@ -72,10 +72,13 @@ def run_until_hang(workdir, data_dir, at, *extra):
 
 
 def numbers(workdir):
-  """results.json without timings and provenance: every number must match bit for bit."""
+  """results.json without timings and provenance (the environment, and the experiment's
+  settings: checkpointing differs between the runs compared): every number must match bit for
+  bit."""
   res = json.loads((Path(workdir) / "results.json").read_text())
   res.pop("timings")
   res.pop("environment")
+  res.pop("experiment")
   for r in res["runs"]:
     r.pop("timings")
     r.pop("resumed_from")

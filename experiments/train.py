@@ -1,0 +1,247 @@
+"""``train_and_evaluate(config, workdir)``: one experiment, from its config, reading no flag.
+
+Loads the dataset, builds the benchmark's tasks, runs every seed through
+:func:`ewc_jax.continual.run` (checkpointed and resumable), prints the accuracy matrix and writes
+``results.json``, ``acc_matrix.csv`` and the plots under ``workdir``. Errors in the settings are
+:class:`ewc_jax.errors.SettingError` naming the config field (the command lines spell it as a
+flag).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ewc_jax import checkpoint
+from ewc_jax import continual
+from ewc_jax import errors
+from ewc_jax import heads as heads_lib
+from ewc_jax import interrupt
+from experiments import config as config_lib
+from experiments import environment
+from experiments import files
+from experiments import input_norm
+from experiments import progress as progress_lib
+from experiments import report
+
+
+def load_dataset(config: config_lib.ExperimentConfig):
+  """The config's dataset from ``data_dir`` / ``manual_dir``, checked to be 28x28 with 10
+  classes."""
+  from experiments import data  # pylint: disable=import-outside-toplevel
+  data_dir = config.data_dir
+  if (data_dir and not os.path.isdir(data_dir) and config.manual_dir is None
+      and importlib.util.find_spec("tensorflow") is None):  # nothing could prepare it there
+    raise errors.SettingError(lambda n: (
+        f"{n('data_dir')}={data_dir!r} is not an existing folder: expected a TFDS data folder "
+        "holding the prepared dataset (see `make prepare-data`)."))
+  ds = data.load_dataset(config.dataset, data_dir=data_dir, manual_dir=config.manual_dir)
+  if ds.train_images.shape[1:3] != (28, 28) or int(ds.train_labels.max()) != 9:
+    shape, classes = ds.train_images.shape[1:], int(ds.train_labels.max()) + 1
+    raise errors.SettingError(lambda n: (
+        f"{n('dataset')}={config.dataset!r} is invalid: expected a 28x28 image dataset with 10 "
+        f"classes, got images {shape} and {classes} classes."))
+  return ds
+
+
+def check_batch_size(batch_size: int, counts) -> None:
+  """The batch must fit in the smallest task's training set."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  counts = np.asarray(counts)
+  smallest, task = int(counts.min()), int(counts.argmin()) + 1
+  if batch_size > smallest:
+    raise errors.SettingError(lambda n: (
+        f"{n('batch_size')}={batch_size} is invalid: expected at most {smallest}, the number of "
+        f"training examples of the smallest task (task {task})."))
+
+
+def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern: str = "seed_*",
+                        identity: dict | None = None) -> None:
+  """``force_restart`` discards old checkpoints; ``resume=False`` refuses existing ones; with
+  ``identity``, each existing run's checkpoints must come from it."""
+  if config.force_restart:
+    if checkpoint.discard(root):
+      print(f"--force_restart: discarded the checkpoints in {root}")
+    return
+  existing = checkpoint.checkpoint_dirs(root, pattern)
+  if existing and not config.resume:
+    raise errors.SettingError(lambda n: (
+        f"{n('resume', False)}: {root} already holds checkpoints; pass {n('resume')} to "
+        f"continue them or {n('force_restart')} to discard them and start over."))
+  for folder in existing if identity is not None else ():
+    with checkpoint.RunCheckpointer(folder, identity) as ckpt:
+      ckpt.check_config()
+
+
+def build_tasks(config: config_lib.ExperimentConfig, ds, run: continual.Config):
+  """The benchmark's tasks for the seed of ``run`` (on the host)."""
+  return config.bench.build(ds, run.scenario, config.task_count, config.max_examples, run.seed)
+
+
+def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.PathLike, *,
+                       import_seconds: float = 0.0, start_time: float | None = None) -> dict:
+  """Runs every seed of ``config``; returns the record written to ``workdir/results.json``.
+
+  ``import_seconds`` / ``start_time`` only feed ``timings`` (a command line's start-up). The
+  checkpointers are closed last, so the newest background save overlaps the writing of the
+  results; ``timings["checkpoint"]`` counts the waiting for saves up to then.
+  """
+  config.validate()
+  workdir = Path(workdir)
+  t0 = time.perf_counter()
+  ds = load_dataset(config)
+  load_seconds = time.perf_counter() - t0
+  with contextlib.ExitStack() as savers:
+    return _train_and_evaluate(config, workdir, ds, savers,
+                               {"import": import_seconds, "load": load_seconds}, start_time)
+
+
+def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, ds,
+              workdir: Path, savers: contextlib.ExitStack, identity: dict) -> tuple[Any, dict]:
+  """One seed, checkpointed (resumed when a checkpoint exists): ``(result, entry fields)``."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from experiments import tasks  # pylint: disable=import-outside-toplevel
+  seeds = config.seed_list
+  train, test = tasks.to_device(built.train), tasks.to_device(built.test)
+  preprocess = input_norm.get(config.input_norm)
+  net = heads_lib.make_network(run.scenario, built.class_groups, run.hidden)
+  prefix = f"seed {run.seed} " if len(seeds) > 1 else ""
+  ckpt = savers.enter_context(checkpoint.RunCheckpointer(
+      workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,
+      every=config.checkpoint_every, chunk_steps=run.chunk_steps)) if config.checkpoint else None
+  resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(run, net, train,
+                                                               preprocess=preprocess))
+            if ckpt is not None else None)
+  resumed_from = None
+  if resume is not None:
+    resumed_from = str(ckpt.step_path(ckpt.latest_step()))
+    where = checkpoint.describe_position(resume, run, np.asarray(train.counts))
+    print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
+  hook = ckpt if ckpt is not None else interrupt.check
+  if config.tensorboard:  # scalars first: an interrupt raised by the checkpointer keeps them
+    from experiments import tensorboard  # pylint: disable=import-outside-toplevel
+    logger = tensorboard.ScalarLogger(workdir / "tensorboard" / f"seed_{run.seed}",
+                                      start=resume)
+    savers.callback(logger.close)
+    hook = tensorboard.chain(logger, hook)
+  result = continual.run(run, net, train, test, preprocess=preprocess, resume=resume,
+                         on_checkpoint=hook, progress=progress_lib.make(config.progress, prefix))
+  return result, {"resumed_from": resumed_from,
+                  "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
+
+
+def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
+                        savers: contextlib.ExitStack, start: dict,
+                        start_time: float | None) -> dict:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+
+  seeds = config.seed_list
+  if config.plots:  # matplotlib's import overlaps the training
+    from experiments import plots  # pylint: disable=import-outside-toplevel
+    plots.prefetch()
+  identity = config.identity(f"{ds.name}:{ds.version}")
+  runs = []
+  for seed in seeds:
+    run = dataclasses.replace(config.run, seed=seed)
+    t0 = time.perf_counter()
+    built = build_tasks(config, ds, run)
+    data_seconds = start["load"] + time.perf_counter() - t0
+    if not runs:  # checks and checkpoint preparation, before anything is trained or written
+      check_batch_size(config.run.batch_size, built.train.counts)
+      if config.checkpoint:
+        prepare_checkpoints(config, workdir / "checkpoints", identity=identity)
+    result, extra = _run_seed(config, run, built, ds, workdir, savers, identity)
+    timings = {"import": start["import"], "data": data_seconds, **result.timings,
+               "checkpoint": extra["checkpoint"]}
+    entry = {"seed": seed, "resumed_from": extra["resumed_from"],
+             "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
+             **metrics.summarize(result.acc_matrix), "curves": result.curves,
+             "timings": timings}
+    if result.val_acc_matrix is not None:
+      entry["val_acc_matrix"] = np.asarray(result.val_acc_matrix).tolist()
+      entry["validation"] = metrics.summarize(result.val_acc_matrix)
+    runs.append(entry)
+    start = {"import": 0.0, "load": 0.0}
+  record = _record(config, ds, built, runs, start_time)
+  _write_outputs(config, workdir, record)
+  return record
+
+
+def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
+            start_time: float | None) -> dict:
+  """results.json: the mean (± std) matrix and metrics over seeds, every seed's run, the
+  config, timings and environment."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  mats = np.array([r["acc_matrix"] for r in runs])
+  mean, std = mats.mean(0), mats.std(0)
+  per_seed = {k: [r[k] for r in runs] for k in ("average_accuracy", "bwt")}
+  timings = {k: float(sum(r["timings"][k] for r in runs)) for k in runs[0]["timings"]}
+  timings["data_from_cache"] = bool(ds.from_cache)
+  if start_time is not None:
+    timings["total"] = time.perf_counter() - start_time
+  val = None
+  if "val_acc_matrix" in runs[0]:
+    val = np.mean([r["val_acc_matrix"] for r in runs], 0)
+  return {
+      "benchmark": {"name": config.benchmark, "scenario": config.run.scenario,
+                    "dataset": f"{ds.name}:{ds.version}", "num_tasks": config.task_count,
+                    "max_examples": config.max_examples, "input_norm": config.input_norm,
+                    **built.info},
+      "acc_matrix": mean.tolist(),
+      "acc_matrix_std": std.tolist(),
+      **metrics.summarize(mean),
+      **({} if val is None else {"val_acc_matrix": val.tolist(),
+                                 "validation": metrics.summarize(val)}),
+      "seeds": list(config.seed_list),
+      "average_accuracy_mean": float(np.mean(per_seed["average_accuracy"])),
+      "average_accuracy_std": float(np.std(per_seed["average_accuracy"])),
+      "bwt_mean": float(np.mean(per_seed["bwt"])),
+      "bwt_std": float(np.std(per_seed["bwt"])),
+      "curves": runs[0]["curves"] if len(runs) == 1 else [r["curves"] for r in runs],
+      "runs": runs,
+      "config": dataclasses.asdict(config.run),
+      "experiment": {k: v for k, v in dataclasses.asdict(config).items() if k != "run"},
+      "timings": timings,
+      "environment": environment.environment(),
+  }
+
+
+def _write_outputs(config: config_lib.ExperimentConfig, workdir: Path, record: dict) -> None:
+  """results.json, acc_matrix.csv, the plots, and the printed table and summary."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  run, seeds = config.run, config.seed_list
+  mean, std = np.asarray(record["acc_matrix"]), np.asarray(record["acc_matrix_std"])
+  several = len(seeds) > 1
+  files.write_json(workdir / "results.json", record)
+  files.write_text(workdir / "acc_matrix.csv", report.matrix_csv(mean))
+  title = (f"{config.bench.title} ({run.scenario}-incremental), {run.algo}, "
+           f"λ={run.lam:g}, fisher={run.fisher}, seeds={','.join(map(str, seeds))}")
+  if config.plots:
+    from experiments import plots  # pylint: disable=import-outside-toplevel
+    plots.accuracy_heatmap(mean, workdir / "acc_matrix.png", title)
+    plots.accuracy_over_training(mean, std if several else None,
+                                 workdir / "accuracy_over_training.png", title)
+  print(f"\n{title}")
+  print(report.format_matrix(mean.tolist(), std.tolist() if several else None))
+  aa = 100 * np.array([r["average_accuracy"] for r in record["runs"]])
+  bwt = 100 * np.array([r["bwt"] for r in record["runs"]])
+  print(f"average accuracy {aa.mean():.2f} ± {aa.std():.2f}  BWT {bwt.mean():+.2f} ± "
+        f"{bwt.std():.2f}  mean forgetting {100 * record['mean_forgetting']:.2f}"
+        + (f"  ({len(seeds)} seeds)" if several else ""))
+  if "validation" in record:
+    print(f"validation split ({100 * run.validation_fraction:g}% of each task's training "
+          f"data): average accuracy {100 * record['validation']['average_accuracy']:.2f}")
+  print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in record["timings"].items()
+                                if isinstance(v, float)))
+  print(f"wrote {workdir}/results.json, acc_matrix.csv" + (", *.png" if config.plots else ""))
+
+
+__all__ = ["train_and_evaluate", "load_dataset", "build_tasks", "prepare_checkpoints",
+           "check_batch_size"]

@@ -1,0 +1,197 @@
+"""``train_and_evaluate_sweep(config, workdir)``: a vmapped sweep from its config, reading no flag.
+
+Every combination of the swept values (:class:`experiments.config.SweepConfig`) is trained at
+once through :func:`ewc_jax.sweep.run` (one program with a leading config axis, sharded over the
+devices; ``max_parallel`` at a time). When the benchmark's data follow the seed (Permuted
+MNIST's permutations), each seed is its own sweep on its own data. Writes ``results.json``
+(every config's test and validation matrices, metrics and curves, and the table ranked by
+validation average accuracy) and ``average_accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from ewc_jax import checkpoint
+from experiments import config as config_lib
+from experiments import environment
+from experiments import files
+from experiments import input_norm
+from experiments import progress as progress_lib
+from experiments import train as train_lib
+
+
+def _groups(config: config_lib.SweepConfig, configs) -> list[list[int]]:
+  """Config indices by data: one group, or one per seed when the data follow the seed."""
+  follows = config.experiment.bench.data_follows_seed
+  groups: dict = {}
+  for k, cfg in enumerate(configs):
+    groups.setdefault(cfg.seed if follows else None, []).append(k)
+  return list(groups.values())
+
+
+def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict] | None = None):
+  """Runs the sweep; ``(SweepResult, layouts, built tasks)``.
+
+  ``checkpoints``: ``(root folder, identity)``: group g checkpoints under ``root/group_<g>``.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from ewc_jax import heads as heads_lib  # pylint: disable=import-outside-toplevel
+  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from experiments import tasks  # pylint: disable=import-outside-toplevel
+
+  exp = config.experiment
+  configs = config.configs()
+  groups = _groups(config, configs)
+  acc, val_acc, curves = [None] * len(configs), [None] * len(configs), [None] * len(configs)
+  timings: dict = {"data": 0.0}
+  layouts, built, result = [], None, None
+  for g, members in enumerate(groups):
+    first = configs[members[0]]
+    t0 = time.perf_counter()
+    built = train_lib.build_tasks(exp, ds, first)
+    train, test = tasks.to_device(built.train), tasks.to_device(built.test)
+    timings["data"] += time.perf_counter() - t0
+    train_lib.check_batch_size(first.batch_size, built.train.counts)
+    net = heads_lib.make_network(first.scenario, built.class_groups, first.hidden)
+    bar = {"prefix": ""}
+
+    def on_chunk(i, n, idx, g=g, members=members):
+      del i
+      parts = ([f"seed group {g + 1}/{len(groups)}"] if len(groups) > 1 else []) + (
+          [f"configs {members[idx.start] + 1}-{members[idx.stop - 1] + 1}"] if n > 1 else [])
+      bar["prefix"] = " ".join(parts) + " " if parts else ""
+
+    def progress(*args):
+      return progress_lib.make(True, bar["prefix"])(*args)
+
+    saver = None
+    if checkpoints is not None:
+      root, ident = checkpoints
+      prefix = f"seed group {g + 1}/{len(groups)} " if len(groups) > 1 else ""
+      saver = checkpoint.SweepCheckpointer(
+          root / f"group_{g}", {**ident, "group": g, "members": members}, keep=exp.keep,
+          every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
+          log=lambda line, prefix=prefix: print(prefix + line, flush=True))
+    result = sweep.run([configs[k] for k in members], net, train, test,
+                       preprocess=input_norm.get(exp.input_norm),
+                       max_parallel=config.max_parallel,
+                       progress=progress if exp.progress else None, chunk_progress=on_chunk,
+                       checkpointer=saver)
+    for j, k in enumerate(members):
+      acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
+      if result.val_acc_matrix is not None:
+        val_acc[k] = result.val_acc_matrix[j]
+    for name, sec in result.timings.items():
+      timings[name] = timings.get(name, 0.0) + sec
+    layouts.append(result.layout._asdict())
+  acc = np.stack(acc)
+  val = None if val_acc[0] is None else np.stack(val_acc)
+  res = sweep.SweepResult(configs=tuple(configs), swept=sweep.swept_names(configs),
+                          acc_matrix=acc, summaries=[metrics.summarize(a) for a in acc],
+                          curves=curves, timings=timings, layout=result.layout,
+                          val_acc_matrix=val,
+                          val_summaries=None if val is None else [metrics.summarize(a)
+                                                                  for a in val])
+  return res, layouts, built
+
+
+def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: Path,
+                          title: str) -> None:
+  """Average accuracy (mean ± std over seeds) vs λ (or the first swept value), one line per
+  combination of the other swept values; log x for λ/lr (linear if a value is <= 0)."""
+  from experiments import plots  # pylint: disable=import-outside-toplevel
+  keys = [n for n in swept if n != "seed"]
+  x_name = "lam" if ("lam" in keys or not keys) else keys[0]
+  others = [n for n in keys if n != x_name]
+  groups: dict = {}
+  for r in rows:
+    groups.setdefault(tuple(r[n] for n in others), []).append(r)
+  lines = []
+  for combo, members in sorted(groups.items()):
+    label = ", ".join(f"{n}={v:g}" for n, v in zip(others, combo)) or None
+    xs = [r.get(x_name, getattr(base, x_name)) for r in members]  # absent: not swept, one point
+    lines.append((label, xs, [100 * r["average_accuracy"] for r in members],
+                  [100 * r["average_accuracy_std"] for r in members]))
+  log_x = x_name in ("lam", "lr") and all(x > 0 for _, xs, _, _ in lines for x in xs)
+  plots.average_accuracy_sweep(lines, {"lam": "λ", "lr": "learning rate"}.get(x_name, x_name),
+                               log_x, path, title)
+
+
+def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer: bool = True,
+                             checkpoints: bool = True, import_seconds: float = 0.0,
+                             start_time: float | None = None) -> dict | None:
+  """Runs the sweep of ``config``; the record written to ``workdir/results.json`` (None when
+  not ``writer``: the other processes of a multi-host sweep). ``checkpoints``: False turns the
+  checkpoints off whatever ``experiment.checkpoint`` says (multi-host sweeps, not supported
+  there yet)."""
+  config.validate()
+  exp = config.experiment
+  workdir = Path(workdir)
+  t0 = time.perf_counter()
+  ds = train_lib.load_dataset(exp)
+  load_seconds = time.perf_counter() - t0
+  saves = None
+  if exp.checkpoint and checkpoints:
+    root = workdir / "checkpoints"
+    train_lib.prepare_checkpoints(exp, root, "group_*/chunk_*")
+    saves = (root, config.identity(f"{ds.name}:{ds.version}"))
+  result, layouts, built = run_sweep(config, ds, saves)
+  if not writer:
+    return None
+  return write_outputs(config, result, layouts, built, ds, workdir,
+                       {"import": import_seconds, "load": load_seconds}, start_time)
+
+
+def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, workdir: Path,
+                  extra_timings: dict, start_time: float | None = None) -> dict:
+  """results.json, average_accuracy.png and the printed table."""
+  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  exp, base = config.experiment, config.experiment.run
+  rows = sweep.table(result)
+  keys = [n for n in result.swept if n != "seed"]
+  timings = {**extra_timings, **result.timings}
+  if start_time is not None:
+    timings["total"] = time.perf_counter() - start_time
+  configs = []
+  for k, (cfg, acc, summ, curves) in enumerate(zip(result.configs, result.acc_matrix,
+                                                    result.summaries, result.curves)):
+    entry = {"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
+             "acc_matrix": acc.tolist(), **summ, "curves": curves}
+    if result.val_acc_matrix is not None:
+      entry["val_acc_matrix"] = result.val_acc_matrix[k].tolist()
+      entry["validation"] = result.val_summaries[k]
+    configs.append(entry)
+  record = {
+      "benchmark": {"name": exp.benchmark, "scenario": base.scenario,
+                    "dataset": f"{ds.name}:{ds.version}", "num_tasks": exp.task_count,
+                    "max_examples": exp.max_examples, "input_norm": exp.input_norm,
+                    **built.info},
+      "swept": list(result.swept),
+      "values": {n: list(v) for n, v in config.values.items()},
+      "num_configs": len(result.configs),
+      "acc_matrix_shape": list(result.acc_matrix.shape),
+      "table": rows,
+      "configs": configs,
+      "base_config": dataclasses.asdict(base),
+      "experiment": {k: v for k, v in dataclasses.asdict(exp).items() if k != "run"},
+      "layout": layouts,
+      "timings": timings,
+      "environment": environment.environment(),
+  }
+  files.write_json(workdir / "results.json", record)
+  title = (f"{exp.bench.title} ({base.scenario}-incremental), {base.algo}, fisher={base.fisher}, "
+           f"{len(result.configs)} configs")
+  if exp.plots:
+    plot_average_accuracy(rows, result.swept, base, workdir / "average_accuracy.png", title)
+  ranked = ("validation average accuracy" if result.val_acc_matrix is not None else
+            "average accuracy (no validation split: --validation_fraction)")
+  print(f"\n{title}, sorted by {ranked} (mean ± std over seeds):")
+  print(sweep.format_table(rows, keys))
+  print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+  print(f"wrote {workdir}/results.json" + (", average_accuracy.png" if exp.plots else ""))
+  return record
