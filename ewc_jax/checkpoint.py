@@ -52,12 +52,23 @@ from ewc_jax import train as train_lib
 PyTree = Any
 FORMAT = "ewc_jax.run_state"
 VERSION = 1
-RESTART_HINT = "pass --force_restart to discard the checkpoints and start over"
+
+
+def restart_hint(name: Callable[..., str]) -> str:
+  """How to start over, naming the setting with ``name`` (see :class:`errors.SettingError`)."""
+  return f"pass {name('force_restart')} to discard the checkpoints and start over"
 
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used: corrupt, truncated, or from another configuration."""
+class CheckpointError(errors.SettingError):
+  """A checkpoint that cannot be used: corrupt, truncated, or from another configuration.
+
+  ``message``: text, or ``render(name)`` naming the settings it mentions
+  (:class:`ewc_jax.errors.SettingError`: the library spells ``force_restart``, a command line
+  ``--force_restart``)."""
+
+  def __init__(self, message: str | Callable[..., str]):
+    super().__init__(message if callable(message) else (lambda name: message))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -248,9 +259,9 @@ class RunCheckpointer:
     return self.directory / str(step)
 
   def _corrupt(self, step: int, err: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f"checkpoint {self.step_path(step)} is corrupt or truncated ({orbax_io.first_line(err)}); "
-        f"{RESTART_HINT} (or delete that folder to fall back on an older one).")
+    text = f"checkpoint {self.step_path(step)} is corrupt or truncated ({orbax_io.first_line(err)})"
+    return CheckpointError(lambda n: f"{text}; {restart_hint(n)} (or delete that folder to fall "
+                           "back on an older one).")
 
   def read_meta(self, step: int | None = None) -> dict:
     """The JSON part of a checkpoint (position, accuracy matrix, curves, config)."""
@@ -272,9 +283,10 @@ class RunCheckpointer:
       return
     diff = config_diff(self.read_meta(step)["config"], self.config)
     if diff:
-      raise CheckpointError(
-          f"checkpoint {self.step_path(step)} was written by a different configuration: "
-          + "; ".join(diff) + f". Use the same flags to resume, or {RESTART_HINT}.")
+      text = (f"checkpoint {self.step_path(step)} was written by a different configuration: "
+              + "; ".join(diff))
+      raise CheckpointError(lambda n: f"{text}. Use the same settings to resume, or "
+                            f"{restart_hint(n)}.")
 
   # -- restore / save
   def restore(self, like: dict | Callable[[], dict],
@@ -321,9 +333,10 @@ class RunCheckpointer:
       task = rs.task - 1 if reason == "task" else rs.task
       where = (f"after task {task + 1}" if reason == "task" else
                f"at task {task + 1}, epoch {rs.epoch + 1}, step {rs.step}")
+      text = (f"the {what} are not finite {where}; stopped before saving that state (the last "
+              "good checkpoint is kept)")
       raise continual.NumericalError(
-          f"the {what} are not finite {where}; stopped before saving that state (the last good "
-          "checkpoint is kept). Try a smaller --lr or --lam.",
+          lambda n: f"{text}. Try a smaller {n('lr')} or {n('lam')}.",
           task=task, epoch=rs.epoch, step=rs.step, task_step=rs.step, part=what,
           value=float("nan"))
     ocp = orbax_io.ocp()

@@ -123,9 +123,13 @@ class Config:
     if self.penalty not in PENALTIES:
       bad("penalty", self.penalty, "one of " + ", ".join(PENALTIES))
     if self.penalty != "standard" and self.algo != "ewc":
-      bad("penalty", self.penalty, "standard unless --algo=ewc")
+      penalty = self.penalty
+      raise errors.SettingError(lambda n: f"{n('penalty')}={penalty!r} is invalid: expected "
+                                f"standard unless {n('algo')}=ewc.")
     if self.algo == "ewc_merged" and self.p != 2:
-      bad("p", self.p, "2 with --algo=ewc_merged (a merged quadratic)")
+      p = self.p
+      raise errors.SettingError(lambda n: f"{n('p')}={p!r} is invalid: expected 2 with "
+                                f"{n('algo')}=ewc_merged (a merged quadratic).")
     if not (0 < self.gamma <= 1):
       bad("gamma", self.gamma, "a number in (0, 1]")
     if self.consolidate is not None and self.consolidate not in heads.CONSOLIDATE:
@@ -167,11 +171,17 @@ class NumericalError(ArithmeticError):
   sum overflows), ``value`` (the bad loss value) and ``config`` (sweep index, or None).
   """
 
-  def __init__(self, message: str, *, task: int, epoch: int, step: int, task_step: int,
-               part: str, value: float, config: int | None = None):
-    super().__init__(message)
+  def __init__(self, message: str | Callable[..., str], *, task: int, epoch: int, step: int,
+               task_step: int, part: str, value: float, config: int | None = None):
+    # message: text, or ``render(name)`` naming settings (see ewc_jax.errors.SettingError)
+    self.render = message if callable(message) else (lambda name: message)
+    super().__init__(self.render(errors.as_field))
     self.task, self.epoch, self.step, self.task_step = task, epoch, step, task_step
     self.part, self.value, self.config = part, value, config
+
+  def for_flags(self) -> str:
+    """The message with the settings spelled as flags (``--lr``)."""
+    return self.render(errors.as_flag)
 
 
 def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start: int,
@@ -193,11 +203,11 @@ def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start:
           "sum": "loss_cls + loss_reg"}[part]
   step = start + i
   where = f" of sweep config {config}" if config is not None else ""
+  text = (f"the training loss became {value} at task {task + 1}/{num_tasks}, epoch {epoch + 1}, "
+          f"step {step + 1}/{steps}{where}: {name} {'are' if ' and ' in part else 'is'} not "
+          f"finite (the {part} part of the loss). Stopped before keeping that state")
   raise NumericalError(
-      f"the training loss became {value} at task {task + 1}/{num_tasks}, epoch {epoch + 1}, "
-      f"step {step + 1}/{steps}{where}: {name} {'are' if ' and ' in part else 'is'} not finite "
-      f"(the {part} part of the loss). "
-      "Stopped before keeping that state; try a smaller --lr or --lam.",
+      lambda n: f"{text}; try a smaller {n('lr')} or {n('lam')}.",
       task=task, epoch=epoch, step=step, task_step=epoch * steps + step, part=part,
       value=value, config=config)
 

@@ -19,11 +19,14 @@ from typing import Any, Callable
 _NO_VALUE = object()
 
 
-def _as_field(field: str, value: Any = _NO_VALUE) -> str:
+def as_field(field: str, value: Any = _NO_VALUE) -> str:
+  """A setting as the library spells it: ``\\`lam\\``` (with a value: ``\\`lam\\`=0.0``)."""
   return f"`{field}`" if value is _NO_VALUE else f"`{field}`={value!r}"
 
 
-def _as_flag(field: str, value: Any = _NO_VALUE) -> str:
+def as_flag(field: str, value: Any = _NO_VALUE) -> str:
+  """A setting as a command line spells it: ``--lam`` (``--lam=0.0``; booleans ``--resume`` /
+  ``--noresume``)."""
   if value is _NO_VALUE or value is True:
     return f"--{field}"
   return f"--no{field}" if value is False else f"--{field}={value!r}"
@@ -40,10 +43,10 @@ class SettingError(ValueError):
 
   def __init__(self, render: Callable[..., str]):
     self.render = render
-    super().__init__(render(_as_field))
+    super().__init__(render(as_field))
 
   def for_flags(self) -> str:
-    return self.render(_as_flag)
+    return self.render(as_flag)
 
   @classmethod
   def invalid(cls, field: str, value: Any, allowed: str) -> "SettingError":
@@ -51,4 +54,4 @@ class SettingError(ValueError):
     return cls(lambda name: f"{name(field)}={value!r} is invalid: expected {allowed}.")
 
 
-__all__ = ["SettingError"]
+__all__ = ["SettingError", "as_field", "as_flag"]

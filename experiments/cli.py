@@ -129,9 +129,9 @@ def main_and_exit(main: Callable) -> Callable:
 
 
 def user_message(err: BaseException) -> str:
-  """One line; settings are named as flags (:class:`ewc_jax.errors.SettingError`, and data
-  errors: ``data_dir '/x' ...`` -> ``--data_dir='/x' ...``)."""
-  if isinstance(err, errors.SettingError):
+  """One line; settings are named as flags (:class:`ewc_jax.errors.SettingError` and any error
+  with ``for_flags()``, e.g. ``NumericalError``; data errors: ``data_dir '/x' ...`` -> ``--data_dir='/x' ...``)."""
+  if isinstance(err, errors.SettingError) or callable(getattr(err, "for_flags", None)):
     return " ".join(err.for_flags().split())
   text = " ".join(str(err).split())
   for name in ("data_dir", "dataset", "manual_dir"):

@@ -173,7 +173,7 @@ def test_other_config_is_refused_naming_the_keys(saved_run):
     checkpoint.RunCheckpointer(folder, other).check_config()
   msg = str(err.value)
   assert "lam (checkpoint: 100.0, now: 5.0)" in msg and "algo (checkpoint: 'ewc', now: 'l2')" in msg
-  assert str(folder) in msg and "--force_restart" in msg
+  assert str(folder) in msg and "`force_restart`" in msg  # the CLI says --force_restart
   assert checkpoint.config_diff(IDENTITY, dict(IDENTITY, hidden=[16])) == []  # tuple == list
 
 
@@ -187,7 +187,7 @@ def test_corrupt_checkpoint_names_its_path_and_force_restart(saved_run, tmp_path
       path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
   with pytest.raises(checkpoint.CheckpointError) as err:
     checkpoint.RunCheckpointer(folder, IDENTITY).restore(like)
-  assert str(newest) in str(err.value) and "--force_restart" in str(err.value)
+  assert str(newest) in str(err.value) and "--force_restart" in err.value.for_flags()
   (newest / "meta" / "metadata").write_text("{not json")
   with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
     checkpoint.RunCheckpointer(folder, IDENTITY).check_config()
