@@ -76,8 +76,9 @@ def _jsonable(obj: Any) -> Any:
   return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))
 
 
-# Config fields added after checkpoints were written, with the value those checkpoints ran with.
-_ADDED = {"optimizer": "adam"}
+# Identity keys added after checkpoints were written, with the value those checkpoints ran with
+# (classes_per_task: every split checkpoint before it was Split MNIST, 2 classes per task).
+_ADDED = {"optimizer": "adam", "classes_per_task": 2}
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:

@@ -3,12 +3,24 @@
 One registry (as big_vision dispatches by name from its config): the command lines, the sweeps
 and the reproduction all look a benchmark up here.
 
+* ``split_mnist``: the classes of a dataset (default MNIST) in consecutive groups of
+  ``classes_per_task`` (default 2): {0,1}, {2,3}, ...
+* ``split_cifar``: the same on CIFAR (default CIFAR-10: 5 tasks × 2 classes; CIFAR-100: 10 × 10,
+  or 20 × 5 with ``classes_per_task=5``), inputs normalised per channel.
+* ``permuted_mnist``: every task is the whole dataset under its own fixed permutation of the
+  H·W·C input values (task 1: the identity).
+
+Any TFDS image-classification dataset fits any of them (``dataset``): any H×W×C, any number of
+classes.
+
     >>> from experiments import benchmark
     >>> b = benchmark.get("split_mnist")
-    >>> b.title, b.default_tasks, b.max_tasks, b.default_scenario
-    ('Split MNIST', 5, 5, 'task')
+    >>> b.title, b.dataset, b.tasks_for(10), b.default_scenario
+    ('Split MNIST', 'mnist', (5, 5), 'task')
+    >>> benchmark.get("split_cifar").tasks_for(100), benchmark.get("split_cifar").tasks_for(100, 5)
+    ((10, 10), (20, 20))
     >>> sorted(benchmark.BENCHMARKS)
-    ['permuted_mnist', 'split_mnist']
+    ['permuted_mnist', 'split_cifar', 'split_mnist']
 """
 
 from __future__ import annotations
@@ -17,8 +29,13 @@ from typing import Any, Callable, NamedTuple
 
 from ewc_jax import errors
 
-# (dataset, scenario, num_tasks, max_examples, seed) -> experiments.protocols.Tasks
-Builder = Callable[[Any, str, int, "int | None", int], Any]
+# (dataset, scenario, num_tasks, max_examples, seed, classes_per_task) -> protocols.Tasks
+Builder = Callable[..., Any]
+
+# Class counts of datasets commonly used, to check a setting before any data is loaded (others
+# are checked once the dataset is loaded, still before anything is trained or written).
+KNOWN_CLASSES = {"mnist": 10, "fashion_mnist": 10, "kmnist": 10, "emnist/digits": 10,
+                 "cifar10": 10, "cifar100": 100, "svhn_cropped": 10}
 
 
 class Benchmark(NamedTuple):
@@ -27,29 +44,63 @@ class Benchmark(NamedTuple):
   Attributes:
     name: registry key (``"split_mnist"``); also the default workdir ``runs/<name>``.
     title: for tables and plots (``"Split MNIST"``).
-    max_tasks: the most tasks the dataset allows (``None``: any number).
-    default_tasks: the number of tasks when none is given.
+    dataset: the TFDS dataset when none is given.
     default_scenario: the scenario when none is given.
-    build: ``(dataset, scenario, num_tasks, max_examples, seed) -> protocols.Tasks``.
+    build: ``(dataset, scenario, num_tasks, max_examples, seed, classes_per_task) -> Tasks``.
+    split: tasks are groups of classes (True) or the whole dataset each (False: permuted).
+    default_tasks: the number of tasks when none is given (split: every group of classes).
     data_follows_seed: the tasks' data depend on the seed (Permuted MNIST's permutations), so
       a sweep trains each seed on its own data.
+    input_norm: the input scaling when none is given (:mod:`experiments.input_norm`).
+    classes_per_task: split benchmarks: the classes per task when none is given (None: 2 for
+      a 10-class dataset, else 10).
   """
   name: str
   title: str
-  max_tasks: int | None
-  default_tasks: int
+  dataset: str
   default_scenario: str
   build: Builder
+  split: bool = True
+  default_tasks: int | None = None
   data_follows_seed: bool = False
+  input_norm: str = "none"
+  classes_per_task: int | None = None
+
+  def classes_per_task_for(self, num_classes: int, classes_per_task: int | None = None) -> int:
+    """The classes of each task of a split benchmark on a ``num_classes`` dataset."""
+    if classes_per_task is not None:
+      return classes_per_task
+    if self.classes_per_task is not None:
+      return self.classes_per_task
+    return 2 if num_classes <= 10 else 10
+
+  def tasks_for(self, num_classes: int,
+                classes_per_task: int | None = None) -> tuple[int, int | None]:
+    """``(default number of tasks, most tasks allowed (None: any))`` on a ``num_classes``
+    dataset."""
+    if not self.split:
+      return self.default_tasks, None
+    most = num_classes // self.classes_per_task_for(num_classes, classes_per_task)
+    return (most if self.default_tasks is None else min(self.default_tasks, most)), most
 
 
-def _split(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int):
+def _split(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int,
+           classes_per_task: int | None = None, *, bench_name: str = "split_mnist"):
   del seed  # the classes of each task are fixed
   from experiments import protocols  # pylint: disable=import-outside-toplevel
-  return protocols.split(ds, scenario, num_tasks, max_examples)
+  num_classes = int(ds.train_labels.max()) + 1
+  per = BENCHMARKS[bench_name].classes_per_task_for(num_classes, classes_per_task)
+  groups = [tuple(range(per * t, per * (t + 1))) for t in range(num_tasks)]
+  return protocols.split(ds, scenario, num_tasks, max_examples, groups)
 
 
-def _permuted(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int):
+def _split_cifar(*args, **kwargs):
+  return _split(*args, **kwargs, bench_name="split_cifar")
+
+
+def _permuted(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int,
+              classes_per_task: int | None = None):
+  del classes_per_task  # every task has every class
   import jax  # pylint: disable=import-outside-toplevel
   from experiments import protocols  # pylint: disable=import-outside-toplevel
   key = jax.random.fold_in(jax.random.key(seed), 0x5EED)  # the permutations follow the seed
@@ -57,10 +108,12 @@ def _permuted(ds, scenario: str, num_tasks: int, max_examples: int | None, seed:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "split_mnist": Benchmark("split_mnist", "Split MNIST", max_tasks=5, default_tasks=5,
-                             default_scenario="task", build=_split),
-    "permuted_mnist": Benchmark("permuted_mnist", "Permuted MNIST", max_tasks=None,
-                                default_tasks=10, default_scenario="domain", build=_permuted,
+    "split_mnist": Benchmark("split_mnist", "Split MNIST", "mnist", "task", _split,
+                             classes_per_task=2),
+    "split_cifar": Benchmark("split_cifar", "Split CIFAR", "cifar10", "task", _split_cifar,
+                             input_norm="per_channel"),
+    "permuted_mnist": Benchmark("permuted_mnist", "Permuted MNIST", "mnist", "domain",
+                                _permuted, split=False, default_tasks=10,
                                 data_follows_seed=True),
 }
 

@@ -40,8 +40,10 @@ class ExperimentConfig:
   """One experiment: a benchmark, its data, seeds and outputs, and the protocol (``run``)."""
   benchmark: str = setting(
       "split_mnist", "Task sequence: " + " | ".join(benchmark_lib.BENCHMARKS) + ".")
-  dataset: str = setting(
-      "mnist", "Any TFDS 28x28 10-class image dataset (mnist, fashion_mnist, kmnist, ...).")
+  dataset: str | None = setting(
+      None, "Any TFDS image-classification dataset, any HxWxC and number of classes (mnist, "
+      "fashion_mnist, kmnist, cifar10, cifar100, ...). Default: the benchmark's (mnist; "
+      "cifar10 for split_cifar).")
   data_dir: str | None = setting(
       None, "TFDS data_dir (default: $TFDS_DATA_DIR, else ../shared/tensorflow_datasets when "
       "present, else TFDS's default).")
@@ -49,15 +51,20 @@ class ExperimentConfig:
       None, "Folder with the raw dataset files, to prepare the dataset offline when data_dir "
       "does not hold it (needs tensorflow-cpu).")
   num_tasks: int | None = setting(
-      None, "Number of tasks (default: the benchmark's: 5 for Split MNIST, at most 5; 10 for "
-      "Permuted MNIST).")
+      None, "Number of tasks (default: every group of classes of a split benchmark, e.g. 5 for "
+      "Split MNIST; 10 for Permuted MNIST).")
+  classes_per_task: int | None = setting(
+      None, "Split benchmarks: classes per task (default: 2 for a 10-class dataset, else 10; "
+      "e.g. 5 for Split CIFAR-100 in 20 tasks).")
   max_examples: int | None = setting(
       None, "Keep at most N train and N test examples per task (quick checks; default: all).")
   seeds: tuple[int, ...] = setting(
       (), "Several seeds (e.g. 0,1,2): one run each, mean ± std (default: the one seed).")
-  input_norm: str = setting(
-      "none", "Input scaling: none (pixels / 255, in [0, 1]) | mnist ((pixels / 255 - 0.1307) / "
-      "0.3081: torchvision's MNIST normalisation, as in Avalanche's benchmarks).")
+  input_norm: str | None = setting(
+      None, "Input scaling: none (pixels / 255, in [0, 1]) | mnist ((pixels / 255 - 0.1307) / "
+      "0.3081: torchvision's MNIST normalisation, as in Avalanche's benchmarks) | per_channel "
+      "(each channel's mean and std over the training split). Default: the benchmark's (none; "
+      "per_channel for split_cifar).")
   plots: bool = setting(True, "Write the PNG plots.")
   progress: bool = setting(True, "Show a progress bar per task.")
   tensorboard: bool = setting(
@@ -87,27 +94,70 @@ class ExperimentConfig:
     return benchmark_lib.get(self.benchmark)
 
   @property
+  def dataset_name(self) -> str:
+    """``dataset``, or the benchmark's."""
+    return self.dataset or self.bench.dataset
+
+  @property
+  def input_norm_name(self) -> str:
+    """``input_norm``, or the benchmark's."""
+    return self.input_norm or self.bench.input_norm
+
+  @property
+  def known_classes(self) -> int | None:
+    """The dataset's number of classes when known before loading it."""
+    return benchmark_lib.KNOWN_CLASSES.get(self.dataset_name)
+
+  @property
   def task_count(self) -> int:
-    """``num_tasks``, or the benchmark's default when it is None."""
-    return self.bench.default_tasks if self.num_tasks is None else self.num_tasks
+    """``num_tasks``, or the benchmark's default for the dataset (see :meth:`resolved`)."""
+    if self.num_tasks is not None:
+      return self.num_tasks
+    if self.known_classes is None:
+      raise ValueError(f"num_tasks depends on the number of classes of {self.dataset_name!r}: "
+                       "call resolved(num_classes) once the dataset is loaded.")
+    return self.bench.tasks_for(self.known_classes, self.classes_per_task)[0]
+
+  def resolved(self, num_classes: int) -> "ExperimentConfig":
+    """Every default that depends on the dataset made concrete (dataset, input_norm,
+    num_tasks, classes_per_task), for a dataset of ``num_classes`` classes."""
+    bench = self.bench
+    per = (bench.classes_per_task_for(num_classes, self.classes_per_task) if bench.split
+           else None)
+    tasks = self.num_tasks if self.num_tasks is not None else bench.tasks_for(num_classes,
+                                                                              per)[0]
+    return dataclasses.replace(self, dataset=self.dataset_name, input_norm=self.input_norm_name,
+                               num_tasks=tasks, classes_per_task=per)
 
   @property
   def seed_list(self) -> tuple[int, ...]:
     """The seeds run one after another: ``seeds``, or ``(run.seed,)``."""
     return tuple(self.seeds) if self.seeds else (self.run.seed,)
 
-  def validate(self) -> None:
-    """Raises :class:`ewc_jax.errors.SettingError` naming the first bad field."""
+  def validate(self, num_classes: int | None = None) -> None:
+    """Raises :class:`ewc_jax.errors.SettingError` naming the first bad field. ``num_classes``:
+    the dataset's (default: :attr:`known_classes`; unknown: the task counts are checked once
+    the dataset is loaded)."""
     self.run.validate()
     bench = self.bench
-    input_norm.get(self.input_norm)
+    input_norm.check(self.input_norm_name)
     if len(set(self.seed_list)) != len(self.seed_list):
       seeds = ",".join(map(str, self.seed_list))
       raise errors.SettingError(
           lambda n: f"{n('seeds')}={seeds} is invalid: expected distinct seeds.")
-    n = self.task_count
-    if (not _is_int(n) or n < 1 or (bench.max_tasks is not None and n > bench.max_tasks)):
-      allowed = f"1..{bench.max_tasks}" if bench.max_tasks else ">= 1"
+    num_classes = self.known_classes if num_classes is None else num_classes
+    if self.classes_per_task is not None:
+      per = self.classes_per_task
+      if not bench.split:
+        _invalid("classes_per_task", per, f"unset for {bench.name} (every task has every "
+                 "class)")
+      if not _is_int(per) or per < 1 or (num_classes is not None and per > num_classes):
+        _invalid("classes_per_task", per, "an integer in 1.." + str(num_classes or "C"))
+    most = None if num_classes is None else bench.tasks_for(num_classes, self.classes_per_task)[1]
+    n = self.num_tasks if (self.num_tasks is not None or num_classes is None) else (
+        bench.tasks_for(num_classes, self.classes_per_task)[0])
+    if n is not None and (not _is_int(n) or n < 1 or (most is not None and n > most)):
+      allowed = f"1..{most}" if most else ">= 1"
       _invalid("num_tasks", n, f"an integer in {allowed}")
     if self.max_examples is not None and (not _is_int(self.max_examples)
                                           or self.max_examples < 1):
@@ -120,9 +170,10 @@ class ExperimentConfig:
 
   def identity(self, dataset: str) -> dict:
     """What a run's checkpoints must come from (``dataset``: ``"<name>:<version>"``)."""
+    split = {"classes_per_task": self.classes_per_task} if self.bench.split else {}
     return {"benchmark": self.benchmark, "dataset": dataset, "num_tasks": self.task_count,
-            "max_examples": self.max_examples, "seeds": list(self.seed_list),
-            "input_norm": self.input_norm, **dataclasses.asdict(self.run)}
+            **split, "max_examples": self.max_examples, "seeds": list(self.seed_list),
+            "input_norm": self.input_norm_name, **dataclasses.asdict(self.run)}
 
 
 SWEPT = ("lam", "p", "gamma", "lr")  # the Config fields a sweep takes lists of (and seeds)
@@ -184,8 +235,9 @@ class SweepConfig:
   def identity(self, dataset: str) -> dict:
     """What the sweep's checkpoints must come from: the grid and every shared setting."""
     e = self.experiment
-    return {"benchmark": e.benchmark, "dataset": dataset, "num_tasks": e.task_count,
-            "max_examples": e.max_examples, "input_norm": e.input_norm,
+    split = {"classes_per_task": e.classes_per_task} if e.bench.split else {}
+    return {"benchmark": e.benchmark, "dataset": dataset, "num_tasks": e.task_count, **split,
+            "max_examples": e.max_examples, "input_norm": e.input_norm_name,
             "values": {n: list(v) for n, v in self.values.items()},
             "base_config": dataclasses.asdict(e.run), "max_parallel": self.max_parallel}
 
@@ -231,7 +283,15 @@ def make(benchmark: str = "split_mnist", **settings: Any) -> ExperimentConfig:
   fields.setdefault("consolidate",
                     continual.Config(penalty=fields.get("penalty", "standard")).consolidated)
   experiment = {k: v for k, v in given.items() if k in EXPERIMENT_FIELDS}
-  experiment.setdefault("num_tasks", bench.default_tasks)
+  experiment.setdefault("dataset", bench.dataset)
+  experiment.setdefault("input_norm", bench.input_norm)
+  classes = benchmark_lib.KNOWN_CLASSES.get(experiment["dataset"])
+  if classes is not None:  # else resolved once the dataset is loaded (ExperimentConfig.resolved)
+    if bench.split:
+      experiment.setdefault("classes_per_task",
+                            bench.classes_per_task_for(classes, experiment.get("classes_per_task")))
+    experiment.setdefault("num_tasks",
+                          bench.tasks_for(classes, experiment.get("classes_per_task"))[0])
   if "seeds" in experiment:
     experiment["seeds"] = tuple(experiment["seeds"])
   return ExperimentConfig(benchmark=benchmark, run=continual.Config(**fields), **experiment)

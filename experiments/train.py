@@ -31,8 +31,8 @@ from experiments import report
 
 
 def load_dataset(config: config_lib.ExperimentConfig):
-  """The config's dataset from ``data_dir`` / ``manual_dir``, checked to be 28x28 with 10
-  classes."""
+  """The config's dataset from ``data_dir`` / ``manual_dir`` (any TFDS image-classification
+  dataset: any HxWxC, any number of classes)."""
   from experiments import data  # pylint: disable=import-outside-toplevel
   data_dir = config.data_dir
   if (data_dir and not os.path.isdir(data_dir) and config.manual_dir is None
@@ -40,13 +40,16 @@ def load_dataset(config: config_lib.ExperimentConfig):
     raise errors.SettingError(lambda n: (
         f"{n('data_dir')}={data_dir!r} is not an existing folder: expected a TFDS data folder "
         "holding the prepared dataset (see `make prepare-data`)."))
-  ds = data.load_dataset(config.dataset, data_dir=data_dir, manual_dir=config.manual_dir)
-  if ds.train_images.shape[1:3] != (28, 28) or int(ds.train_labels.max()) != 9:
-    shape, classes = ds.train_images.shape[1:], int(ds.train_labels.max()) + 1
-    raise errors.SettingError(lambda n: (
-        f"{n('dataset')}={config.dataset!r} is invalid: expected a 28x28 image dataset with 10 "
-        f"classes, got images {shape} and {classes} classes."))
-  return ds
+  return data.load_dataset(config.dataset_name, data_dir=data_dir, manual_dir=config.manual_dir)
+
+
+def for_dataset(config: config_lib.ExperimentConfig, ds) -> config_lib.ExperimentConfig:
+  """``config`` with the defaults that depend on the dataset resolved, checked against it
+  (the number of tasks and classes per task its classes allow)."""
+  num_classes = int(ds.train_labels.max()) + 1
+  config = config.resolved(num_classes)
+  config.validate(num_classes)
+  return config
 
 
 def check_batch_size(batch_size: int, counts) -> None:
@@ -80,7 +83,8 @@ def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern
 
 def build_tasks(config: config_lib.ExperimentConfig, ds, run: continual.Config):
   """The benchmark's tasks for the seed of ``run`` (on the host)."""
-  return config.bench.build(ds, run.scenario, config.task_count, config.max_examples, run.seed)
+  return config.bench.build(ds, run.scenario, config.task_count, config.max_examples, run.seed,
+                            config.classes_per_task)
 
 
 def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.PathLike, *,
@@ -95,20 +99,20 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.Pa
   workdir = Path(workdir)
   t0 = time.perf_counter()
   ds = load_dataset(config)
+  config = for_dataset(config, ds)
   load_seconds = time.perf_counter() - t0
   with contextlib.ExitStack() as savers:
     return _train_and_evaluate(config, workdir, ds, savers,
                                {"import": import_seconds, "load": load_seconds}, start_time)
 
 
-def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, ds,
+def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
               workdir: Path, savers: contextlib.ExitStack, identity: dict) -> tuple[Any, dict]:
   """One seed, checkpointed (resumed when a checkpoint exists): ``(result, entry fields)``."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
   seeds = config.seed_list
   train, test = tasks.to_device(built.train), tasks.to_device(built.test)
-  preprocess = input_norm.get(config.input_norm)
   net = heads_lib.make_network(run.scenario, built.class_groups, run.hidden)
   prefix = f"seed {run.seed} " if len(seeds) > 1 else ""
   ckpt = savers.enter_context(checkpoint.RunCheckpointer(
@@ -146,6 +150,7 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
     from experiments import plots  # pylint: disable=import-outside-toplevel
     plots.prefetch()
   identity = config.identity(f"{ds.name}:{ds.version}")
+  preprocess = input_norm.make(config.input_norm_name, ds.train_images)
   runs = []
   for seed in seeds:
     run = dataclasses.replace(config.run, seed=seed)
@@ -156,7 +161,7 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
       check_batch_size(config.run.batch_size, built.train.counts)
       if config.checkpoint:
         prepare_checkpoints(config, workdir / "checkpoints", identity=identity)
-    result, extra = _run_seed(config, run, built, ds, workdir, savers, identity)
+    result, extra = _run_seed(config, run, built, preprocess, workdir, savers, identity)
     timings = {"import": start["import"], "data": data_seconds, **result.timings,
                "checkpoint": extra["checkpoint"]}
     entry = {"seed": seed, "resumed_from": extra["resumed_from"],
@@ -168,13 +173,13 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
       entry["validation"] = metrics.summarize(result.val_acc_matrix)
     runs.append(entry)
     start = {"import": 0.0, "load": 0.0}
-  record = _record(config, ds, built, runs, start_time)
+  record = _record(config, ds, built, runs, start_time, getattr(preprocess, "stats", None))
   _write_outputs(config, workdir, record)
   return record
 
 
 def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
-            start_time: float | None) -> dict:
+            start_time: float | None, input_stats: dict | None = None) -> dict:
   """results.json: the mean (± std) matrix and metrics over seeds, every seed's run, the
   config, timings and environment."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -193,7 +198,7 @@ def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
       "benchmark": {"name": config.benchmark, "scenario": config.run.scenario,
                     "dataset": f"{ds.name}:{ds.version}", "num_tasks": config.task_count,
                     "max_examples": config.max_examples, "input_norm": config.input_norm,
-                    **built.info},
+                    **built.info, **benchmark_info(ds, input_stats)},
       "acc_matrix": mean.tolist(),
       "acc_matrix_std": std.tolist(),
       **metrics.summarize(mean),
@@ -211,6 +216,15 @@ def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
       "timings": timings,
       "environment": environment.environment(),
   }
+
+
+def benchmark_info(ds, input_stats: dict | None) -> dict:
+  """What results.json records about the data beyond the tasks: image shape and class count
+  (other than MNIST's) and the per-channel statistics used."""
+  shape, classes = list(ds.train_images.shape[1:]), int(ds.train_labels.max()) + 1
+  info = {} if (shape == [28, 28, 1] and classes == 10) else {"image_shape": shape,
+                                                              "num_classes": classes}
+  return {**info, **({"input_stats": input_stats} if input_stats else {})}
 
 
 def _write_outputs(config: config_lib.ExperimentConfig, workdir: Path, record: dict) -> None:
@@ -243,5 +257,5 @@ def _write_outputs(config: config_lib.ExperimentConfig, workdir: Path, record: d
   print(f"wrote {workdir}/results.json, acc_matrix.csv" + (", *.png" if config.plots else ""))
 
 
-__all__ = ["train_and_evaluate", "load_dataset", "build_tasks", "prepare_checkpoints",
-           "check_batch_size"]
+__all__ = ["train_and_evaluate", "load_dataset", "for_dataset", "build_tasks",
+           "prepare_checkpoints", "check_batch_size", "benchmark_info"]

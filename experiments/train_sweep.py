@@ -50,6 +50,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   acc, val_acc, curves = [None] * len(configs), [None] * len(configs), [None] * len(configs)
   timings: dict = {"data": 0.0}
   layouts, built, result = [], None, None
+  preprocess = input_norm.make(exp.input_norm_name, ds.train_images)
   for g, members in enumerate(groups):
     first = configs[members[0]]
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
           every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
           log=lambda line, prefix=prefix: print(prefix + line, flush=True))
     result = sweep.run([configs[k] for k in members], net, train, test,
-                       preprocess=input_norm.get(exp.input_norm),
+                       preprocess=preprocess,
                        max_parallel=config.max_parallel,
                        progress=progress if exp.progress else None, chunk_progress=on_chunk,
                        checkpointer=saver)
@@ -97,7 +98,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                           val_acc_matrix=val,
                           val_summaries=None if val is None else [metrics.summarize(a)
                                                                   for a in val])
-  return res, layouts, built
+  return res, layouts, built._replace(info={
+      **built.info, **train_lib.benchmark_info(ds, getattr(preprocess, "stats", None))})
 
 
 def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: Path,
@@ -134,6 +136,8 @@ def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer:
   workdir = Path(workdir)
   t0 = time.perf_counter()
   ds = train_lib.load_dataset(exp)
+  exp = train_lib.for_dataset(exp, ds)
+  config = dataclasses.replace(config, experiment=exp)
   load_seconds = time.perf_counter() - t0
   saves = None
   if exp.checkpoint and checkpoints:

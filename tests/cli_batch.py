@@ -1,6 +1,7 @@
-"""Runs many ``experiments.split_mnist`` command lines in one process (for tests: bad inputs, fuzz).
+"""Runs many experiment command lines (``experiments.split_mnist`` by default) in one process (for
+tests: bad inputs, fuzz).
 
-    python tests/cli_batch.py jobs.json results.json
+    python tests/cli_batch.py jobs.json results.json [module]
 
 ``jobs.json`` holds a list of argument lists. Flags are re-parsed for each (absl's
 ``FLAGS.unparse_flags()`` first); stdout/stderr are captured. Each result holds the exit status
@@ -23,25 +24,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_batch(jobs: list, folder: Path) -> list:
-  """Runs ``jobs`` (argument lists) through this script in one subprocess; returns the results.
+def run_batch(jobs: list, folder: Path, module: str = "split_mnist") -> list:
+  """Runs ``jobs`` (argument lists) through this script in one subprocess (the main of
+  ``experiments.<module>``); returns the results.
 
   Asserts that the batch process itself exits 0 (each job's own status is in its result).
   """
   jobs_path, results_path = folder / "jobs.json", folder / "results.json"
   jobs_path.write_text(json.dumps(jobs))
-  proc = subprocess.run([sys.executable, __file__, str(jobs_path), str(results_path)],
+  proc = subprocess.run([sys.executable, __file__, str(jobs_path), str(results_path), module],
                         cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(results_path.read_text())
 
 
-def main(jobs_path: str, results_path: str) -> None:
+def main(jobs_path: str, results_path: str, module: str = "split_mnist") -> None:
+  import importlib  # pylint: disable=import-outside-toplevel
   with open(jobs_path) as f:
     jobs = json.load(f)
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from experiments import cli, data, split_mnist  # pylint: disable=import-outside-toplevel
+  from experiments import cli, data  # pylint: disable=import-outside-toplevel
+  script = importlib.import_module(f"experiments.{module}")
   data.load_dataset = functools.lru_cache(maxsize=8)(data.load_dataset)
   results = []
   for argv in jobs:
@@ -50,7 +54,7 @@ def main(jobs_path: str, results_path: str) -> None:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       try:
-        split_mnist.main(cli.parse_flags(["split_mnist", *argv]))
+        script.main(cli.parse_flags([module, *argv]))
         code = 0
       except SystemExit as e:
         code = e.code

@@ -38,3 +38,16 @@ def _private_cache(tmp_path_factory):
     os.environ.pop("EWC_JAX_CACHE_DIR", None)
   else:
     os.environ["EWC_JAX_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_dir(tmp_path_factory):
+  """Tiny CIFAR-10 and CIFAR-100 (32x32x3; 10 / 100 classes around one prototype each; 500 and
+  1,000 train, 200 test images) prepared for TFDS: Split CIFAR's whole path without a
+  download."""
+  import tiny_tfds  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("tiny_cifar")
+  tiny_tfds.write_dataset(folder, "cifar10", {"train": 500, "test": 200}, seed=1, learnable=True)
+  tiny_tfds.write_dataset(folder, "cifar100", {"train": 1000, "test": 200}, seed=2,
+                          learnable=True)
+  return str(folder)

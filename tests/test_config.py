@@ -59,7 +59,8 @@ def test_make_refuses_unknown_and_exclusive_settings():
     ({"num_tasks": 6}, "--num_tasks=6 is invalid: expected an integer in 1..5."),
     ({"max_examples": 0}, "--max_examples=0 is invalid: expected an integer >= 1."),
     ({"seeds": (1, 1)}, "--seeds=1,1 is invalid: expected distinct seeds."),
-    ({"input_norm": "z"}, "--input_norm='z' is invalid: expected one of none, mnist."),
+    ({"input_norm": "z"}, "--input_norm='z' is invalid: expected one of none, mnist, "
+     "per_channel."),
     ({"keep": 0}, "--keep=0 is invalid: expected an integer >= 1."),
     ({"checkpoint_every": -1}, "--checkpoint_every=-1 is invalid: expected an integer >= 0 "
      "(0: only after each task)."),
@@ -74,12 +75,18 @@ def test_validate_names_the_field(settings, flag_message):
 
 
 def test_checkpoint_identity_keys_are_kept():
-  """Checkpoints written before the config redesign stay resumable: the same keys."""
-  c = config.make("split_mnist", seeds=(0, 1))
-  ident = c.identity("mnist:3.0.1")
-  assert set(ident) == ({"benchmark", "dataset", "num_tasks", "max_examples", "seeds",
-                         "input_norm"} | {f.name for f in dataclasses.fields(continual.Config)})
-  assert ident["seeds"] == [0, 1] and ident["num_tasks"] == 5
+  """Checkpoints written before the config redesign stay resumable: the same keys (split
+  benchmarks add classes_per_task, which checkpoint.config_diff reads as 2 where absent)."""
+  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  old_keys = ({"benchmark", "dataset", "num_tasks", "max_examples", "seeds", "input_norm"}
+              | {f.name for f in dataclasses.fields(continual.Config)})
+  ident = config.make("permuted_mnist", seeds=(0, 1)).identity("mnist:3.0.1")
+  assert set(ident) == old_keys and ident["seeds"] == [0, 1] and ident["num_tasks"] == 10
+  ident = config.make("split_mnist").identity("mnist:3.0.1")
+  assert set(ident) == old_keys | {"classes_per_task"} and ident["num_tasks"] == 5
+  old = {k: v for k, v in ident.items() if k != "classes_per_task"}
+  assert checkpoint.config_diff(old, ident) == []
+  assert checkpoint.config_diff(old, dict(ident, classes_per_task=5)) != []
 
 
 def test_sweep_config_grid_and_checks():

@@ -21,8 +21,10 @@ from PIL import Image
 
 def write_dataset(data_dir: Path, name: str, sizes: dict[str, int], seed: int,
                   learnable: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Writes ``name`` (a registered TFDS image dataset, e.g. mnist) with ``sizes[split]``
-  examples per split under ``data_dir``; returns the ``(images, labels)`` written per split."""
+  """Writes ``name`` (a registered TFDS image dataset, e.g. mnist, cifar10, cifar100) with
+  ``sizes[split]`` examples per split under ``data_dir``; returns the ``(images, labels)``
+  written per split. Features other than image and label get placeholder values (a text id,
+  the label modulo a ClassLabel's size)."""
   builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
   out_dir = Path(os.fspath(builder.data_path))
   out_dir.mkdir(parents=True)
@@ -46,10 +48,15 @@ def write_dataset(data_dir: Path, name: str, sizes: dict[str, int], seed: int,
         filetype_suffix="array_record")
     path = os.fspath(template.sharded_filepath(shard_index=0, num_shards=1))
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    for image, label in zip(images, labels):
+    for i, (image, label) in enumerate(zip(images, labels)):
       png = io.BytesIO()
       Image.fromarray(image[..., 0] if channels == 1 else image).save(png, format="PNG")
-      writer.write(features.serialize_example({"image": png.getvalue(), "label": int(label)}))
+      example = {"image": png.getvalue(), "label": int(label)}
+      for key, feature in features.items():  # the others (CIFAR's id, CIFAR-100's coarse label)
+        if key not in example:
+          example[key] = (f"{split}_{i}" if isinstance(feature, tfds.features.Text) else
+                          int(label) % feature.num_classes)
+      writer.write(features.serialize_example(example))
     writer.close()
     split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n],
                                            num_bytes=os.path.getsize(path),
