@@ -71,32 +71,34 @@ def restore_anchors(path: str | os.PathLike, like=None):
   ocp = orbax_io.ocp()
   if not path.is_dir():
     raise ValueError(f"`path` {str(path)!r} is not a folder written by ewc_jax.save_anchors.")
-  orbax_io.ignore_closed_loop_callbacks()
-  try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-      if not isinstance(meta, dict) or meta.get("format") != ANCHORS_FORMAT:
-        raise ValueError("no ewc_jax anchors metadata")
-      kind, count = meta["kind"], meta["count"]
-      if kind == "sequence" and count == 0:
-        target = None
-      elif like is None:
-        target = ocp.args.StandardRestore()
-      else:
-        like_kind, like_tree = _like_tree(like)
-        if like_kind != kind or (kind == "sequence" and len(like_tree) != count):
-          what = "one stacked Anchor" if kind == "stacked" else f"a sequence of {count} anchors"
-          got = ("one stacked Anchor" if like_kind == "stacked"
-                 else f"a sequence of {len(like_tree)} anchors")
-          raise ValueError(f"`like` is {got} but {str(path)!r} holds {what}.")
-        target = ocp.args.StandardRestore(like_tree)
-      tree = None if target is None else ckptr.restore(
-          path, args=ocp.args.Composite(anchors=target)).anchors
-  except ValueError as err:
-    raise ValueError(f"cannot restore anchors from {str(path)!r}: {err}") from err
-  except Exception as err:  # noqa: BLE001 (tensorstore/orbax/json errors of a damaged folder)
-    raise ValueError(f"cannot restore anchors from {str(path)!r} (corrupt or truncated?): "
-                     f"{orbax_io.first_line(err)}") from err
+  with orbax_io.closed_loop_noise_dropped():
+    try:
+      with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not isinstance(meta, dict) or meta.get("format") != ANCHORS_FORMAT:
+          raise ValueError("no ewc_jax anchors metadata")
+        kind, count = meta["kind"], meta["count"]
+        if kind == "sequence" and count == 0:
+          target = None
+        elif like is None:
+          target = ocp.args.StandardRestore()
+        else:
+          like_kind, like_tree = _like_tree(like)
+          if like_kind != kind or (kind == "sequence" and len(like_tree) != count):
+            what = "one stacked Anchor" if kind == "stacked" else f"a sequence of {count} anchors"
+            got = ("one stacked Anchor" if like_kind == "stacked"
+                   else f"a sequence of {len(like_tree)} anchors")
+            raise ValueError(f"`like` is {got} but {str(path)!r} holds {what}.")
+          target = ocp.args.StandardRestore(like_tree)
+        tree = None if target is None else ckptr.restore(
+            path, args=ocp.args.Composite(anchors=target)).anchors
+    except ValueError as err:
+      orbax_io.wait_for_failed_reads()
+      raise ValueError(f"cannot restore anchors from {str(path)!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 (tensorstore/orbax/json errors of a damaged folder)
+      orbax_io.wait_for_failed_reads()
+      raise ValueError(f"cannot restore anchors from {str(path)!r} (corrupt or truncated?): "
+                       f"{orbax_io.first_line(err)}") from err
   if tree is None:
     return ()
   if like is not None:

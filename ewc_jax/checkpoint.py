@@ -187,6 +187,7 @@ class RunCheckpointer:
     self._since = 0
     self._prefetch = None
     self._pending: int | None = None  # the step of a save that may still be in flight
+    self._quiet = contextlib.ExitStack()  # the closed-loop filter's scope, open with _manager
     self.saved_steps: list[int] = []
     self.save_seconds = 0.0  # wall time the caller waited for saves (blocking part and waits)
 
@@ -209,6 +210,7 @@ class RunCheckpointer:
           cleanup_tmp_directories=False)
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("state", "meta"))
+      self._quiet.enter_context(orbax_io.closed_loop_noise_dropped())
     return self._manager
 
   def wait(self) -> None:
@@ -226,6 +228,8 @@ class RunCheckpointer:
       self._pending = None
 
   def close(self) -> None:
+    """Waits for the last save (raising its :class:`CheckpointError` if it failed), closes the
+    orbax manager and puts the process's ``sys.unraisablehook`` back as it was before."""
     if self._manager is not None:
       try:
         self.wait()
@@ -233,6 +237,7 @@ class RunCheckpointer:
         manager, self._manager = self._manager, None
         with contextlib.suppress(Exception):  # a failed save was reported by wait()
           manager.close()
+        self._quiet.close()
 
   def _save_failed(self, step: int | None, err: BaseException) -> CheckpointError:
     """The one-line error of a save that failed (disk full, folder made read-only...)."""
@@ -260,6 +265,8 @@ class RunCheckpointer:
     return self.directory / str(step)
 
   def _corrupt(self, step: int, err: BaseException) -> CheckpointError:
+    """The one-line error of an unreadable checkpoint (once orbax's failed reads settled)."""
+    orbax_io.wait_for_failed_reads()
     text = f"checkpoint {self.step_path(step)} is corrupt or truncated ({orbax_io.first_line(err)})"
     return CheckpointError(lambda n: f"{text}; {restart_hint(n)} (or delete that folder to fall "
                            "back on an older one).")
@@ -268,7 +275,6 @@ class RunCheckpointer:
     """The JSON part of a checkpoint (position, accuracy matrix, curves, config)."""
     step = self.latest_step() if step is None else step
     ocp = orbax_io.ocp()
-    orbax_io.ignore_closed_loop_callbacks()
     try:
       meta = self._mgr().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as err:  # orbax/tensorstore/json raise many types: all mean unreadable
@@ -303,7 +309,6 @@ class RunCheckpointer:
     like = like() if callable(like) else like
     self.check_config(step)
     ocp = orbax_io.ocp()
-    orbax_io.ignore_closed_loop_callbacks()
     try:
       out = self._mgr().restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
@@ -356,7 +361,6 @@ class RunCheckpointer:
             "config": self.config}
     # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax
     # still writes them in the background.
-    orbax_io.ignore_closed_loop_callbacks()
     previous = self._pending
     try:
       mgr.save(step, args=ocp.args.Composite(

@@ -6,38 +6,94 @@ Shared by the run checkpoints (:mod:`ewc_jax.checkpoint`) and the anchor files
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 
 
 def ocp():
+  """``orbax.checkpoint``, imported on first use."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   return ocp
 
 
-def ignore_closed_loop_callbacks() -> None:
-  """Installed before orbax reads: when it fails on a damaged checkpoint, reads still in flight
-  complete on its already closed event loop and Python prints "RuntimeError: Event loop is
-  closed" with a traceback (harmless: nothing is written). Drop exactly that message (it goes
-  through ``sys.excepthook``/``sys.unraisablehook``) so that a user error stays one line."""
-  if getattr(sys.excepthook, "_ewc_jax_filter", False):
+def _closed_loop(exc: BaseException | None) -> bool:
+  """Whether ``exc`` is the error of a callback run on orbax's closed event loop."""
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _ClosedLoopFilter:
+  """The ``sys.unraisablehook`` of an open :func:`closed_loop_noise_dropped` scope: drops the
+  closed-loop message, hands everything else to the hook it replaced. Inert once its scope
+  closed (it stays in the chain only if another hook was installed over it meanwhile)."""
+
+  def __init__(self, previous):
+    self.previous = previous
+    self.active = True
+    self.last_drop: float | None = None  # time.monotonic() of the latest message dropped
+
+  def __call__(self, unraisable) -> None:
+    if self.active and _closed_loop(unraisable.exc_value):
+      self.last_drop = time.monotonic()
+      return
+    self.previous(unraisable)
+
+
+_LOCK = threading.Lock()
+_scopes = 0                                # closed_loop_noise_dropped scopes open now
+_filter: _ClosedLoopFilter | None = None   # installed by the outermost of them
+
+
+@contextlib.contextmanager
+def closed_loop_noise_dropped():
+  """While open, drops orbax's harmless "RuntimeError: Event loop is closed" tracebacks.
+
+  When orbax fails to read a damaged checkpoint, the reads still in flight complete on its
+  already closed event loop, and tensorstore's callbacks report that error, with a traceback,
+  through ``sys.unraisablehook`` (nothing is written; the failure itself reaches the caller as
+  one error). The outermost scope installs a filter of exactly that message on
+  ``sys.unraisablehook`` and its end puts the previous hook back, so the process's hooks are
+  unchanged outside the scopes. Scopes nest and may overlap across threads; the run
+  checkpointers hold one while their orbax manager is open, :func:`ewc_jax.restore_anchors`
+  while it reads. A failed read calls :func:`wait_for_failed_reads` inside its scope, so that
+  the late messages arrive while the filter is still there.
+  """
+  global _scopes, _filter  # pylint: disable=global-statement
+  with _LOCK:
+    if _scopes == 0:
+      _filter = _ClosedLoopFilter(sys.unraisablehook)
+      sys.unraisablehook = _filter
+    _scopes += 1
+  try:
+    yield
+  finally:
+    with _LOCK:
+      _scopes -= 1
+      if _scopes == 0:
+        _filter.active = False
+        if sys.unraisablehook is _filter:
+          sys.unraisablehook = _filter.previous
+        _filter = None
+
+
+def wait_for_failed_reads(quiet: float = 0.25, limit: float = 2.0) -> None:
+  """After orbax failed to read: waits until the reads it left in flight stopped reporting on
+  its closed event loop (no message for ``quiet`` seconds; they come within milliseconds of the
+  failure), at most ``limit`` seconds. Outside a :func:`closed_loop_noise_dropped` scope it
+  returns at once."""
+  active = _filter
+  if active is None:
     return
-
-  def noise(exc) -> bool:
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
-
-  def excepthook(exc_type, exc, tb):
-    if not noise(exc):
-      previous_except(exc_type, exc, tb)
-
-  def unraisablehook(unraisable):
-    if not noise(unraisable.exc_value):
-      previous_unraisable(unraisable)
-  excepthook._ewc_jax_filter = True  # pylint: disable=protected-access
-  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  start = time.monotonic()
+  while True:
+    now = time.monotonic()
+    idle = now - max(start, active.last_drop or start)
+    if idle >= quiet or now - start >= limit:
+      return
+    time.sleep(quiet - idle)
 
 
 class _DropOrbaxErrors(logging.Filter):
@@ -57,8 +113,10 @@ def quiet_orbax_errors() -> None:
 
 
 def first_line(err: BaseException) -> str:
+  """``"Type: first line of the message"``: an orbax/tensorstore error within one line."""
   text = str(err).strip()
   return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
-__all__ = ["first_line", "ignore_closed_loop_callbacks", "ocp", "quiet_orbax_errors"]
+__all__ = ["closed_loop_noise_dropped", "first_line", "ocp", "quiet_orbax_errors",
+           "wait_for_failed_reads"]

@@ -6,6 +6,7 @@ The command line (kill with SIGKILL, resume, compare) is tested in tests/test_re
 import dataclasses
 import gc
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -254,3 +255,113 @@ def test_checkpoints_from_before_the_optimizer_field_count_as_adam():
   assert checkpoint.config_diff(saved, IDENTITY) == []
   assert checkpoint.config_diff(saved, {**IDENTITY, "optimizer": "sgd"}) == [
       "optimizer (checkpoint: 'adam', now: 'sgd')"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The closed-loop filter: scoped to the open checkpointers, the process's hooks left as they were.
+
+def test_closed_loop_filter_is_scoped_and_nests(monkeypatch):
+  """Only the outermost scope installs the filter and only its end takes it out; a hook installed
+  over it meanwhile is kept (the filter then passes everything through)."""
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from ewc_jax import orbax_io  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def previous(unraisable):
+    seen.append(str(unraisable.exc_value))
+
+  monkeypatch.setattr(sys, "unraisablehook", previous)
+  monkeypatch.setattr(orbax_io, "_scopes", 0)   # as in a fresh process, whatever ran before
+  monkeypatch.setattr(orbax_io, "_filter", None)
+  noise = SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = SimpleNamespace(exc_value=RuntimeError("a real error"))
+  with orbax_io.closed_loop_noise_dropped():
+    with orbax_io.closed_loop_noise_dropped():
+      assert sys.unraisablehook is not previous
+      sys.unraisablehook(noise)
+      sys.unraisablehook(other)
+    sys.unraisablehook(noise)                   # the outer scope still filters
+  assert sys.unraisablehook is previous and seen == ["a real error"]
+  sys.unraisablehook(noise)
+  assert seen == ["a real error", "Event loop is closed"]
+  with orbax_io.closed_loop_noise_dropped():
+    ours = sys.unraisablehook
+    sys.unraisablehook = theirs = lambda u: ours(u)  # noqa: E731 (someone wraps the filter)
+  assert sys.unraisablehook is theirs
+  theirs(noise)                                 # inert: passed on to the previous hook
+  assert seen[-1] == "Event loop is closed" and len(seen) == 3
+
+
+HOOKS_AND_FAILED_SAVE = r"""
+import json, resource, shutil, signal, sys, threading
+from pathlib import Path
+sys.path.insert(0, "tests")
+import test_checkpoint as tc
+from ewc_jax import checkpoint
+
+heard = []
+sys.unraisablehook = lambda u: heard.append(repr(u.exc_value))
+hooks = lambda: [sys.excepthook, sys.unraisablehook, threading.excepthook]
+before = hooks()
+out = {}
+checkpoint.quiet_orbax_errors()  # as the command line without --debug
+root = Path(sys.argv[1])
+with checkpoint.RunCheckpointer(root / "ok", tc.IDENTITY, chunk_steps=tc.CFG.chunk_steps) as ck:
+  net, _ = tc.run(on_checkpoint=ck)
+  out["open"] = sys.unraisablehook is not before[1]
+out["closed"] = hooks() == before
+
+# A corrupt checkpoint: the read fails, its late callbacks are dropped while the checkpointer is
+# open; after it closes the hooks are the process's again and none of that noise reached them.
+bad = Path(shutil.copytree(root / "ok", root / "bad"))
+for path in (bad / str(checkpoint.committed_steps(bad)[-1]) / "state").rglob("*"):
+  if path.is_file() and path.parent.name == "d":
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+like = checkpoint.abstract_run_state(tc.CFG, net, tc.tasks(90, 0))
+try:
+  with checkpoint.RunCheckpointer(bad, tc.IDENTITY) as ck:
+    ck.restore(like)
+except checkpoint.CheckpointError as err:
+  out["corrupt"] = str(err)
+out["after_corrupt"] = hooks() == before
+
+# A save that fails (files limited to 4 KiB after the first checkpoint, as on a full disk).
+def limited(rs, reason):
+  ck(rs, reason)
+  if ck.saved_steps == [0]:
+    ck.wait()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+  with checkpoint.RunCheckpointer(root / "full", tc.IDENTITY) as ck:
+    tc.run(on_checkpoint=limited)
+except checkpoint.CheckpointError as err:
+  out["failed_save"] = str(err)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+out["after_failed_save"] = hooks() == before
+out["heard"] = heard
+print(json.dumps(out))
+"""
+
+
+def test_hooks_are_the_processs_again_once_a_checkpointer_closes_and_errors_stay_one_line(
+    tmp_path):
+  """In a fresh process (nothing opened before): the filter is installed only while a
+  checkpointer is open; after a clean run, a corrupt checkpoint and a failed save, the hooks are
+  the process's own again, the closed-loop noise never reached them, each error is one line and
+  nothing else is printed."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  root = Path(__file__).resolve().parents[1]
+  proc = subprocess.run([sys.executable, "-c", HOOKS_AND_FAILED_SAVE, str(tmp_path)], cwd=root,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONPATH": str(root)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["open"] and out["closed"] and out["after_corrupt"] and out["after_failed_save"]
+  assert out["heard"] == []
+  assert "corrupt or truncated" in out["corrupt"] and "\n" not in out["corrupt"]
+  assert out["failed_save"].startswith(f"could not save checkpoint {tmp_path / 'full' / '1'}")
+  assert "File too large" in out["failed_save"] and "\n" not in out["failed_save"]
+  assert f"the last complete checkpoint {tmp_path / 'full' / '0'} is kept" in out["failed_save"]
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr

@@ -1,0 +1,205 @@
+"""Runs the papers' rows: each (scenario, algorithm) one vmapped sweep over the seeds.
+
+:func:`run_one` trains one row on the tasks of the benchmark registry (``experiments.benchmark``)
+and the network of ``heads.make_network``, with the paper's hyperparameters in our terms
+(:mod:`experiments.paper_tables`) and its protocol controls: training length per task as the
+paper counts it (iterations, ``Config.steps_per_task``, or epochs), Adam kept across tasks,
+every parameter shared by several tasks penalised. :func:`reproduce` runs every row of an
+invocation and stores each record as soon as it is done (:mod:`experiments.results_store`,
+:mod:`experiments.results_report`), checkpointing its sweep meanwhile. Everything comes in as
+arguments: nothing here reads a flag. Departures from the protocol (:class:`Overrides`) make a
+*reduced* variant, stored and shown apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import math
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+from experiments import environment as environment_lib
+from experiments import results_report
+from experiments import results_store
+from experiments.paper_tables import BENCHMARKS, SCENARIO_TITLES, Setup, hyper_for, length_for
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+  """Departures from the published protocol (each one makes the result *reduced*)."""
+  epochs: int | None = None
+  hidden: tuple[int, ...] | None = None
+  max_examples: int | None = None
+  num_tasks: int | None = None
+  lam_factor: float | None = None  # a λ check: our translated λ times this factor
+
+  def describe(self) -> list[str]:
+    """The departures in words, in a fixed order (they name the variant)."""
+    out = []
+    if self.lam_factor is not None:
+      out.append(f"λ × {self.lam_factor:g} (a λ check on the test set, not the paper's λ)")
+    if self.epochs is not None:
+      out.append(f"epochs per task = {self.epochs}")
+    if self.hidden is not None:
+      out.append(f"hidden = {'-'.join(map(str, self.hidden))}")
+    if self.max_examples is not None:
+      out.append(f"first {self.max_examples} train (and test) examples per task")
+    if self.num_tasks is not None:
+      out.append(f"{self.num_tasks} tasks")
+    return out
+
+  @property
+  def reduced(self) -> bool:
+    """Whether anything departs from the paper's protocol."""
+    return bool(self.describe())
+
+  @property
+  def variant(self) -> str:
+    """``"full"``, or ``"reduced[...]"`` naming the departures (each variant is stored apart)."""
+    return results_store.variant_name(self.describe())
+
+
+def hsu_preprocess(x):
+  """Hsu et al.'s MNIST input: zero-pad 28x28 to 32x32, then (x/255 − 0.1) / 0.2752."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = x.reshape((x.shape[0], 28, 28)).astype(jnp.float32) / 255.0
+  x = jnp.pad(x, ((0, 0), (2, 2), (2, 2)))
+  return ((x - 0.1) / 0.2752).reshape((x.shape[0], 32 * 32))
+
+
+def preprocess_fn(setup: Setup):
+  """The input preprocessing of ``setup``'s paper: Hsu et al.'s, or pixels / 255."""
+  from ewc_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  return hsu_preprocess if setup.preprocess == "hsu" else train_lib.scale_pixels
+
+
+def iterations(cfg, count: int) -> int:
+  """Optimizer steps on a training set of ``count`` examples under ``cfg``'s schedule."""
+  epochs, steps, last = cfg.schedule(count)
+  return (epochs - 1) * steps + last
+
+
+def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
+            overrides: Overrides = Overrides(), progress=None, log=print, tag: str = "",
+            checkpointer=None) -> dict:
+  """Trains ``algo`` in ``scenario`` for every seed (one vmapped sweep); returns the record.
+
+  ``checkpointer``: an ``ewc_jax.checkpoint.SweepCheckpointer`` (the sweep's state is saved
+  after each task and resumed from when its folder holds it), or None."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ewc_jax import continual, heads, sweep  # pylint: disable=import-outside-toplevel
+  from experiments import tasks  # pylint: disable=import-outside-toplevel
+
+  if algo not in setup.published:
+    raise ValueError(f"--algos={algo!r} is invalid for --protocol={setup.protocol} "
+                     f"--benchmark={setup.benchmark}: the paper reports "
+                     f"{', '.join(setup.algos)}.")
+  t0 = time.perf_counter()
+  lam_paper, gamma_paper, lam, gamma = hyper_for(setup, algo, scenario)
+  if lam_paper is not None and overrides.lam_factor is not None:
+    lam = lam * overrides.lam_factor
+  num_tasks = overrides.num_tasks or setup.num_tasks
+  hidden = overrides.hidden or setup.hidden
+  base = continual.Config(algo=algo, scenario=scenario, lam=lam, gamma=gamma,
+                          fisher=setup.fisher, batch_size=setup.batch_size, lr=setup.lr,
+                          hidden=tuple(hidden), seed=int(seeds[0]),
+                          reset_optimizer=setup.reset_optimizer)
+  bench = BENCHMARKS[setup.benchmark]
+  built = bench.build(ds, base.scenario, num_tasks, overrides.max_examples, base.seed)
+  counts = [int(c) for c in np.asarray(built.train.counts)]
+  epochs, steps_per_task = length_for(setup, algo, counts, overrides.epochs)
+  base = dataclasses.replace(base, epochs=epochs, steps_per_task=steps_per_task)
+  base.validate()
+  length = (f"{epochs} epochs/task" if epochs is not None else
+            f"{steps_per_task} iterations/task")
+  log(f"{tag}{setup.protocol}/{setup.benchmark} {SCENARIO_TITLES[scenario]} {algo}: "
+      + (f"λ paper {lam_paper:g} -> ours {lam:g}, γ {gamma:g}, " if lam_paper is not None else "")
+      + f"{length}, Adam {'reset' if base.reset_optimizer else 'kept'}, consolidated "
+      f"{base.consolidated}, seeds {','.join(map(str, seeds))}")
+  train, test = tasks.to_device(built.train), tasks.to_device(built.test)
+  net = heads.make_network(scenario, built.class_groups, base.hidden)
+  result = sweep.run(sweep.grid(base, seed=[int(s) for s in seeds]), net, train, test,
+                     preprocess=preprocess_fn(setup), progress=progress,
+                     checkpointer=checkpointer)
+  acc = np.asarray(result.acc_matrix, np.float64)           # [K, T, T]
+  final = 100.0 * acc[:, -1, :].mean(-1)                     # average accuracy per seed (%)
+  mean, err = setup.published[algo][scenario]
+  # The training set of each task: joint trains task t on the union of tasks 1..t.
+  sizes = list(itertools.accumulate(counts)) if algo == "joint" else counts
+  record = {
+      "protocol": setup.protocol, "benchmark": setup.benchmark, "scenario": scenario,
+      "algo": algo, "seeds": [int(s) for s in seeds],
+      "reduced": overrides.reduced, "variant": overrides.variant,
+      "deviations": overrides.describe(),
+      "lam_paper": lam_paper, "gamma_paper": gamma_paper, "lam": lam, "gamma": gamma,
+      "epochs": epochs, "steps_per_task": steps_per_task,
+      "reset_optimizer": bool(base.reset_optimizer), "consolidated": base.consolidated,
+      "task_sizes": counts, "num_tasks": num_tasks,
+      "hidden": list(base.hidden), "lr": base.lr, "batch_size": base.batch_size,
+      "fisher": base.fisher, "max_examples": overrides.max_examples,
+      "iterations_per_task": [iterations(base, n) for n in sizes],
+      "average_accuracy": final.tolist(),
+      "mean": float(final.mean()), "std": float(final.std()),
+      "sem": float(final.std(ddof=1) / math.sqrt(len(final))) if len(final) > 1 else None,
+      "published": {"mean": mean, "err": err, "err_kind": setup.err_kind, "runs": setup.runs},
+      "acc_matrix": acc.tolist(),
+      "bwt": [s["bwt"] for s in result.summaries],
+      "timings": {k: float(v) for k, v in result.timings.items()},
+      "wall_seconds": time.perf_counter() - t0,
+      "config": dataclasses.asdict(base),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  log(f"  -> {record['mean']:.2f} ± {record['std']:.2f} (paper {mean:.2f} ± {err:.2f} "
+      f"{setup.err_kind}), {record['wall_seconds']:.0f} s")
+  return record
+
+
+def row_key(setup: Setup, overrides: Overrides, scenario: str, algo: str) -> str:
+  """The store key of one row (:func:`experiments.results_store.record_key`)."""
+  return results_store.record_key(setup.protocol, setup.benchmark, overrides.variant, scenario,
+                                  algo)
+
+
+def checkpoint_folder(root: Path, key: str) -> Path:
+  """The checkpoint folder of one record (its key, made a plain folder name)."""
+  return root / re.sub(r"[^A-Za-z0-9_.=-]+", "_", key).strip("_")
+
+
+def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
+              seeds: Sequence[int], ds, out: Path, json_path: Path,
+              overrides: Overrides = Overrides(), progress=None, log=print,
+              checkpoint_root: Path | None = None, checkpoint_every: int = 0) -> dict:
+  """Runs every (scenario, algo), saving the store and the markdown after each one (the store is
+  re-read before each write, so concurrent invocations only race for milliseconds).
+
+  ``checkpoint_root``: each (scenario, algo) sweep checkpoints under its own folder there
+  (after each task, and every ``checkpoint_every`` steps); a killed or interrupted invocation
+  re-run with the same flags resumes it. A record's checkpoints are deleted once the record is
+  stored (the next invocation trains it again, as without checkpoints)."""
+  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  environment = environment_lib.environment()
+  total = len(algos) * len(scenarios)
+  for i, scenario in enumerate(scenarios):
+    for j, algo in enumerate(algos):
+      prefix = f"{scenario}/{algo} "
+      key = row_key(setup, overrides, scenario, algo)
+      saver = None
+      if checkpoint_root is not None:
+        saver = checkpoint.SweepCheckpointer(
+            checkpoint_folder(checkpoint_root, key),
+            {"record": key, "seeds": [int(s) for s in seeds],
+             "dataset": f"{ds.name}:{ds.version}"},
+            every=checkpoint_every, log=lambda line: log(f"  {line}"))
+      rec = run_one(setup, algo, scenario, seeds, ds, overrides,
+                    progress=progress(prefix) if progress else None, log=log,
+                    tag=f"[{i * len(algos) + j + 1}/{total}] ", checkpointer=saver)
+      store = results_store.add_record(json_path, key, rec, environment)
+      results_store.save(store, json_path)
+      results_report.write_markdown(store, out)
+      if saver is not None:
+        checkpoint.discard(saver.directory)
+  return store
