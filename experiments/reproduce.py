@@ -112,8 +112,8 @@ class Options:
         raise ValueError(f"--algos={','.join(algos)} is invalid for --protocol={setup.protocol} "
                          f"--benchmark={setup.benchmark}: expected some of "
                          f"{', '.join(setup.algos)}.")
-    scenarios = tuple(values.scenarios)
-    for s in scenarios:
+    scenarios = tuple(values.scenarios or ())
+    for s in scenarios or ("",):
       if s not in SCENARIOS:
         raise ValueError(f"--scenarios={','.join(scenarios)} is invalid: expected some of "
                          f"{', '.join(SCENARIOS)}.")

@@ -283,6 +283,7 @@ def test_options_from_flags():
      "--benchmark=split: expected some of finetune, joint, ewc, online_ewc."),
     (["--scenarios=task,x"], "--scenarios=task,x is invalid: expected some of task, domain, "
      "class."),
+    (["--scenarios="], "--scenarios= is invalid: expected some of task, domain, class."),
     (["--num_tasks=6"], "--num_tasks=6 is invalid: expected 1..5."),
     (["--epochs=0"], "--epochs=0 is invalid: expected an integer >= 1."),
     (["--hidden=0"], "--hidden=0 is invalid: expected integers >= 1."),
