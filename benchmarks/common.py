@@ -44,12 +44,14 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / t["min_s"]
 
 
-def write(name: str, payload: dict) -> Path:
-  """Prints ``payload`` as JSON and writes it to ``benchmarks/results/<name>.json``."""
+def write(name: str, payload: dict, folder: Path = RESULTS) -> Path:
+  """Prints ``payload`` as JSON and writes it to ``<folder>/<name>.json`` (default
+  ``benchmarks/results``)."""
   payload = {"benchmark": name, "machine": machine(),
              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload}
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / f"{name}.json"
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / f"{name}.json"
   text = json.dumps(payload, indent=2)
   path.write_text(text + "\n")
   print(text)

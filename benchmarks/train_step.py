@@ -46,7 +46,8 @@ def bench(algo, num_anchors, batch_size, steps):
   x = jax.random.randint(jax.random.key(1), (1, n, 28, 28, 1), 0, 255).astype(jnp.uint8)
   y = jax.random.randint(jax.random.key(2), (1, n), 0, 2)
   data = train.TaskData(x, y, jnp.array([n], jnp.int32))
-  memory = filled_memory(algo, params["backbone"], num_anchors, jax.random.key(3))
+  memory = filled_memory(algo, heads.consolidated(net, params, "shared"), num_anchors,
+                         jax.random.key(3))
   hyper = algorithms.Hyper(*(jnp.float32(v) for v in (10.0, 2.0, 1.0, 1e-3)))
   order = train.epoch_order(jax.random.key(4), data.counts[0], n, n)
   chunk = jax.jit(functools.partial(train.train_chunk, net, algo, tx, train.scale_pixels,
