@@ -14,7 +14,10 @@ The datasets handed to nc_benchmark are minimal torch Datasets over float tensor
 Model: an ``MTSimpleMLP``-style ``MultiTaskModule`` with the protocol's sizes:
 Linear(784,400)+ReLU, Linear(400,400)+ReLU (no dropout), then
 ``MultiHeadClassifier(400, initial_out_features=2, masking=False)`` (one 2-way head per
-task label, created by Avalanche's model adaptation).
+task label, created by Avalanche's model adaptation). ``--backbone=cnn``: the same
+``MultiTaskModule`` with common.cnn_backbone (the CNN of flax/examples/mnist, inputs viewed
+as [B, 1, 28, 28], 256 features) as the feature extractor and
+``MultiHeadClassifier(256, initial_out_features=2, masking=False)`` on top.
 
 Strategy: ``avalanche.training.EWC(mode="separate", train_mb_size=128, train_epochs=2,
 eval_mb_size=1000)`` with Adam(lr=1e-3). ``strategy.train(exp, reset_optimizer_state=True)``
@@ -80,17 +83,21 @@ class TensorMNIST(torch.utils.data.Dataset):
         return self.x[i], self.targets[i]
 
 
-class MTMLP(MultiTaskModule):
-    """avalanche.models.MTSimpleMLP with the protocol's sizes (two 400-unit layers)."""
+class MTNet(MultiTaskModule):
+    """avalanche.models.MTSimpleMLP with the protocol's sizes (two 400-unit layers), or with
+    the cnn backbone as its feature extractor (``backbone="cnn"``)."""
 
-    def __init__(self):
+    def __init__(self, backbone: str = "mlp"):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Linear(C.INPUT_DIM, C.HIDDEN), nn.ReLU(inplace=True),
-            nn.Linear(C.HIDDEN, C.HIDDEN), nn.ReLU(inplace=True),
-        )
+        if backbone == "cnn":
+            self.features = C.cnn_backbone(nn)
+        else:
+            self.features = nn.Sequential(
+                nn.Linear(C.INPUT_DIM, C.HIDDEN), nn.ReLU(inplace=True),
+                nn.Linear(C.HIDDEN, C.HIDDEN), nn.ReLU(inplace=True),
+            )
         self.classifier = MultiHeadClassifier(
-            C.HIDDEN, initial_out_features=C.CLASSES_PER_TASK, masking=False)
+            C.FEATURES[backbone], initial_out_features=C.CLASSES_PER_TASK, masking=False)
 
     def forward(self, x, task_labels):
         x = x.contiguous().view(x.size(0), C.INPUT_DIM)
@@ -114,7 +121,7 @@ def main():
             fixed_class_order=list(range(10)), class_ids_from_zero_in_each_exp=True,
         )
 
-    model = MTMLP()
+    model = MTNet(args.backbone)
     strategy = EWC(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=C.LR),
@@ -156,7 +163,7 @@ def main():
 
     import avalanche
     C.emit("avalanche", acc_matrix, timer, lam=args.lam, ewc_lambda=args.lam / 2.0,
-           seed=args.seed, epochs=args.epochs, threads=args.threads,
+           seed=args.seed, epochs=args.epochs, threads=args.threads, backbone=args.backbone,
            torch=torch.__version__, avalanche=avalanche.__version__)
 
 

@@ -29,7 +29,11 @@ Differences from a stock CLArena Split MNIST run, all to follow the shared proto
   is 2 for an (x, y) tuple, i.e. an unweighted mean over batches.)
 * Backbone: ``CLMLP(784, hidden_dims=[400], output_dim=400)`` = Linear(784,400)+ReLU,
   Linear(400,400)+ReLU (CLMLP applies the activation after its output layer too),
-  then HeadsTIL's Linear(400, 2) per task.
+  then HeadsTIL's Linear(400, 2) per task. ``--backbone=cnn``: CLArena 1.1.0 ships MLP and
+  ResNet backbones only, so ``CLCNN`` below is a custom ``CLBackbone`` (CLArena's documented
+  extension point: ``output_dim``, ``weighted_layer_names``, ``forward`` returning the
+  feature and the per-layer activations) around common.cnn_backbone, the CNN of
+  flax/examples/mnist (256 features), with HeadsTIL's Linear(256, 2) per task.
 
 The EWC objective in clarena 1.1.0 (cl_algorithms/ewc.py, regularizers/parameter_change.py),
 verified in the installed source:
@@ -59,9 +63,10 @@ from functools import partial  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from clarena.backbones import CLMLP  # noqa: E402
+from clarena.backbones import CLBackbone, CLMLP  # noqa: E402
 from clarena.cl_algorithms import EWC  # noqa: E402
 from clarena.heads import HeadsTIL  # noqa: E402
 
@@ -97,6 +102,27 @@ class SplitMNISTTIL(L.LightningDataModule):
     def test_dataloader(self):
         return {t: DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False)
                 for t, ds in self.dataset_test.items()}
+
+
+class CLCNN(CLBackbone):
+    """common.cnn_backbone as a CLArena continual-learning backbone (same for all tasks)."""
+
+    def __init__(self):
+        super().__init__(output_dim=C.CNN_DENSE)
+        self.net = C.cnn_backbone(nn)
+        self.weighted_layer_names = [f"net/{name}" for name, layer in self.net.named_children()
+                                     if isinstance(layer, (nn.Conv2d, nn.Linear))]
+
+    def forward(self, input, stage: str = None, task_id: int | None = None):
+        x = input.view(input.size(0), -1)
+        activations, layer_name = {}, None
+        for name, layer in self.net.named_children():
+            x = layer(x)
+            if f"net/{name}" in self.weighted_layer_names:
+                layer_name = f"net/{name}"
+            elif isinstance(layer, nn.ReLU):  # the hidden feature after activation, as CLMLP
+                activations[layer_name] = x
+        return x, activations
 
 
 class TimedEWC(EWC):
@@ -155,8 +181,11 @@ def main():
                                    torch.Generator().manual_seed(args.seed))
 
     factor = args.lam * args.epochs  # see module docstring
-    backbone = CLMLP(input_dim=C.INPUT_DIM, hidden_dims=[C.HIDDEN], output_dim=C.HIDDEN)
-    heads = HeadsTIL(input_dim=C.HIDDEN)
+    if args.backbone == "cnn":
+        backbone = CLCNN()
+    else:
+        backbone = CLMLP(input_dim=C.INPUT_DIM, hidden_dims=[C.HIDDEN], output_dim=C.HIDDEN)
+    heads = HeadsTIL(input_dim=backbone.output_dim)
     model = TimedEWC(backbone=backbone, heads=heads, parameter_change_reg_factor=factor,
                      when_calculate_fisher_information="train_end")
     acc_cb = ExactTestAccuracy()
@@ -182,7 +211,7 @@ def main():
 
     import clarena
     C.emit("clarena", acc_matrix, timer, lam=args.lam, parameter_change_reg_factor=factor,
-           seed=args.seed, epochs=args.epochs, threads=args.threads,
+           seed=args.seed, epochs=args.epochs, threads=args.threads, backbone=args.backbone,
            torch=torch.__version__, clarena=getattr(clarena, "__version__", "1.1.0"),
            lightning=L.__version__)
 

@@ -7,7 +7,11 @@ The protocol (identical in every peer script and in our JAX run):
 * Inputs: raw IDX gzip files from ``--data_dir``, else ``../shared/data/mnist`` beside the
   checkout when it exists, else ``$MNIST_DIR`` (:func:`default_data_dir`), parsed with numpy +
   gzip, pixels/255, flattened to 784 float32.
-* Backbone 784-400-400 (two Linear+ReLU layers), then a Linear(400, 2) head per task.
+* Backbone (``--backbone``): ``mlp`` (default) 784-400-400 (two Linear+ReLU layers), or
+  ``cnn``, the CNN of flax/examples/mnist without its classifier (our ``--backbone=cnn``): the
+  784 inputs viewed as [B, 1, 28, 28], Conv2d(1, 32, 3, padding=1) + ReLU + AvgPool2d(2),
+  Conv2d(32, 64, 3, padding=1) + ReLU + AvgPool2d(2), flatten (64*7*7 = 3136), Linear(3136, 256)
+  + ReLU. Then a Linear(features, 2) head per task (features = 400 or 256).
 * Adam(lr=1e-3), created fresh for every task; batch 128, last partial batch kept,
   reshuffled every epoch; 2 epochs per task by default.
 * After each task: diagonal Fisher on that task's train data, then test accuracy on
@@ -39,6 +43,12 @@ LR = 1e-3
 INPUT_DIM = 784
 HIDDEN = 400
 CLASSES_PER_TASK = 2
+IMAGE_SHAPE = (1, 28, 28)  # the cnn backbone's view of an input: [B, C, H, W]
+CNN_CHANNELS = (32, 64)
+CNN_FLAT = CNN_CHANNELS[-1] * 7 * 7  # after two 2x2 average pools: 28 -> 14 -> 7
+CNN_DENSE = 256
+BACKBONES = ("mlp", "cnn")
+FEATURES = {"mlp": HIDDEN, "cnn": CNN_DENSE}  # backbone output width = head input width
 
 
 def parse_args(description: str, default_lam: float) -> argparse.Namespace:
@@ -57,6 +67,10 @@ def parse_args(description: str, default_lam: float) -> argparse.Namespace:
                    help="folder of the four MNIST IDX files (default: ../shared/data/mnist "
                         "beside the checkout, else $MNIST_DIR)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--backbone", choices=BACKBONES, default="mlp",
+                   help="mlp: 784-400-400 ReLU (default); cnn: the CNN of flax/examples/mnist "
+                        "without its classifier (two 3x3 convs 32/64 with 2x2 average "
+                        "pooling, Linear(3136, 256) + ReLU)")
     args = p.parse_args()
     try:
         args.data_dir = args.data_dir or default_data_dir()
@@ -83,6 +97,22 @@ def setup_torch(torch, args) -> None:
     """Thread count and seed, identical in every peer script."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+
+
+def cnn_backbone(nn):
+    """The ``cnn`` backbone as an ``nn.Sequential`` taking flat [B, 784] inputs (``nn`` is
+    ``torch.nn``, passed in so this module imports no torch). PyTorch's default
+    initialisation (kaiming-uniform weights, uniform biases), not Flax's (LeCun-normal
+    kernels, zero biases). Flattening is channel-major (NCHW) where Flax's is NHWC: a fixed
+    permutation of the Linear layer's inputs, the same function class."""
+    c1, c2 = CNN_CHANNELS
+    return nn.Sequential(
+        nn.Unflatten(1, IMAGE_SHAPE),
+        nn.Conv2d(IMAGE_SHAPE[0], c1, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(CNN_FLAT, CNN_DENSE), nn.ReLU(),
+    )
 
 
 def _read_idx(path: str) -> np.ndarray:

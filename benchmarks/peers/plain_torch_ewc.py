@@ -4,9 +4,10 @@ Protocol: see common.py. Implementation choices, all the common ones:
 
 * Data: torch.utils.data.DataLoader over a TensorDataset (shuffle=True, batch 128,
   drop_last=False) for training; the whole task is held as tensors in memory.
-* Model: nn.Sequential(Linear(784,400), ReLU, Linear(400,400), ReLU) backbone and an
-  nn.ModuleList of five Linear(400,2) heads; Adam(model.parameters(), lr=1e-3) is
-  created anew at the start of every task.
+* Model: nn.Sequential(Linear(784,400), ReLU, Linear(400,400), ReLU) backbone
+  (``--backbone=cnn``: common.cnn_backbone, the CNN of flax/examples/mnist, 256 features)
+  and an nn.ModuleList of five Linear(features,2) heads; Adam(model.parameters(), lr=1e-3)
+  is created anew at the start of every task. PyTorch's default initialisation.
 * Fisher ("empirical Fisher, batch approximation", what most EWC code does): after
   a task, one pass over its train data in eval mode, unshuffled, batch 128; for each
   batch b the gradient g_b of the *mean* cross-entropy of the batch is taken and
@@ -36,22 +37,25 @@ _IMPORTS_S = time.perf_counter() - _T0
 DEFAULT_LAM = 1e6  # chosen by a sweep, see README.md
 
 
-class MultiHeadMLP(nn.Module):
-    def __init__(self, num_tasks: int):
+class MultiHeadNet(nn.Module):
+    def __init__(self, num_tasks: int, backbone: str = "mlp"):
         super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Linear(C.INPUT_DIM, C.HIDDEN), nn.ReLU(),
-            nn.Linear(C.HIDDEN, C.HIDDEN), nn.ReLU(),
-        )
+        if backbone == "cnn":
+            self.backbone = C.cnn_backbone(nn)
+        else:
+            self.backbone = nn.Sequential(
+                nn.Linear(C.INPUT_DIM, C.HIDDEN), nn.ReLU(),
+                nn.Linear(C.HIDDEN, C.HIDDEN), nn.ReLU(),
+            )
         self.heads = nn.ModuleList(
-            [nn.Linear(C.HIDDEN, C.CLASSES_PER_TASK) for _ in range(num_tasks)]
+            [nn.Linear(C.FEATURES[backbone], C.CLASSES_PER_TASK) for _ in range(num_tasks)]
         )
 
     def forward(self, x, task: int):
         return self.heads[task](self.backbone(x))
 
 
-def ewc_penalty(model: MultiHeadMLP, anchors) -> torch.Tensor:
+def ewc_penalty(model: MultiHeadNet, anchors) -> torch.Tensor:
     pen = 0.0
     for fisher, star in anchors:
         for name, p in model.backbone.named_parameters():
@@ -59,7 +63,7 @@ def ewc_penalty(model: MultiHeadMLP, anchors) -> torch.Tensor:
     return pen
 
 
-def compute_fisher(model: MultiHeadMLP, task: int, x, y, criterion):
+def compute_fisher(model: MultiHeadNet, task: int, x, y, criterion):
     model.eval()
     fisher = {n: torch.zeros_like(p) for n, p in model.backbone.named_parameters()}
     n_total = len(y)
@@ -76,7 +80,7 @@ def compute_fisher(model: MultiHeadMLP, task: int, x, y, criterion):
 
 
 @torch.no_grad()
-def accuracy(model: MultiHeadMLP, task: int, x, y) -> float:
+def accuracy(model: MultiHeadNet, task: int, x, y) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(y), C.EVAL_BATCH_SIZE):
@@ -97,7 +101,7 @@ def main():
         train = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in train_np]
         test = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in test_np]
 
-    model = MultiHeadMLP(C.NUM_TASKS)
+    model = MultiHeadNet(C.NUM_TASKS, args.backbone)
     criterion = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(args.seed)
     anchors = []  # [(fisher, theta*)] per finished task
@@ -126,7 +130,7 @@ def main():
             acc_matrix.append([accuracy(model, s, *test[s]) for s in range(t + 1)])
 
     C.emit("plain_torch", acc_matrix, timer, lam=args.lam, seed=args.seed,
-           epochs=args.epochs, threads=args.threads,
+           epochs=args.epochs, threads=args.threads, backbone=args.backbone,
            torch=torch.__version__)
 
 

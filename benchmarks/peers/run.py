@@ -9,14 +9,21 @@ avalanche, ours, ...) so slow drifts of the machine hit every contender alike.
     python3 benchmarks/peers/run.py                       # 3 repeats, all peers + ours
     python3 benchmarks/peers/run.py --skip_ours --repeats=1
     python3 benchmarks/peers/run.py --peers=plain_torch,avalanche
+    python3 benchmarks/peers/run.py --backbone=cnn --peers=plain_torch,avalanche
 
 Peers need benchmarks/peers/.venv (bash benchmarks/peers/setup.sh). Ours is
-`<repo>/.venv/bin/python -m experiments.split_mnist --algo=ewc --workdir=<tmpdir>`,
+`<repo>/.venv/bin/python -m experiments.split_mnist --algo=ewc --workdir=<tmpdir>`
+(another checkout and interpreter: --ours_repo, --ours_python),
 which writes <tmpdir>/results.json with "average_accuracy" and "timings" (its default:
 orbax checkpoints after every task and two PNG plots), and, as "ours_same_work", the
 same with --nocheckpoint --noplots: only the work the peers do.
 
-Output: JSON on stdout and in benchmarks/results/peers.json (--out): per contender the
+--backbone=cnn runs everyone with the CNN of flax/examples/mnist instead of the MLP: the peers
+get --backbone=cnn, ours gets --backbone=cnn (checked first with `--helpfull`: a checkout whose
+experiments.split_mnist has no --backbone flag runs the peers only, with a note).
+
+Output: JSON on stdout and in benchmarks/results/peers.json (peers_cnn.json with
+--backbone=cnn; --out): per contender the
 median whole-process wall time, median phase timings, the final average accuracy
 (AA) of every run, speedup_vs_<peer> = median wall(peer) / median wall(ours) and
 same_work_speedup[<peer>] = median wall(peer) / median wall(ours_same_work).
@@ -49,7 +56,12 @@ PEERS = {
     "avalanche": "avalanche_ewc.py",
 }
 PEERS_PY = os.path.join(HERE, ".venv", "bin", "python")
-OURS_PY = os.path.join(REPO, ".venv", "bin", "python")
+BACKBONE_DESCRIPTIONS = {
+    "mlp": "MLP 784-400-400 ReLU",
+    "cnn": ("CNN of flax/examples/mnist without its classifier: [28,28,1] -> Conv 32 3x3 SAME "
+            "-> ReLU -> avg pool 2x2/2 -> Conv 64 3x3 SAME -> ReLU -> avg pool 2x2/2 -> "
+            "flatten 3136 -> Dense 256 -> ReLU"),
+}
 
 
 def log(msg):
@@ -104,7 +116,8 @@ def run_recorded(cmd, cwd, timeout, env=None):
 
 def run_peer(name, args):
     cmd = [PEERS_PY, os.path.join(HERE, PEERS[name]), "--seed", str(args.seed),
-           "--epochs", str(args.epochs), "--threads", str(args.threads)]
+           "--epochs", str(args.epochs), "--threads", str(args.threads),
+           "--backbone", args.backbone]
     if args.lam is not None:
         cmd += ["--lam", str(args.lam)]
     env = dict(os.environ)
@@ -125,12 +138,29 @@ def run_peer(name, args):
     return rec
 
 
-def ours_missing_reason():
-    if not os.path.exists(OURS_PY):
-        return "%s does not exist (create the repo's JAX venv first)" % OURS_PY
-    if not (os.path.exists(os.path.join(REPO, "experiments", "split_mnist.py"))
-            or os.path.isdir(os.path.join(REPO, "experiments", "split_mnist"))):
-        return "experiments/split_mnist(.py) not found in %s" % REPO
+def ours_missing_reason(args):
+    if not os.path.exists(args.ours_python):
+        return "%s does not exist (create the repo's JAX venv first)" % args.ours_python
+    if not (os.path.exists(os.path.join(args.ours_repo, "experiments", "split_mnist.py"))
+            or os.path.isdir(os.path.join(args.ours_repo, "experiments", "split_mnist"))):
+        return "experiments/split_mnist(.py) not found in %s" % args.ours_repo
+    return None
+
+
+def ours_backbone_missing_reason(args):
+    """Why our command cannot take --backbone=<args.backbone> (None when it can): the flag is
+    looked for in `python -m experiments.split_mnist --helpfull`."""
+    if args.backbone == "mlp":  # our default: no flag passed
+        return None
+    cmd = [args.ours_python, "-m", "experiments.split_mnist", "--helpfull"]
+    try:
+        proc = subprocess.run(cmd, cwd=args.ours_repo, capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        return "`%s` timed out" % " ".join(cmd)
+    if not re.search(r"--backbone\b", (proc.stdout or "") + (proc.stderr or "")):
+        return ("experiments.split_mnist in %s has no --backbone flag (our CNN backbone is "
+                "not in this checkout)" % args.ours_repo)
     return None
 
 
@@ -147,10 +177,13 @@ def run_ours(args, extra=()):
     # Ours runs at the lambda of the committed peer comparison (our task-IL default until the
     # validation sweep of experiments/defaults.py chose another): the same work as before.
     lam = args.lam if args.lam is not None else OURS_LAM
-    cmd = [OURS_PY, "-m", "experiments.split_mnist", "--algo=ewc", "--lam=%g" % lam,
-           "--workdir=%s" % workdir] + list(extra) + shlex.split(args.ours_args)
+    cmd = [args.ours_python, "-m", "experiments.split_mnist", "--algo=ewc", "--lam=%g" % lam,
+           "--workdir=%s" % workdir]
+    if args.backbone != "mlp":
+        cmd.append("--backbone=%s" % args.backbone)
+    cmd += list(extra) + shlex.split(args.ours_args)
     try:
-        rec, proc = run_recorded(cmd, REPO, args.timeout)
+        rec, proc = run_recorded(cmd, args.ours_repo, args.timeout)
         if "error" in rec:
             return rec
         path = os.path.join(workdir, "results.json")
@@ -205,9 +238,9 @@ def summarize(runs):
     return out
 
 
-def git_commit():
+def git_commit(repo=REPO):
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                               text=True, timeout=10).stdout.strip() or None
     except Exception:
         return None
@@ -221,6 +254,10 @@ def main():
     p.add_argument("--skip_ours", action="store_true", help="run the peers only")
     p.add_argument("--seed", type=int, default=0, help="same seed for every repeat")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--backbone", choices=("mlp", "cnn"), default="mlp",
+                   help="mlp: 784-400-400 ReLU (default); cnn: the CNN of flax/examples/mnist "
+                        "without its classifier, passed as --backbone=cnn to the peers and to "
+                        "ours (default --out: benchmarks/results/peers_cnn.json)")
     p.add_argument("--lam", type=float, default=None,
                    help="common-convention EWC lambda for the peers "
                         "(default: each script's default)")
@@ -233,9 +270,22 @@ def main():
                         "README). Default: torch's defaults.")
     p.add_argument("--ours_args", default="",
                    help="extra arguments appended to our command, e.g. '--seed=0'")
+    p.add_argument("--ours_repo", default=REPO,
+                   help="checkout whose experiments.split_mnist is ours (default: this one)")
+    p.add_argument("--ours_python", default=None,
+                   help="interpreter for ours (default: <ours_repo>/.venv/bin/python)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "peers.json"))
+    p.add_argument("--out", default=None,
+                   help="default: benchmarks/results/peers.json (peers_cnn.json with "
+                        "--backbone=cnn)")
     args = p.parse_args()
+    args.ours_repo = os.path.abspath(args.ours_repo)
+    if args.ours_python is None:
+        args.ours_python = os.path.join(args.ours_repo, ".venv", "bin", "python")
+    if args.out is None:
+        args.out = os.path.join(REPO, "benchmarks", "results",
+                                "peers.json" if args.backbone == "mlp" else
+                                "peers_%s.json" % args.backbone)
 
     peers = [s.strip() for s in args.peers.split(",") if s.strip()]
     unknown = [s for s in peers if s not in PEERS]
@@ -248,7 +298,7 @@ def main():
     with_ours = not args.skip_ours
     ours_note = None
     if with_ours:
-        reason = ours_missing_reason()
+        reason = ours_missing_reason(args) or ours_backbone_missing_reason(args)
         if reason:
             ours_note = "our run skipped: " + reason
             log("run.py: WARNING: %s. Continuing with the peers only; no speedups "
@@ -281,11 +331,11 @@ def main():
     report = {
         "benchmark": "split_mnist_til_ewc_vs_peers",
         "protocol": ("Split MNIST task-incremental, 5 tasks {0,1}..{8,9}, labels 0/1 per "
-                     "task; MLP 784-400-400 ReLU + 2-way head per task; Adam lr 1e-3 fresh "
+                     "task; %s + 2-way head per task; Adam lr 1e-3 fresh "
                      "per task; batch 128 (last partial kept), shuffled each epoch; "
                      "%d epochs per task; diagonal Fisher on each task's train data; "
                      "AA = mean test accuracy over the 5 tasks after the last task"
-                     % args.epochs),
+                     % (BACKBONE_DESCRIPTIONS[args.backbone], args.epochs)),
         "wall_time": "whole process, time.perf_counter around subprocess.run; medians "
                      "over %d interleaved repeats" % args.repeats,
         "started_utc": started,
@@ -294,12 +344,16 @@ def main():
                     "cpu_count": os.cpu_count(),
                     "loadavg_before": load_before,
                     "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "settings": {"repeats": args.repeats, "seed": args.seed, "epochs": args.epochs,
+        "settings": {"repeats": args.repeats, "backbone": args.backbone, "seed": args.seed,
+                     "epochs": args.epochs,
                      "lam": args.lam, "torch_threads": args.threads,
                      "omp_wait_policy_passive": args.omp_passive,
-                     "peers": peers, "skip_ours": args.skip_ours},
+                     "peers": peers, "skip_ours": args.skip_ours,
+                     "ours_repo": args.ours_repo, "ours_python": args.ours_python},
         "results": results,
     }
+    if args.ours_repo != REPO:
+        report["ours_git_commit"] = git_commit(args.ours_repo)
     if ours_note:
         report["note"] = ours_note
     lb = report["machine"]["loadavg_before"]
