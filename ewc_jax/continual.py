@@ -296,8 +296,8 @@ class RunState(NamedTuple):
 
 
 class Compiled(NamedTuple):
-  init: Callable
-  init_memory: Callable  # (consolidated params) -> the algorithm's empty memory
+  init: Callable | None  # None when compiled for a resumed run (nothing to initialise)
+  init_memory: Callable | None  # (consolidated params) -> the algorithm's empty memory
   new_state: Callable    # (params, model_state, lr) -> TrainState with a fresh optimizer
   order: Callable
   chunk: Callable
@@ -329,12 +329,15 @@ def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> C
 def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
                      train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array,
                      hyper: algorithms.Hyper, preprocess: Callable, batched: bool,
-                     sharding=None, validation: train_lib.TaskData | None = None) -> Compiled:
+                     sharding=None, validation: train_lib.TaskData | None = None,
+                     init: bool = True) -> Compiled:
   """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
 
   Every piece is lowered from abstract shapes (nothing runs), then the XLA compilations (or
   persistent-cache loads) run on a thread pool: they release the GIL, and the init program
-  (one random op per parameter) compiles about as long as the train chunk.
+  (one random op per parameter) compiles about as long as the train chunk. ``init=False``
+  (a resumed run) lowers the init programs (parameters, empty memory) for their shapes but
+  does not compile them.
 
   The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
   ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
@@ -364,10 +367,12 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
     lowered["consolidate"] = jit(progs.consolidate, (0, 0, 0, None, None, 0, 0),
                                  donate_argnums=0).lower(memory, params, model_state, train, zero,
                                                          key, hyper)
+  if not init:
+    del lowered["init"], lowered["init_memory"]
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ewc_jax-compile") as ex:
     compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
-  return Compiled(compiled["init"], compiled["init_memory"], compiled["new_state"],
+  return Compiled(compiled.get("init"), compiled.get("init_memory"), compiled["new_state"],
                   compiled["order"], compiled["chunk"], compiled["evaluate"],
                   compiled.get("consolidate"), progs.steps_per_epoch,
                   compiled.get("evaluate_validation"))
@@ -443,7 +448,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
 
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
-                       sharding, validation)
+                       sharding, validation, init=resume is None)
   timings["compile"] = time.perf_counter() - t0
 
   lead = (len(seeds),) if batched else ()
