@@ -254,3 +254,24 @@ def test_checkpoints_from_before_the_optimizer_field_count_as_adam():
   assert checkpoint.config_diff(saved, IDENTITY) == []
   assert checkpoint.config_diff(saved, {**IDENTITY, "optimizer": "sgd"}) == [
       "optimizer (checkpoint: 'adam', now: 'sgd')"]
+
+
+def test_resnet18_batchnorm_run_resumes_bit_identically(resnet18_run):
+  """ResNet-18 with BatchNorm: killed mid-epoch of task 2 (its running statistics half-way
+  through the task) and resumed from that checkpoint, the rest of the run is the same to the
+  bit (accuracies, curves, parameters, running statistics, anchors)."""
+  r = resnet18_run
+  ckpt = checkpoint.RunCheckpointer(r.folder, r.identity)
+  like = checkpoint.abstract_run_state(r.cfg, r.net, r.train)
+  assert set(like["train_state"].model_state) == {"batch_stats"}
+  mid = next(s for s in range(ckpt.latest_step() + 1)
+             if (m := ckpt.read_meta(s))["task"] == 1 and m["epoch"] == 1 and m["step"] > 0)
+  rs = ckpt.restore(like, step=mid)
+  assert jax.tree.structure(rs.train_state) == jax.tree.structure(like["train_state"])
+  resumed = continual.run(r.cfg, r.net, r.train, r.test, resume=rs)
+  full = r.result
+  np.testing.assert_array_equal(resumed.acc_matrix, full.acc_matrix)
+  assert resumed.curves == full.curves
+  _assert_tree_equal((resumed.params, resumed.model_state, resumed.memory),
+                     (full.params, full.model_state, full.memory))
+  ckpt.close()
