@@ -11,15 +11,16 @@ IMAGE = (8, 8, 3)
 
 
 def image_tasks(n, seed, shape=IMAGE):
-  """T binary tasks of ``shape`` uint8 images, each labelled by its own random projection
-  (sizes n, n - 4, n - 8: one program must serve all)."""
+  """T binary tasks of ``shape`` uint8 images: noise, plus (label 1) a bright pattern of the
+  task's own (sizes n, n - 4, n - 8: one program must serve all)."""
   rng = np.random.default_rng(seed)
-  directions = np.random.default_rng(0).normal(size=(T, int(np.prod(shape))))
+  patterns = np.random.default_rng(0).random((T,) + shape) < 0.25
   xs, ys = [], []
   for t in range(T):
-    x = rng.integers(0, 256, (n - 4 * t,) + shape).astype(np.uint8)
-    xs.append(x)
-    ys.append(((x.reshape(len(x), -1) / 255 - 0.5) @ directions[t] > 0).astype(np.int32))
+    y = rng.integers(0, 2, n - 4 * t).astype(np.int32)
+    x = rng.integers(0, 100, (n - 4 * t,) + shape) + 155 * (y[:, None, None, None] * patterns[t])
+    xs.append(x.astype(np.uint8))
+    ys.append(y)
   return pad_tasks(xs, ys)
 
 
