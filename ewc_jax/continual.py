@@ -390,7 +390,13 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   Args:
     cfg: the configuration (its ``lam``, ``p``, ``gamma``, ``lr`` and ``seed`` are overridden
       by ``hyper``/``seeds`` in a sweep).
-    net, train, test: the network and padded task data (test: one set per task).
+    net, train, test: the network and padded task data (test: one set per task). ``net`` is
+      :func:`make_network` of ``cfg`` or any :class:`ewc_jax.heads.Network`, e.g.
+      ``heads.make_network(cfg.scenario, groups, backbone=MyModule())`` with your own Flax linen
+      backbone (protocol: :mod:`ewc_jax.backbones`; its ``batch_stats`` and other non-``params``
+      collections are trained, saved and swept as described in the module docstring).
+      ``preprocess`` maps a batch of ``train.inputs`` rows to the backbone's inputs (default:
+      pixels / 255, shape kept: images for the convolutional backbones).
     progress: ``progress(task_index, total_steps, done_steps)`` may return a tqdm-like bar
       (``update(n)``, ``set_postfix(dict)``, ``close()``).
     hyper, seeds: a sweep: ``hyper`` fields with a leading axis of K configs and ``seeds`` of
