@@ -31,6 +31,7 @@ when training starts, so the first save does not wait for the import).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -70,11 +71,26 @@ def _jsonable(obj: Any) -> Any:
 
 # Config fields added after checkpoints were written, with the value those checkpoints ran with.
 _ADDED = {"optimizer": "adam", "backbone": "mlp", "width": None}
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(continual.Config))
+
+
+def _fill_added(obj: Any) -> Any:
+  """``obj`` with the ``_ADDED`` fields put into every ``Config`` dict nested in it (a sweep's
+  per-chunk configs, a command line's base config) that was written before they existed."""
+  if isinstance(obj, list):
+    return [_fill_added(v) for v in obj]
+  if not isinstance(obj, dict):
+    return obj
+  obj = {k: _fill_added(v) for k, v in obj.items()}
+  if _CONFIG_FIELDS - set(_ADDED) <= set(obj):
+    obj = {**_ADDED, **obj}
+  return obj
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-  """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised)."""
-  saved, current = _jsonable(saved), _jsonable(current)
+  """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised;
+  fields added to ``Config`` since the checkpoint count with the value it ran with)."""
+  saved, current = _fill_added(_jsonable(saved)), _jsonable(current)
   out = []
   for key in sorted(set(saved) | set(current)):
     a, b = saved.get(key, _ADDED.get(key, "<absent>")), current.get(key, "<absent>")

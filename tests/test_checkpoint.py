@@ -256,6 +256,19 @@ def test_checkpoints_from_before_the_optimizer_field_count_as_adam():
       "optimizer (checkpoint: 'adam', now: 'sgd')"]
 
 
+def test_checkpoints_from_before_the_backbone_fields_count_as_the_mlp():
+  """Also inside a sweep's identity (its per-chunk configs), as written before the fields."""
+  old = {k: v for k, v in IDENTITY.items() if k not in ("backbone", "width")}
+  assert checkpoint.config_diff(old, IDENTITY) == []
+  assert checkpoint.config_diff(old, {**IDENTITY, "backbone": "cnn"}) == [
+      "backbone (checkpoint: 'mlp', now: 'cnn')"]
+  chunk = {"layout": {"num_configs": 2}, "chunk_configs": [old, old]}
+  now = {"layout": {"num_configs": 2}, "chunk_configs": [IDENTITY, IDENTITY]}
+  assert checkpoint.config_diff(chunk, now) == []
+  resnet = {**now, "chunk_configs": [IDENTITY, {**IDENTITY, "backbone": "resnet18"}]}
+  assert [d.split(" ")[0] for d in checkpoint.config_diff(chunk, resnet)] == ["chunk_configs"]
+
+
 def test_resnet18_batchnorm_run_resumes_bit_identically(resnet18_run):
   """ResNet-18 with BatchNorm: killed mid-epoch of task 2 (its running statistics half-way
   through the task) and resumed from that checkpoint, the rest of the run is the same to the
