@@ -3,9 +3,12 @@
 Two things are persisted here:
 
 * :class:`RunCheckpointer`, the ``on_checkpoint`` hook of :func:`ewc_jax.continual.run`: it saves
-  the :class:`~ewc_jax.continual.RunState` (position task/epoch/step, parameters and optimizer
-  state, the algorithm's memory = anchors, the accuracy matrix so far, the curves, the current
-  epoch's partial sums) with the run's configuration, after every task and every ``every`` train
+  the :class:`~ewc_jax.continual.RunState` (position task/epoch/step, parameters, optimizer
+  state and model state (BatchNorm's running averages: an item ``model_state`` beside
+  ``train_state``, written only when the backbone has one, so checkpoints of stateless backbones
+  keep the layout of those written before model state existed), the algorithm's memory = anchors,
+  the accuracy matrix so far, the curves, the current epoch's partial sums) with the run's
+  configuration, after every task and every ``every`` train
   steps, keeping the newest ``keep``; :meth:`RunCheckpointer.restore` gives it back for
   ``run(..., resume=...)``. Array leaves go through orbax's ``StandardSave``; the host-side
   numbers (float64 accuracy matrix, curves, partial sums) through ``JsonSave``, whose shortest
@@ -28,6 +31,7 @@ when training starts, so the first save does not wait for the import).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -76,17 +80,35 @@ def _jsonable(obj: Any) -> Any:
   return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))
 
 
-# Identity keys added after checkpoints were written, with the value those checkpoints ran with
-# (classes_per_task: every split checkpoint before it was Split MNIST, 2 classes per task).
-_ADDED = {"optimizer": "adam", "classes_per_task": 2}
+# Config fields added after checkpoints were written, with the value those checkpoints ran with.
+_ADDED = {"optimizer": "adam", "backbone": "mlp", "width": None}
+# Run-identity keys (beside the config's fields) added since: the value those checkpoints ran
+# with (classes_per_task: every split checkpoint before it was Split MNIST, 2 classes per task).
+_ADDED_KEYS = {"classes_per_task": 2}
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(continual.Config))
+
+
+def _fill_added(obj: Any) -> Any:
+  """``obj`` with the ``_ADDED`` fields put into every ``Config`` dict nested in it (a sweep's
+  per-chunk configs, a command line's base config) that was written before they existed."""
+  if isinstance(obj, list):
+    return [_fill_added(v) for v in obj]
+  if not isinstance(obj, dict):
+    return obj
+  obj = {k: _fill_added(v) for k, v in obj.items()}
+  if _CONFIG_FIELDS - set(_ADDED) <= set(obj):
+    obj = {**_ADDED, **obj}
+  return obj
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-  """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised)."""
-  saved, current = _jsonable(saved), _jsonable(current)
+  """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised;
+  fields added to ``Config`` since the checkpoint count with the value it ran with)."""
+  saved, current = _fill_added(_jsonable(saved)), _jsonable(current)
   out = []
   for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key, _ADDED.get(key, "<absent>")), current.get(key, "<absent>")
+    a = saved.get(key, _ADDED.get(key, _ADDED_KEYS.get(key, "<absent>")))
+    b = current.get(key, "<absent>")
     if a != b:
       out.append(f"{key} (checkpoint: {a!r}, now: {b!r})")
   return out
@@ -113,8 +135,8 @@ def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
   example = jax.ShapeDtypeStruct((1,) + tuple(train.inputs.shape[2:]), train.inputs.dtype)
 
   def init(key, lr, x):
-    params = heads_lib.init_params(net, key, preprocess(x))
-    return {"train_state": train_lib.init_train_state(tx, params, lr),
+    params, model_state = heads_lib.init_variables(net, key, preprocess(x))
+    return {"train_state": train_lib.init_train_state(tx, params, lr, model_state),
             "memory": algo.init(heads_lib.consolidated(net, params, cfg.consolidated),
                                 num_tasks)}
 
@@ -144,6 +166,22 @@ def _all_finite(tree: PyTree) -> jax.Array:
   flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def _on_disk(train_state: train_lib.TrainState, memory: PyTree) -> dict:
+  """The saved layout: ``train_state`` as ``{params, opt_state}`` (as before model state existed)
+  and ``model_state`` as an item of its own, present only when it holds arrays."""
+  out = {"train_state": {"params": train_state.params, "opt_state": train_state.opt_state},
+         "memory": memory}
+  if jax.tree.leaves(train_state.model_state):
+    out["model_state"] = train_state.model_state
+  return out
+
+
+def _from_disk(state: dict, model_state_like: PyTree) -> train_lib.TrainState:
+  ts = state["train_state"]
+  return train_lib.TrainState(ts["params"], ts["opt_state"],
+                              state.get("model_state", model_state_like))
 
 
 @jax.jit
@@ -311,11 +349,12 @@ class RunCheckpointer:
     ocp = orbax_io.ocp()
     try:
       out = self._mgr().restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(_on_disk(like["train_state"], like["memory"])),
+          meta=ocp.args.JsonRestore()))
       meta, state = out.meta, out.state
       rs = continual.RunState(
           task=int(meta["task"]), epoch=int(meta["epoch"]), step=int(meta["step"]),
-          train_state=state["train_state"], memory=state["memory"],
+          train_state=_from_disk(state, like["train_state"].model_state), memory=state["memory"],
           acc=np.asarray(meta["acc"], np.float64), curves=meta["curves"],
           epoch_sums={k: np.asarray(v, np.float64) for k, v in meta["epoch_sums"].items()},
           val_acc=(None if meta.get("val_acc") is None else
@@ -333,7 +372,7 @@ class RunCheckpointer:
     and returns its step."""
     t0 = time.perf_counter()
     arrays, params_ok, all_ok = _snapshot(rs.train_state.params,
-                                          {"train_state": rs.train_state, "memory": rs.memory})
+                                          _on_disk(rs.train_state, rs.memory))
     if not bool(all_ok):
       what = "parameters" if not bool(params_ok) else "importance/memory"
       task = rs.task - 1 if reason == "task" else rs.task

@@ -4,6 +4,17 @@
 (epoch order, a chunk of train steps, evaluation of every task, consolidation = Fisher + memory
 update), so the compile time is measured on its own and no task triggers a recompile: task data
 are padded to one shape and the task index is an array.
+
+Any backbone (``Config.backbone``, or your own Flax linen module: :mod:`ewc_jax.backbones`) runs
+through the same programs. Its model state (BatchNorm's ``batch_stats``) is part of the train
+state: updated by every train step (train mode, batch statistics), read by evaluation and the
+Fisher (evaluation mode, running averages), saved in checkpoints, vmapped and sharded in sweeps
+like the parameters. It is one copy shared by every task: the running averages keep following
+the newest task's data, for the old tasks too, and EWC (which consolidates parameters only) does
+not hold them. Dropout keys: step s of epoch e of task t draws from
+``fold_in(fold_in(fold_in(k_dropout, t), e), s)`` with ``k_dropout = fold_in(k_order,
+DROPOUT_STREAM)`` (``k_order`` is otherwise only folded with task indices), so a resumed run
+draws the same masks.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import algorithms
+from ewc_jax import backbones
 from ewc_jax import errors
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
@@ -31,6 +43,8 @@ PyTree = Any
 
 ALGOS = algorithms.NAMES
 PENALTIES = algorithms.PENALTIES
+BACKBONES = backbones.NAMES
+DROPOUT_STREAM = 0x64726F70  # fold_in(k_order, ·) of the dropout keys ("drop"; never a task index)
 
 
 def _setting(default: Any, help_text: str) -> Any:
@@ -85,7 +99,14 @@ class Config:
   lr: float = _setting(1e-3, "Learning rate of the optimizer (> 0).")
   seed: int = _setting(
       0, "PRNG seed: initialisation, shuffling, permutations, sampled labels.")
-  hidden: tuple[int, ...] = _setting((400, 400), "Backbone MLP layer widths.")
+  hidden: tuple[int, ...] = _setting((400, 400), "Layer widths of the mlp backbone.")
+  backbone: str = _setting(
+      "mlp", f"The shared network (ewc_jax.backbones): {'|'.join(backbones.NAMES)} (mlp: hidden "
+      "widths; cnn: flax/examples/mnist's CNN; resnet18: the reduced ResNet-18 of GEM / Mammoth "
+      "/ Avalanche, width 20, BatchNorm; resnet18_full: width 64).")
+  width: int | None = _setting(
+      None, "ResNet width (channels of stage 1); default: the backbone's own (20, or 64 for "
+      "resnet18_full).")
   validation_fraction: float = _setting(
       0.0, "Hold out this fraction of each task's training data as a validation split, scored "
       "like the test set (val_acc_matrix), in [0, 1); 0: none. The held-out rows depend on "
@@ -161,6 +182,28 @@ class Config:
       bad("validation_fraction", self.validation_fraction, "a number in [0, 1) (0: none)")
     if not self.hidden or any(h < 1 for h in self.hidden):
       bad("hidden", self.hidden, "positive layer widths")
+    if self.backbone not in BACKBONES:
+      bad("backbone", self.backbone, "one of " + ", ".join(BACKBONES))
+    if self.width is not None:
+      with_width = [n for n in BACKBONES if "width" in backbones.options(n)]
+      if self.backbone not in with_width:
+        backbone = self.backbone
+        raise errors.SettingError(lambda n: (
+            f"{n('width')}={self.width!r} is invalid with {n('backbone')}={backbone!r}: expected "
+            f"no width (None) unless the backbone is one of {', '.join(with_width)}."))
+      if (isinstance(self.width, bool) or not isinstance(self.width, (int, np.integer))
+          or self.width < 1):
+        bad("width", self.width, "an integer >= 1 (or None: the backbone's default)")
+
+
+def make_network(cfg: Config, class_groups: Sequence[Sequence[int]], **options) -> heads.Network:
+  """The network ``cfg`` describes (scenario, backbone, hidden/width) for tasks made of
+  ``class_groups``; ``options`` go to the backbone (e.g. ``input_shape=(28, 28, 1)`` for
+  images stored flat). See :func:`ewc_jax.heads.make_network`."""
+  if cfg.width is not None:
+    options = {"width": int(cfg.width), **options}
+  return heads.make_network(cfg.scenario, class_groups, cfg.hidden, backbone=cfg.backbone,
+                            **options)
 
 
 class NumericalError(ArithmeticError):
@@ -219,6 +262,7 @@ class Result(NamedTuple):
   params: PyTree
   memory: PyTree
   val_acc_matrix: np.ndarray | None = None  # [T, T] on the validation split (None: no split)
+  model_state: PyTree = None      # the backbone's final model state (e.g. batch_stats; {}: none)
 
 
 def make_algorithm(cfg: Config, dynamic_p: bool = False) -> algorithms.Algorithm:
@@ -233,12 +277,12 @@ def hyper_of(cfg: Config) -> algorithms.Hyper:
 
 class Programs(NamedTuple):
   """The pure functions of one run, ready to ``jit`` (or ``vmap`` then ``jit`` for sweeps)."""
-  init: Callable        # (key) -> params
+  init: Callable        # (key) -> (params, model_state)
   order: Callable       # (key, count) -> [steps_max * B] int32
-  chunk: Callable       # (state, data, order, start_step, task, memory, hyper, stop_step)
-  #                       -> (state, metrics)
-  evaluate: Callable    # (params, test, trained_task) -> [T]
-  consolidate: Callable  # (memory, params, data, task, key, hyper) -> memory
+  chunk: Callable       # (state, data, order, start_step, task, memory, hyper, stop_step,
+  #                        dropout_key) -> (state, metrics)
+  evaluate: Callable    # (params, model_state, test, trained_task) -> [T]
+  consolidate: Callable  # (memory, params, model_state, data, task, key, hyper) -> memory
   steps_per_epoch: int  # for the largest task
 
 
@@ -251,26 +295,29 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
 
   mode = cfg.consolidated
 
-  def consolidate(memory, params, data, task_index, key, hyper):
+  def consolidate(memory, params, model_state, data, task_index, key, hyper):
     theta = heads.consolidated(net, params, mode)
     if algo.importance == "unit":
       importance = jax.tree.map(jnp.ones_like, theta)
     else:
       x = preprocess(data.inputs[task_index])
       mask = jnp.arange(x.shape[0]) < data.counts[task_index]
-      logits_fn = heads.consolidated_logits_fn(net, params, task_index)
+      logits_fn = heads.consolidated_logits_fn(net, params, task_index, model_state)
       importance = fisher_lib.fisher_diagonal(
           logits_fn, theta, x, data.labels[task_index], kind=cfg.fisher,
           batch_size=cfg.fisher_batch_size, key=key, mask=mask,
           normalize_by_num_params=cfg.fisher_normalize)
     return algo.consolidate(memory, theta, importance, task_index, hyper)
 
+  def evaluate(params, model_state, data, trained_task):
+    return train_lib.evaluate(net, preprocess, params, data, trained_task, model_state)
+
   return Programs(
-      init=lambda key: heads.init_params(net, key, example),
+      init=lambda key: heads.init_variables(net, key, example),
       order=lambda key, count: train_lib.epoch_order(key, count, n_max, steps * cfg.batch_size),
       chunk=functools.partial(train_lib.train_chunk, net, algo, tx, preprocess, cfg.batch_size,
                               cfg.chunk_steps, consolidate=mode),
-      evaluate=functools.partial(train_lib.evaluate, net, preprocess),
+      evaluate=evaluate,
       consolidate=consolidate,
       steps_per_epoch=steps)
 
@@ -299,9 +346,9 @@ class RunState(NamedTuple):
 
 
 class Compiled(NamedTuple):
-  init: Callable
-  init_memory: Callable  # (consolidated params) -> the algorithm's empty memory
-  new_state: Callable    # (params, lr) -> TrainState with a fresh optimizer
+  init: Callable | None  # None when compiled for a resumed run (nothing to initialise)
+  init_memory: Callable | None  # (consolidated params) -> the algorithm's empty memory
+  new_state: Callable    # (params, model_state, lr) -> TrainState with a fresh optimizer
   order: Callable
   chunk: Callable
   evaluate: Callable
@@ -332,12 +379,15 @@ def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> C
 def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
                      train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array,
                      hyper: algorithms.Hyper, preprocess: Callable, batched: bool,
-                     sharding=None, validation: train_lib.TaskData | None = None) -> Compiled:
+                     sharding=None, validation: train_lib.TaskData | None = None,
+                     init: bool = True) -> Compiled:
   """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
 
   Every piece is lowered from abstract shapes (nothing runs), then the XLA compilations (or
   persistent-cache loads) run on a thread pool: they release the GIL, and the init program
-  (one random op per parameter) compiles about as long as the train chunk.
+  (one random op per parameter) compiles about as long as the train chunk. ``init=False``
+  (a resumed run) lowers the init programs (parameters, empty memory) for their shapes but
+  does not compile them.
 
   The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
   ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
@@ -349,26 +399,30 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   zero = _i32(0)
   lowered = {"init": jit(progs.init, 0).lower(key),
              "order": jit(progs.order, (0, None)).lower(key, zero)}
-  params, order0 = lowered["init"].out_info, lowered["order"].out_info
+  (params, model_state), order0 = lowered["init"].out_info, lowered["order"].out_info
   theta = heads.consolidated(net, params, cfg.consolidated)
   lowered["init_memory"] = jit(lambda b: algo.init(b, num_tasks), 0).lower(theta)
-  lowered["new_state"] = jit(lambda p, lr: train_lib.init_train_state(tx, p, lr),
-                             (0, 0)).lower(params, hyper.lr)
+  lowered["new_state"] = jit(lambda p, ms, lr: train_lib.init_train_state(tx, p, lr, ms),
+                             (0, 0, 0)).lower(params, model_state, hyper.lr)
   memory, state = lowered["init_memory"].out_info, lowered["new_state"].out_info
-  lowered["chunk"] = jit(progs.chunk, (0, None, 0, None, None, 0, 0, None), out=(0, None),
+  lowered["chunk"] = jit(progs.chunk, (0, None, 0, None, None, 0, 0, None, 0), out=(0, None),
                          donate_argnums=0).lower(state, train, order0, zero, zero, memory, hyper,
-                                                 zero)
-  lowered["evaluate"] = jit(progs.evaluate, (0, None, None), out=None).lower(params, test, zero)
+                                                 zero, key)
+  lowered["evaluate"] = jit(progs.evaluate, (0, 0, None, None), out=None).lower(
+      params, model_state, test, zero)
   if validation is not None:
-    lowered["evaluate_validation"] = jit(progs.evaluate, (0, None, None), out=None).lower(
-        params, validation, zero)
+    lowered["evaluate_validation"] = jit(progs.evaluate, (0, 0, None, None), out=None).lower(
+        params, model_state, validation, zero)
   if algo.importance is not None and num_tasks > 1:
-    lowered["consolidate"] = jit(progs.consolidate, (0, 0, None, None, 0, 0), donate_argnums=0
-                                 ).lower(memory, params, train, zero, key, hyper)
+    lowered["consolidate"] = jit(progs.consolidate, (0, 0, 0, None, None, 0, 0),
+                                 donate_argnums=0).lower(memory, params, model_state, train, zero,
+                                                         key, hyper)
+  if not init:
+    del lowered["init"], lowered["init_memory"]
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ewc_jax-compile") as ex:
     compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
-  return Compiled(compiled["init"], compiled["init_memory"], compiled["new_state"],
+  return Compiled(compiled.get("init"), compiled.get("init_memory"), compiled["new_state"],
                   compiled["order"], compiled["chunk"], compiled["evaluate"],
                   compiled.get("consolidate"), progs.steps_per_epoch,
                   compiled.get("evaluate_validation"))
@@ -386,7 +440,13 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   Args:
     cfg: the configuration (its ``lam``, ``p``, ``gamma``, ``lr`` and ``seed`` are overridden
       by ``hyper``/``seeds`` in a sweep).
-    net, train, test: the network and padded task data (test: one set per task).
+    net, train, test: the network and padded task data (test: one set per task). ``net`` is
+      :func:`make_network` of ``cfg`` or any :class:`ewc_jax.heads.Network`, e.g.
+      ``heads.make_network(cfg.scenario, groups, backbone=MyModule())`` with your own Flax linen
+      backbone (protocol: :mod:`ewc_jax.backbones`; its ``batch_stats`` and other non-``params``
+      collections are trained, saved and swept as described in the module docstring).
+      ``preprocess`` maps a batch of ``train.inputs`` rows to the backbone's inputs (default:
+      pixels / 255, shape kept: images for the convolutional backbones).
     progress: ``progress(task_index, total_steps, done_steps)`` may return a tqdm-like bar
       (``update(n)``, ``set_postfix(dict)``, ``close()``).
     hyper, seeds: a sweep: ``hyper`` fields with a leading axis of K configs and ``seeds`` of
@@ -440,31 +500,34 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
   fold = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if batched else jax.random.fold_in)
   if sharding is not None:  # keep every config-axis array on the mesh, as compiled
     fold = sweep_jit(jax.random.fold_in, (0, None), True, sharding)
+  k_dropout = fold(k_order, DROPOUT_STREAM)
 
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
-                       sharding, validation)
+                       sharding, validation, init=resume is None)
   timings["compile"] = time.perf_counter() - t0
 
   lead = (len(seeds),) if batched else ()
   if resume is None:
-    params = c.init(k_init)
-    rs = RunState(task=0, epoch=0, step=0, train_state=c.new_state(params, hyper.lr),
+    params, model_state = c.init(k_init)
+    rs = RunState(task=0, epoch=0, step=0,
+                  train_state=c.new_state(params, model_state, hyper.lr),
                   memory=c.init_memory(heads.consolidated(net, params, cfg.consolidated)),
                   acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[], epoch_sums={},
                   val_acc=(None if validation is None else
                            np.zeros(lead + (num_tasks, num_tasks))))
   else:
     rs = resume
-  loop = _Loop(cfg, c, train, test, validation, hyper, k_order, k_fisher, fold, lead,
-               progress, on_checkpoint, timings)
+  loop = _Loop(cfg, c, train, test, validation, hyper, k_order, k_fisher, k_dropout, fold,
+               lead, progress, on_checkpoint, timings)
   while rs.task < num_tasks:
     rs = _train_task(loop, rs)
     rs = _evaluate_and_consolidate(loop, rs)
     if on_checkpoint is not None:
       on_checkpoint(rs, "task")
   return Result(acc_matrix=rs.acc, curves=rs.curves, timings=timings,
-                params=rs.train_state.params, memory=rs.memory, val_acc_matrix=rs.val_acc)
+                params=rs.train_state.params, memory=rs.memory, val_acc_matrix=rs.val_acc,
+                model_state=rs.train_state.model_state)
 
 
 class _Loop(NamedTuple):
@@ -477,6 +540,7 @@ class _Loop(NamedTuple):
   hyper: algorithms.Hyper
   k_order: jax.Array
   k_fisher: jax.Array
+  k_dropout: jax.Array
   fold: Callable
   lead: tuple
   progress: Callable | None
@@ -494,7 +558,7 @@ def _train_task(loop: _Loop, rs: RunState) -> RunState:
   state = rs.train_state
   if rs.epoch == 0 and rs.step == 0:
     if cfg.reset_optimizer or t == 0:  # the optimizer restarts at every task, or at the first
-      state = c.new_state(state.params, loop.hyper.lr)
+      state = c.new_state(state.params, state.model_state, loop.hyper.lr)
     rs = rs._replace(curves=rs.curves[:t] + [{k: [] for k in train_lib.METRIC_NAMES}],
                      epoch_sums={})
   done = rs.epoch * steps + rs.step
@@ -506,12 +570,13 @@ def _train_task(loop: _Loop, rs: RunState) -> RunState:
   while epoch < epochs:
     stop = last_steps if epoch == epochs - 1 else steps
     order = c.order(loop.fold(loop.fold(loop.k_order, t), epoch), _i32(count))
+    k_dropout = loop.fold(loop.fold(loop.k_dropout, t), epoch)
     if not sums:
       sums = {k: np.zeros(loop.lead) for k in ("count",) + train_lib.METRIC_NAMES}
     while start < stop:
       prev = start
       state, m = c.chunk(state, loop.train, order, _i32(start), _i32(t), rs.memory, loop.hyper,
-                         _i32(stop))
+                         _i32(stop), k_dropout)
       m = jax.device_get(m)
       try:  # before anything of this chunk is kept (sums, RunState, checkpoint)
         check_finite(m, task=t, num_tasks=num_tasks, epoch=epoch, start=start, steps=stop)
@@ -560,18 +625,19 @@ def _evaluate_and_consolidate(loop: _Loop, rs: RunState) -> RunState:
   num_tasks = int(loop.train.inputs.shape[0])
   t0 = time.perf_counter()
   acc = rs.acc.copy()
-  acc[..., t, :] = np.asarray(c.evaluate(state.params, loop.test, _i32(t)))
+  acc[..., t, :] = np.asarray(c.evaluate(state.params, state.model_state, loop.test, _i32(t)))
   val_acc = rs.val_acc
   if loop.validation is not None:
     val_acc = val_acc.copy()
-    val_acc[..., t, :] = np.asarray(c.evaluate_validation(state.params, loop.validation,
-                                                          _i32(t)))
+    val_acc[..., t, :] = np.asarray(c.evaluate_validation(
+        state.params, state.model_state, loop.validation, _i32(t)))
   loop.timings["eval"] += time.perf_counter() - t0
   memory = rs.memory
   if c.consolidate is not None and t < num_tasks - 1:
     t0 = time.perf_counter()
     memory = jax.block_until_ready(c.consolidate(
-        memory, state.params, loop.train, _i32(t), loop.fold(loop.k_fisher, t), loop.hyper))
+        memory, state.params, state.model_state, loop.train, _i32(t),
+        loop.fold(loop.k_fisher, t), loop.hyper))
     loop.timings["fisher"] += time.perf_counter() - t0
   return RunState(task=t + 1, epoch=0, step=0, train_state=state, memory=memory, acc=acc,
                   curves=rs.curves, epoch_sums={}, val_acc=val_acc)

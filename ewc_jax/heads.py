@@ -16,10 +16,20 @@ Three scenarios (van de Ven & Tolias 2019):
 Heads are picked by an *array* of head ids (a scalar, or one per example, e.g. for joint
 training on several tasks at once): every head's logits are computed (heads are tiny next to the
 backbone) and selected per example, so one compiled program serves every task, also under vmap.
+
+The backbone is any Flax linen module (:mod:`ewc_jax.backbones`: by name, ``"mlp"``, ``"cnn"``,
+``"resnet18"``, ..., or your own instance). Its variable collections other than ``params`` (e.g.
+BatchNorm's ``batch_stats``) are the *model state*, a pytree ``{collection: ...}`` beside the
+parameters (``{}`` for a stateless backbone): :func:`init_variables` creates both,
+:func:`train_logits` (train mode: batch statistics, dropout) returns the updated model state, and
+:func:`logits` / :func:`features` run in evaluation mode on the given model state. Heads are
+stateless. EWC consolidates parameters only (:func:`consolidated`): the model state is not part
+of θ and is not protected by the penalty.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -27,22 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ewc_jax import backbones
+from ewc_jax.backbones.mlp import MLP  # noqa: F401 (heads.MLP, as before)
+
 PyTree = Any
 SCENARIOS = ("task", "domain", "class")
 CONSOLIDATE = ("shared", "backbone", "all")
 _MASKED = -1e9
-
-
-class MLP(nn.Module):
-  """Fully connected ReLU backbone (784-400-400 in van de Ven & Tolias 2019)."""
-  hidden: Sequence[int] = (400, 400)
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.reshape((x.shape[0], -1))
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return x
 
 
 class Network(NamedTuple):
@@ -79,25 +80,50 @@ def _check(num_tasks: int, classes: int, what: str) -> None:
     raise ValueError(f"`{what}` should be >= 1, but got {what}={classes}.")
 
 
+def make_backbone(backbone: str | nn.Module = "mlp", hidden: Sequence[int] = (400, 400),
+                  **options) -> nn.Module:
+  """The backbone module: ``backbone`` a name of :data:`ewc_jax.backbones.NAMES` (built with
+  ``options``; ``hidden`` is the ``mlp``'s widths and ignored by the others) or a Flax linen
+  module instance, used as is (see :mod:`ewc_jax.backbones` for the protocol)."""
+  if isinstance(backbone, nn.Module):
+    if options:
+      raise ValueError(f"backbone options {sorted(options)} need a backbone name, but got the "
+                       f"module {type(backbone).__name__} (configure the module itself).")
+    return backbone
+  if not isinstance(backbone, str):
+    raise ValueError(f"`backbone` must be one of {', '.join(backbones.NAMES)} or a Flax linen "
+                     f"module, but got backbone={backbone!r}.")
+  if backbone == "mlp":
+    options = {"hidden": tuple(hidden), **options}
+  return backbones.make(backbone, **options)
+
+
 def task_incremental(num_tasks: int, classes_per_task: int,
-                     hidden: Sequence[int] = (400, 400)) -> Network:
-  """MLP backbone and one ``nn.Dense(classes_per_task)`` head per task."""
+                     hidden: Sequence[int] = (400, 400), *,
+                     backbone: str | nn.Module = "mlp", **options) -> Network:
+  """A backbone (:func:`make_backbone`; default the MLP) and one ``nn.Dense(classes_per_task)``
+  head per task."""
   _check(num_tasks, classes_per_task, "classes_per_task")
   heads = {task_name(t): nn.Dense(classes_per_task, name=task_name(t)) for t in range(num_tasks)}
-  return Network(MLP(hidden=tuple(hidden)), heads, "task", tuple(range(num_tasks)))
+  return Network(make_backbone(backbone, hidden, **options), heads, "task",
+                 tuple(range(num_tasks)))
 
 
 def domain_incremental(num_tasks: int, classes_per_task: int,
-                       hidden: Sequence[int] = (400, 400)) -> Network:
-  """MLP backbone and one shared ``nn.Dense(classes_per_task)`` head."""
+                       hidden: Sequence[int] = (400, 400), *,
+                       backbone: str | nn.Module = "mlp", **options) -> Network:
+  """A backbone (:func:`make_backbone`) and one shared ``nn.Dense(classes_per_task)`` head."""
   _check(num_tasks, classes_per_task, "classes_per_task")
-  return Network(MLP(hidden=tuple(hidden)), {"shared": nn.Dense(classes_per_task, name="shared")},
-                 "domain", (0,) * num_tasks)
+  return Network(make_backbone(backbone, hidden, **options),
+                 {"shared": nn.Dense(classes_per_task, name="shared")}, "domain",
+                 (0,) * num_tasks)
 
 
 def class_incremental(class_groups: Sequence[Sequence[int]],
-                      hidden: Sequence[int] = (400, 400)) -> Network:
-  """MLP backbone and one head over all classes; classes become active task by task."""
+                      hidden: Sequence[int] = (400, 400), *,
+                      backbone: str | nn.Module = "mlp", **options) -> Network:
+  """A backbone (:func:`make_backbone`) and one head over all classes; classes become active
+  task by task."""
   groups = [list(g) for g in class_groups]
   num_classes = 1 + max(c for g in groups for c in g)
   _check(len(groups), num_classes, "num_classes")
@@ -105,39 +131,76 @@ def class_incremental(class_groups: Sequence[Sequence[int]],
   for g in groups:
     seen[g] = True
     active.append(tuple(bool(v) for v in seen))
-  return Network(MLP(hidden=tuple(hidden)), {"shared": nn.Dense(num_classes, name="shared")},
-                 "class", (0,) * len(groups), tuple(active))
+  return Network(make_backbone(backbone, hidden, **options),
+                 {"shared": nn.Dense(num_classes, name="shared")}, "class", (0,) * len(groups),
+                 tuple(active))
 
 
 def make_network(scenario: str, class_groups: Sequence[Sequence[int]],
-                 hidden: Sequence[int] = (400, 400)) -> Network:
-  """The network of ``scenario`` for tasks made of ``class_groups`` (equal-sized for task/domain)."""
+                 hidden: Sequence[int] = (400, 400), *, backbone: str | nn.Module = "mlp",
+                 **options) -> Network:
+  """The network of ``scenario`` for tasks made of ``class_groups`` (equal-sized for task/domain).
+
+  ``backbone``: a name of :data:`ewc_jax.backbones.NAMES` with its ``options`` (e.g.
+  ``backbone="resnet18", width=20, input_shape=(32, 32, 3)``; ``hidden`` is the MLP's), or your
+  own Flax linen module (see :mod:`ewc_jax.backbones`)."""
   if scenario not in SCENARIOS:
     raise ValueError(f"`scenario` must be one of {', '.join(SCENARIOS)}, but got "
                      f"scenario={scenario!r}.")
   if scenario == "class":
-    return class_incremental(class_groups, hidden)
+    return class_incremental(class_groups, hidden, backbone=backbone, **options)
   sizes = {len(g) for g in class_groups}
   if len(sizes) != 1:
     raise ValueError(f"`class_groups` must all have the same size for scenario={scenario!r}, "
                      f"got sizes {sorted(sizes)}.")
   build = task_incremental if scenario == "task" else domain_incremental
-  return build(len(class_groups), sizes.pop(), hidden)
+  return build(len(class_groups), sizes.pop(), hidden, backbone=backbone, **options)
+
+
+def _mode(module: nn.Module, train: bool) -> dict:
+  """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``."""
+  return {"train": train} if "train" in inspect.signature(module.__call__).parameters else {}
+
+
+def init_variables(net: Network, key: jax.Array, example: jax.Array) -> tuple[PyTree, PyTree]:
+  """``(params, model_state)`` from one PRNG key: ``params = {"backbone": ..., "heads": {name:
+  ...}}`` and ``model_state`` the backbone's other collections (e.g. ``{"batch_stats": ...}``;
+  ``{}`` for a stateless backbone). The backbone is initialised in evaluation mode."""
+  kb, kh = jax.random.split(key)
+  variables = dict(net.backbone.init(kb, example, **_mode(net.backbone, False)))
+  backbone = variables.pop("params", {})
+  feats = features(net, backbone, example, variables)
+  head_keys = jax.random.split(kh, len(net.heads))
+  heads = {name: module.init(k, feats)["params"]
+           for (name, module), k in zip(net.heads.items(), head_keys)}
+  return {"backbone": backbone, "heads": heads}, variables
 
 
 def init_params(net: Network, key: jax.Array, example: jax.Array) -> PyTree:
-  """Initialises ``{"backbone": ..., "heads": {name: ...}}`` from one PRNG key."""
-  kb, kh = jax.random.split(key)
-  backbone = net.backbone.init(kb, example)["params"]
-  features = net.backbone.apply({"params": backbone}, example)
-  head_keys = jax.random.split(kh, len(net.heads))
-  heads = {name: module.init(k, features)["params"]
-           for (name, module), k in zip(net.heads.items(), head_keys)}
-  return {"backbone": backbone, "heads": heads}
+  """Initialises ``{"backbone": ..., "heads": {name: ...}}`` from one PRNG key (the parameters
+  of :func:`init_variables`)."""
+  return init_variables(net, key, example)[0]
 
 
-def features(net: Network, backbone_params: PyTree, x: jax.Array) -> jax.Array:
-  return net.backbone.apply({"params": backbone_params}, x)
+def features(net: Network, backbone_params: PyTree, x: jax.Array,
+             model_state: PyTree = None) -> jax.Array:
+  """``[B, F]`` backbone features in evaluation mode (BatchNorm on the running statistics of
+  ``model_state``, dropout off)."""
+  return net.backbone.apply({"params": backbone_params, **(model_state or {})}, x,
+                            **_mode(net.backbone, False))
+
+
+def train_features(net: Network, backbone_params: PyTree, model_state: PyTree, x: jax.Array,
+                   rng: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+  """``(features, model_state)`` in train mode: BatchNorm on the batch statistics (the running
+  ones updated in the returned model state), dropout drawing from ``rng`` (the ``"dropout"``
+  stream; ``None``: no PRNG given, for backbones without dropout)."""
+  variables = {"params": backbone_params, **(model_state or {})}
+  kwargs = dict(_mode(net.backbone, True), rngs=None if rng is None else {"dropout": rng})
+  if not model_state:
+    return net.backbone.apply(variables, x, **kwargs), model_state
+  feats, updates = net.backbone.apply(variables, x, mutable=list(model_state), **kwargs)
+  return feats, {**model_state, **updates}
 
 
 def head_logits(net: Network, head_params: dict[str, PyTree], feats: jax.Array,
@@ -193,10 +256,18 @@ def _all_heads(net: Network, head_params: dict[str, PyTree], feats: jax.Array) -
 
 
 def logits(net: Network, params: PyTree, x: jax.Array, task_ids: Any,
-           seen_through: Any = None) -> jax.Array:
-  """``[B, C]`` logits of the whole network (see :func:`head_logits`)."""
-  return head_logits(net, params["heads"], features(net, params["backbone"], x), task_ids,
-                     seen_through)
+           seen_through: Any = None, model_state: PyTree = None) -> jax.Array:
+  """``[B, C]`` logits of the whole network in evaluation mode (see :func:`head_logits`)."""
+  return head_logits(net, params["heads"],
+                     features(net, params["backbone"], x, model_state), task_ids, seen_through)
+
+
+def train_logits(net: Network, params: PyTree, model_state: PyTree, x: jax.Array, task_ids: Any,
+                 seen_through: Any = None, rng: jax.Array | None = None
+                 ) -> tuple[jax.Array, PyTree]:
+  """``([B, C] logits, model_state)`` in train mode (see :func:`train_features`)."""
+  feats, model_state = train_features(net, params["backbone"], model_state, x, rng)
+  return head_logits(net, params["heads"], feats, task_ids, seen_through), model_state
 
 
 def consolidated_heads(net: Network, consolidate: str = "shared") -> tuple[str, ...]:
@@ -237,17 +308,22 @@ def with_consolidated(params: PyTree, theta: PyTree) -> PyTree:
           "heads": {**params["heads"], **theta.get("heads", {})}}
 
 
-def consolidated_logits_fn(net: Network, params: PyTree, task_index: Any):
+def consolidated_logits_fn(net: Network, params: PyTree, task_index: Any,
+                           model_state: PyTree = None):
   """``logits_fn(theta, x)`` of one task's head, a function of the consolidated subtree only
   (what :func:`ewc_jax.fisher.fisher_diagonal` weighs); the other parameters are closed over.
-  Class-incremental: classes not seen by the end of ``task_index`` are masked, so their head
-  rows get zero gradient and zero importance."""
-  return lambda theta, x: logits(net, with_consolidated(params, theta), x, task_index)
+  Evaluation mode, on the running statistics of ``model_state`` (so the importance of an example
+  does not depend on the others of its batch). Class-incremental: classes not seen by the end of
+  ``task_index`` are masked, so their head rows get zero gradient and zero importance."""
+  return lambda theta, x: logits(net, with_consolidated(params, theta), x, task_index,
+                                 model_state=model_state)
 
 
-def backbone_logits_fn(net: Network, head_params: dict[str, PyTree], task_index: Any):
+def backbone_logits_fn(net: Network, head_params: dict[str, PyTree], task_index: Any,
+                       model_state: PyTree = None):
   """``logits_fn(backbone_params, x)`` for one task's head, a function of the bare backbone
-  pytree (the heads closed over: they never appear in the importance pytree). The runner uses
-  :func:`consolidated_logits_fn` in every mode; this is for weighing the backbone alone."""
+  pytree (the heads closed over: they never appear in the importance pytree), in evaluation
+  mode. The runner uses :func:`consolidated_logits_fn` in every mode; this is for weighing the
+  backbone alone."""
   return lambda backbone_params, x: head_logits(
-      net, head_params, features(net, backbone_params, x), task_index)
+      net, head_params, features(net, backbone_params, x, model_state), task_index)

@@ -14,6 +14,11 @@ shared. What may differ between the configs: ``lam``, ``p``, ``gamma``, ``lr`` (
 Everything else (algorithm, Fisher kind, epochs, batch size, network) shapes the program and is
 shared. When p is swept the algorithm reads p from ``Hyper`` at run time instead of fixing it at
 trace time (``continual.run(..., dynamic_p=True)``; p = 2 then costs both penalty branches).
+The backbone's model state (BatchNorm's running statistics) has the config axis like the
+parameters. Convolutional backbones: a convolution with one kernel per config is another XLA
+kernel than a single one (a grouped convolution), equal to the last bits only (~1e-7 relative),
+and training can amplify such differences (e.g. a CNN escaping a loss plateau within a few Adam
+steps): a config's result is then close to, not equal to, its single run.
 
 Memory: ``max_parallel`` caps the configs trained together; larger sweeps run as several
 sweeps in sequence (chunks of equal size, so one compiled program serves them all).

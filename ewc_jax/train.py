@@ -8,6 +8,12 @@ building a new closure, never by mutation), without baking them into the program
 
 The loss of a step is ``loss = loss_cls + loss_reg`` and the step reports ``loss``, ``loss_cls``,
 ``loss_reg`` and the batch accuracy ``acc``, like the reference's training step.
+
+Model state (BatchNorm's ``batch_stats``, :mod:`ewc_jax.heads`) lives in
+:class:`TrainState` beside the parameters: the train step runs the backbone in train mode (batch
+statistics; the running averages it returns replace the old ones), :func:`evaluate` in
+evaluation mode on the running averages. Dropout draws from ``fold_in(key, step)`` of the chunk's
+``key``: the same numbers for the same key and step, so a resumed run repeats them exactly.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ METRIC_NAMES = ("loss", "loss_cls", "loss_reg", "acc")
 
 
 class TrainState(NamedTuple):
-  """``params`` (``{"backbone": ..., "heads": {...}}``) and the optimizer's state."""
+  """``params`` (``{"backbone": ..., "heads": {...}}``), the optimizer's state and the model
+  state (the backbone's collections other than ``params``, e.g. ``{"batch_stats": ...}``; ``{}``
+  when it has none), which the train step updates and the optimizer never sees."""
   params: PyTree
   opt_state: PyTree
+  model_state: PyTree = {}
 
 
 class TaskData(NamedTuple):
@@ -51,8 +60,9 @@ class TaskData(NamedTuple):
 
 
 def scale_pixels(x: jax.Array) -> jax.Array:
-  """uint8 images -> float32 in [0, 1], flattened to ``[B, H*W*C]``."""
-  return x.reshape((x.shape[0], -1)).astype(jnp.float32) / 255.0
+  """uint8 pixels -> float32 in [0, 1], in the input's shape (``[B, H, W, C]`` images stay
+  images for the convolutional backbones; the MLP flattens them itself)."""
+  return x.astype(jnp.float32) / 255.0
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -66,13 +76,15 @@ def make_optimizer(name: str = "adam") -> optax.GradientTransformation:
   return optax.inject_hyperparams(getattr(optax, name))(learning_rate=1e-3)
 
 
-def init_train_state(tx: optax.GradientTransformation, params: PyTree, lr: Any) -> TrainState:
+def init_train_state(tx: optax.GradientTransformation, params: PyTree, lr: Any,
+                     model_state: PyTree = None) -> TrainState:
   """A fresh optimizer state with learning rate ``lr`` (at the start, and at each task when
-  the optimizer is reset)."""
+  the optimizer is reset), beside ``params`` and ``model_state`` (kept as they are)."""
   opt_state = tx.init(params)
   # A fresh buffer: the state may be donated to the train step while ``lr`` is still in use.
   opt_state.hyperparams["learning_rate"] = jnp.array(lr, jnp.float32, copy=True)
-  return TrainState(params=params, opt_state=opt_state)
+  return TrainState(params=params, opt_state=opt_state,
+                    model_state={} if model_state is None else model_state)
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
@@ -84,41 +96,48 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Arra
 
 
 def loss_fn(net: heads.Network, algo: algorithms.Algorithm, params: PyTree, x, y, w,
-            task_index, memory, hyper, example_tasks=None, *, consolidate: str = "shared"):
-  """``loss_cls + loss_reg`` and its parts; the penalty sees the consolidated parameters
-  (:func:`ewc_jax.heads.consolidated`: the backbone and every head shared by several tasks).
+            task_index, memory, hyper, example_tasks=None, *, consolidate: str = "shared",
+            model_state: PyTree = None, rng: jax.Array | None = None):
+  """``loss_cls + loss_reg`` and ``(loss_cls, loss_reg, acc, model_state)``; the penalty sees the
+  consolidated parameters (:func:`ewc_jax.heads.consolidated`: the backbone and every head shared
+  by several tasks). The network runs in train mode (:func:`ewc_jax.heads.train_logits`:
+  ``model_state`` is the updated one, ``rng`` the dropout key).
 
   ``example_tasks`` (``[B]``) gives each example's head when a batch mixes tasks; classes
   stay masked as of ``task_index`` (class-incremental).
   """
   ids = task_index if example_tasks is None else example_tasks
-  logits = heads.logits(net, params, x, ids, seen_through=task_index)
+  logits, model_state = heads.train_logits(net, params, model_state or {}, x, ids,
+                                           seen_through=task_index, rng=rng)
   loss_cls, acc = masked_cross_entropy(logits, y, w)
   theta = heads.consolidated(net, params, consolidate)
   loss_reg = algo.penalty(theta, memory, hyper, task_index).astype(jnp.float32)
-  return loss_cls + loss_reg, (loss_cls, loss_reg, acc)
+  return loss_cls + loss_reg, (loss_cls, loss_reg, acc, model_state)
 
 
 def train_step(net: heads.Network, algo: algorithms.Algorithm, tx: optax.GradientTransformation,
                state: TrainState, batch, task_index, memory, hyper, *,
-               consolidate: str = "shared"):
+               consolidate: str = "shared", rng: jax.Array | None = None):
   """One optimizer step on ``batch = (x, y, w)`` or ``(x, y, w, example_tasks)``.
 
   ``memory`` is the algorithm's memory of the consolidated subtree
-  (``algo.init(heads.consolidated(net, params, consolidate), num_tasks)``).
-  Returns ``(state, metrics)``. Pure; jit it with ``net``, ``algo`` and ``tx`` static (see
-  :func:`make_train_step`).
+  (``algo.init(heads.consolidated(net, params, consolidate), num_tasks)``); ``rng`` the dropout
+  key of this step (``None``: none, for networks without dropout). The model state is replaced
+  by the one of the train-mode forward pass (BatchNorm's running averages updated with this
+  batch's statistics). Returns ``(state, metrics)``. Pure; jit it with ``net``, ``algo`` and
+  ``tx`` static (see :func:`make_train_step`).
   """
   x, y, w = batch[:3]
   example_tasks = batch[3] if len(batch) > 3 else None
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, net, algo, consolidate=consolidate),
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, net, algo, consolidate=consolidate,
+                                                 model_state=state.model_state, rng=rng),
                                has_aux=True)
-  (loss, (loss_cls, loss_reg, acc)), grads = grad_fn(state.params, x, y, w, task_index,
-                                                     memory, hyper, example_tasks)
+  (loss, (loss_cls, loss_reg, acc, model_state)), grads = grad_fn(
+      state.params, x, y, w, task_index, memory, hyper, example_tasks)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "loss_cls": loss_cls, "loss_reg": loss_reg, "acc": acc}
-  return TrainState(params, opt_state), metrics
+  return TrainState(params, opt_state, model_state), metrics
 
 
 def make_train_step(net, algo, tx, consolidate: str = "shared") -> Callable:
@@ -145,21 +164,27 @@ def epoch_order(key: jax.Array, count: jax.Array, n_max: int, length: int) -> ja
 
 def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
                 state: TrainState, data: TaskData, order: jax.Array, start_step,
-                task_index, memory, hyper, stop_step=None, *, consolidate: str = "shared"):
+                task_index, memory, hyper, stop_step=None, key: jax.Array | None = None, *,
+                consolidate: str = "shared"):
   """``num_steps`` steps of one epoch (``lax.scan``), from batch ``start_step`` of ``order``.
 
   Batches past the task's data, or from ``stop_step`` on (an epoch cut short when training is
   counted in iterations), are skipped (no optimizer update); the last partial batch is
-  masked. Returns ``(state, metrics)`` with ``metrics[name]`` of shape ``[num_steps]`` and
-  ``metrics["count"]`` the number of examples of each step (0 for a skipped step).
+  masked. Its masked rows are filled with the epoch's first examples (``order`` read cyclically),
+  so a BatchNorm backbone computes that batch's statistics on real examples of the task (the
+  loss still counts each valid row once; for a stateless backbone the numbers do not depend on
+  what the masked rows hold). Step ``s`` draws dropout from ``fold_in(key, s)`` (``key=None``:
+  no dropout key). Returns ``(state, metrics)`` with ``metrics[name]`` of shape ``[num_steps]``
+  and ``metrics["count"]`` the number of examples of each step (0 for a skipped step).
   """
   count = data.counts[task_index]
   inputs, labels = data.inputs[task_index], data.labels[task_index]
 
   def body(state, i):
     step = start_step + i
-    idx = lax.dynamic_slice(order, (step * batch_size,), (batch_size,))
-    valid = (step * batch_size + jnp.arange(batch_size)) < count
+    pos = step * batch_size + jnp.arange(batch_size)
+    valid = pos < count
+    idx = order[jnp.where(valid, pos, pos % jnp.maximum(count, 1))]
     if stop_step is not None:
       valid = valid & (step < stop_step)
     w = valid.astype(jnp.float32)
@@ -168,9 +193,11 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
       batch = batch + (data.task_ids[task_index][idx],)
     n = jnp.sum(w)
 
+    rng = None if key is None else jax.random.fold_in(key, step)
+
     def do(state):
       return train_step(net, algo, tx, state, batch, task_index, memory, hyper,
-                        consolidate=consolidate)
+                        consolidate=consolidate, rng=rng)
 
     def skip(state):
       zero = jnp.zeros((), jnp.float32)
@@ -182,8 +209,10 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
   return lax.scan(body, state, jnp.arange(num_steps))
 
 
-def evaluate(net, preprocess, params: PyTree, data: TaskData, trained_task=None) -> jax.Array:
-  """``[T]`` test accuracy on every task after training ``trained_task``.
+def evaluate(net, preprocess, params: PyTree, data: TaskData, trained_task=None,
+             model_state: PyTree = None) -> jax.Array:
+  """``[T]`` test accuracy on every task after training ``trained_task``, in evaluation mode
+  (BatchNorm on the running averages of ``model_state``, dropout off).
 
   Each task is scored with its own head (task-incremental) or the shared one; class-incremental
   predictions pick among the classes seen by the end of ``trained_task`` (default: all tasks).
@@ -194,7 +223,7 @@ def evaluate(net, preprocess, params: PyTree, data: TaskData, trained_task=None)
 
   def accuracy(t):
     x = preprocess(data.inputs[t])
-    lg = heads.logits(net, params, x, t, seen_through=trained_task)
+    lg = heads.logits(net, params, x, t, seen_through=trained_task, model_state=model_state)
     w = (jnp.arange(x.shape[0]) < data.counts[t]).astype(jnp.float32)
     return masked_cross_entropy(lg, data.labels[t], w)[1]
 

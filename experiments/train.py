@@ -20,7 +20,6 @@ from typing import Any
 from ewc_jax import checkpoint
 from ewc_jax import continual
 from ewc_jax import errors
-from ewc_jax import heads as heads_lib
 from ewc_jax import interrupt
 from experiments import config as config_lib
 from experiments import environment
@@ -113,7 +112,7 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
   from experiments import tasks  # pylint: disable=import-outside-toplevel
   seeds = config.seed_list
   train, test = tasks.to_device(built.train), tasks.to_device(built.test)
-  net = heads_lib.make_network(run.scenario, built.class_groups, run.hidden)
+  net = continual.make_network(run, built.class_groups)
   prefix = f"seed {run.seed} " if len(seeds) > 1 else ""
   ckpt = savers.enter_context(checkpoint.RunCheckpointer(
       workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,

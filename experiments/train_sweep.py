@@ -39,7 +39,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import heads as heads_lib  # pylint: disable=import-outside-toplevel
+  from ewc_jax import continual  # pylint: disable=import-outside-toplevel
   from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
   from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
@@ -58,7 +58,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
     train, test = tasks.to_device(built.train), tasks.to_device(built.test)
     timings["data"] += time.perf_counter() - t0
     train_lib.check_batch_size(first.batch_size, built.train.counts)
-    net = heads_lib.make_network(first.scenario, built.class_groups, first.hidden)
+    net = continual.make_network(first, built.class_groups)
     bar = {"prefix": ""}
 
     def on_chunk(i, n, idx, g=g, members=members):

@@ -28,6 +28,31 @@ def tiny_mnist_dir(tmp_path_factory):
   return str(folder)
 
 
+@pytest.fixture(scope="session")
+def resnet18_run(tmp_path_factory):
+  """A resnet18 (BatchNorm) EWC run on tiny 8x8x3 image tasks, checkpointed after every chunk,
+  its compilations counted; shared by the compile-count, resume and BatchNorm tests (compiling
+  its programs is what costs)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+
+  from ewc_jax import checkpoint, continual  # pylint: disable=import-outside-toplevel
+  from tests import runs  # pylint: disable=import-outside-toplevel
+  cfg = continual.Config(backbone="resnet18", epochs=2, batch_size=16, lam=10.0, lr=1e-2,
+                         chunk_steps=2, fisher_batch_size=16, seed=3)
+  net = continual.make_network(cfg, [[0, 1]] * runs.T)
+  train, test = runs.image_tasks(40, 0), runs.image_tasks(20, 1)
+  folder = tmp_path_factory.mktemp("resnet18") / "ck"
+  identity = {"benchmark": "tiny images", **dataclasses.asdict(cfg)}
+  with checkpoint.RunCheckpointer(folder, identity, keep=1000, every=1,
+                                  chunk_steps=cfg.chunk_steps) as ckpt:
+    result, compiled, late = runs.run_counting_compiles(cfg, net, train, test,
+                                                        on_checkpoint=ckpt)
+  return SimpleNamespace(cfg=cfg, net=net, train=train, test=test, result=result,
+                         compiled=compiled, late_compiles=late, folder=folder,
+                         identity=identity)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
   """Decoded-data and compile caches of the test session live in a temporary folder."""

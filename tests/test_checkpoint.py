@@ -365,3 +365,37 @@ def test_hooks_are_the_processs_again_once_a_checkpointer_closes_and_errors_stay
   assert "File too large" in out["failed_save"] and "\n" not in out["failed_save"]
   assert f"the last complete checkpoint {tmp_path / 'full' / '0'} is kept" in out["failed_save"]
   assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
+
+
+def test_checkpoints_from_before_the_backbone_fields_count_as_the_mlp():
+  """Also inside a sweep's identity (its per-chunk configs), as written before the fields."""
+  old = {k: v for k, v in IDENTITY.items() if k not in ("backbone", "width")}
+  assert checkpoint.config_diff(old, IDENTITY) == []
+  assert checkpoint.config_diff(old, {**IDENTITY, "backbone": "cnn"}) == [
+      "backbone (checkpoint: 'mlp', now: 'cnn')"]
+  chunk = {"layout": {"num_configs": 2}, "chunk_configs": [old, old]}
+  now = {"layout": {"num_configs": 2}, "chunk_configs": [IDENTITY, IDENTITY]}
+  assert checkpoint.config_diff(chunk, now) == []
+  resnet = {**now, "chunk_configs": [IDENTITY, {**IDENTITY, "backbone": "resnet18"}]}
+  assert [d.split(" ")[0] for d in checkpoint.config_diff(chunk, resnet)] == ["chunk_configs"]
+
+
+def test_resnet18_batchnorm_run_resumes_bit_identically(resnet18_run):
+  """ResNet-18 with BatchNorm: killed mid-epoch of task 2 (its running statistics half-way
+  through the task) and resumed from that checkpoint, the rest of the run is the same to the
+  bit (accuracies, curves, parameters, running statistics, anchors)."""
+  r = resnet18_run
+  ckpt = checkpoint.RunCheckpointer(r.folder, r.identity)
+  like = checkpoint.abstract_run_state(r.cfg, r.net, r.train)
+  assert set(like["train_state"].model_state) == {"batch_stats"}
+  mid = next(s for s in range(ckpt.latest_step() + 1)
+             if (m := ckpt.read_meta(s))["task"] == 1 and m["epoch"] == 1 and m["step"] > 0)
+  rs = ckpt.restore(like, step=mid)
+  assert jax.tree.structure(rs.train_state) == jax.tree.structure(like["train_state"])
+  resumed = continual.run(r.cfg, r.net, r.train, r.test, resume=rs)
+  full = r.result
+  np.testing.assert_array_equal(resumed.acc_matrix, full.acc_matrix)
+  assert resumed.curves == full.curves
+  _assert_tree_equal((resumed.params, resumed.model_state, resumed.memory),
+                     (full.params, full.model_state, full.memory))
+  ckpt.close()

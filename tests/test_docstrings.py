@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["ewc_jax.fisher", "ewc_jax.penalty", "ewc_jax.per_example", "ewc_jax.masks",
            "ewc_jax.variables", "ewc_jax.transform", "ewc_jax.holdout", "ewc_jax.task_data",
-           "ewc_jax.errors"]
+           "ewc_jax.errors", "ewc_jax.backbones"]
 
 
 @pytest.mark.parametrize("name", MODULES)

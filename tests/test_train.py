@@ -1,5 +1,6 @@
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +169,29 @@ def test_unknown_optimizer_is_refused():
   with pytest.raises(ValueError, match=r"`optimizer`='rmsprop' is invalid: expected one of "
                                        "adam, sgd"):
     train.make_optimizer("rmsprop")
+
+
+class _Standardise(nn.Module):
+  """BatchNorm alone; momentum 0: the running mean is the last batch's mean."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.0)(x)
+
+
+def test_last_partial_batch_normalises_with_real_examples_only():
+  """6 valid rows (all ones) of 10 (the padding rows are zeros), batches of 4: the partial second
+  batch is filled with the epoch's first examples, so its BatchNorm mean is exactly 1."""
+  net = heads.task_incremental(1, 2, backbone=_Standardise())
+  x = jnp.concatenate([jnp.ones((6, 3)), jnp.zeros((4, 3))])[None]
+  data = train.TaskData(x, jnp.zeros((1, 10), jnp.int32), jnp.array([6], jnp.int32))
+  params, model_state = heads.init_variables(net, jax.random.key(0), x[0, :1])
+  tx = train.make_optimizer("sgd")
+  state = train.init_train_state(tx, params, 0.0, model_state)
+  order = train.epoch_order(jax.random.key(1), data.counts[0], 10, 12)
+  chunk = jax.jit(functools.partial(train.train_chunk, net, algorithms.finetune(), tx,
+                                    lambda b: b, 4, 2))
+  state, m = chunk(state, data, order, jnp.int32(0), jnp.int32(0), (), algorithms.Hyper())
+  np.testing.assert_array_equal(m["count"], [4, 2])
+  np.testing.assert_array_equal(state.model_state["batch_stats"]["BatchNorm_0"]["mean"],
+                                np.ones(3))
