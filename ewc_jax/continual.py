@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import algorithms
+from ewc_jax import augment as augment_lib
 from ewc_jax import backbones
 from ewc_jax import errors
 from ewc_jax import fisher as fisher_lib
@@ -107,6 +108,11 @@ class Config:
   width: int | None = _setting(
       None, "ResNet width (channels of stage 1); default: the backbone's own (20, or 64 for "
       "resnet18_full).")
+  augment: str = _setting(
+      "none", "Training-batch augmentation (ewc_jax.augment), drawn on device from the run's "
+      "key: none | crop_flip (random crop after 4 pixels of zero padding, horizontal flip: the "
+      "CIFAR convention). Needs image inputs [B, H, W, C]; evaluation and Fisher see the images "
+      "as they are.")
   validation_fraction: float = _setting(
       0.0, "Hold out this fraction of each task's training data as a validation split, scored "
       "like the test set (val_acc_matrix), in [0, 1); 0: none. The held-out rows depend on "
@@ -176,6 +182,8 @@ class Config:
         bad(name, value, "an integer >= 1")
     if self.optimizer not in train_lib.OPTIMIZERS:
       bad("optimizer", self.optimizer, "one of " + ", ".join(train_lib.OPTIMIZERS))
+    if self.augment not in augment_lib.NAMES:
+      bad("augment", self.augment, "one of " + ", ".join(augment_lib.NAMES))
     if not isinstance(self.reset_optimizer, (bool, np.bool_)):
       bad("reset_optimizer", self.reset_optimizer, "true or false")
     if not (np.isfinite(self.validation_fraction) and 0 <= self.validation_fraction < 1):
@@ -316,7 +324,8 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
       init=lambda key: heads.init_variables(net, key, example),
       order=lambda key, count: train_lib.epoch_order(key, count, n_max, steps * cfg.batch_size),
       chunk=functools.partial(train_lib.train_chunk, net, algo, tx, preprocess, cfg.batch_size,
-                              cfg.chunk_steps, consolidate=mode),
+                              cfg.chunk_steps, consolidate=mode,
+                              augment=augment_lib.make(cfg.augment)),
       evaluate=evaluate,
       consolidate=consolidate,
       steps_per_epoch=steps)

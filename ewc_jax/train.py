@@ -32,6 +32,7 @@ from ewc_jax import heads
 
 PyTree = Any
 METRIC_NAMES = ("loss", "loss_cls", "loss_reg", "acc")
+AUGMENT_STREAM = 0x61756720  # fold_in(step key, ·) of the augmentation draws ("aug ")
 
 
 class TrainState(NamedTuple):
@@ -165,7 +166,7 @@ def epoch_order(key: jax.Array, count: jax.Array, n_max: int, length: int) -> ja
 def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
                 state: TrainState, data: TaskData, order: jax.Array, start_step,
                 task_index, memory, hyper, stop_step=None, key: jax.Array | None = None, *,
-                consolidate: str = "shared"):
+                consolidate: str = "shared", augment: Callable | None = None):
   """``num_steps`` steps of one epoch (``lax.scan``), from batch ``start_step`` of ``order``.
 
   Batches past the task's data, or from ``stop_step`` on (an epoch cut short when training is
@@ -174,8 +175,10 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
   so a BatchNorm backbone computes that batch's statistics on real examples of the task (the
   loss still counts each valid row once; for a stateless backbone the numbers do not depend on
   what the masked rows hold). Step ``s`` draws dropout from ``fold_in(key, s)`` (``key=None``:
-  no dropout key). Returns ``(state, metrics)`` with ``metrics[name]`` of shape ``[num_steps]``
-  and ``metrics["count"]`` the number of examples of each step (0 for a skipped step).
+  no dropout key) and, with ``augment(key, x)`` (:mod:`ewc_jax.augment`), its batch's
+  augmentation from ``fold_in(fold_in(key, s), AUGMENT_STREAM)``. Returns ``(state, metrics)``
+  with ``metrics[name]`` of shape ``[num_steps]`` and ``metrics["count"]`` the number of examples
+  of each step (0 for a skipped step).
   """
   count = data.counts[task_index]
   inputs, labels = data.inputs[task_index], data.labels[task_index]
@@ -188,12 +191,16 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
     if stop_step is not None:
       valid = valid & (step < stop_step)
     w = valid.astype(jnp.float32)
-    batch = (preprocess(inputs[idx]), labels[idx], w)
+    rng = None if key is None else jax.random.fold_in(key, step)
+    x = preprocess(inputs[idx])
+    if augment is not None:
+      if rng is None:
+        raise ValueError("`augment` needs the chunk's `key` (its draws come from it).")
+      x = augment(jax.random.fold_in(rng, AUGMENT_STREAM), x)
+    batch = (x, labels[idx], w)
     if data.task_ids is not None:
       batch = batch + (data.task_ids[task_index][idx],)
     n = jnp.sum(w)
-
-    rng = None if key is None else jax.random.fold_in(key, step)
 
     def do(state):
       return train_step(net, algo, tx, state, batch, task_index, memory, hyper,

@@ -145,6 +145,9 @@ class ExperimentConfig:
       seeds = ",".join(map(str, self.seed_list))
       raise errors.SettingError(
           lambda n: f"{n('seeds')}={seeds} is invalid: expected distinct seeds.")
+    if self.run.augment != "none" and not bench.split:
+      _invalid("augment", self.run.augment, f"none for {bench.name} (its inputs are permuted "
+               "vectors, not images)")
     num_classes = self.known_classes if num_classes is None else num_classes
     if self.classes_per_task is not None:
       per = self.classes_per_task

@@ -21,6 +21,11 @@ DEFAULTS: dict[tuple[str, str], dict] = {
     ("permuted_mnist", "domain"): {"lam": 30.0, "reset_optimizer": False},
     ("permuted_mnist", "task"): {"lam": 3.0, "reset_optimizer": False},
     ("permuted_mnist", "class"): {"lam": 10.0, "reset_optimizer": False},
+    # Split CIFAR: the reduced ResNet-18 (BatchNorm) with crop + flip augmentation and 50 epochs
+    # per task, the protocol of Mammoth's seq-cifar10; NOT measured here (no CIFAR on this
+    # machine, and no GPU): λ, lr and the optimizer keep the Split MNIST values.
+    **{("split_cifar", s): {"backbone": "resnet18", "augment": "crop_flip", "epochs": 50}
+       for s in ("task", "domain", "class")},
 }
 
 # The settings whose default depends on the benchmark and scenario (the flags' help says so).

@@ -1,5 +1,6 @@
 """ewc_jax.augment: crops are windows of the zero-padded image, flips mirror, keys decide."""
 
+import dataclasses
 import doctest
 
 import jax
@@ -45,3 +46,24 @@ def test_bad_inputs_are_refused():
   with pytest.raises(errors.SettingError, match="`augment`='rotate' is invalid"):
     augment.make("rotate")
   assert augment.make("none") is None
+
+
+def test_runner_augments_training_batches_only_and_deterministically():
+  """Config.augment: a run differs from the un-augmented one, repeats itself bit for bit, and
+  a 2-config sweep (vmapped) gives each config's single run."""
+  from ewc_jax import continual, sweep  # pylint: disable=import-outside-toplevel
+  import runs  # pylint: disable=import-outside-toplevel
+  train, test = runs.image_tasks(48, 1), runs.image_tasks(24, 2)
+  base = continual.Config(algo="ewc", hidden=(16,), epochs=1, batch_size=16, lam=10.0,
+                          augment="crop_flip", chunk_steps=4)
+  net = continual.make_network(base, [(0, 1)] * runs.T)
+  a = continual.run(base, net, train, test)
+  b = continual.run(base, net, train, test)
+  plain = continual.run(dataclasses.replace(base, augment="none"), net, train, test)
+  np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)
+  assert a.curves == b.curves and a.curves != plain.curves
+  swept = sweep.run(sweep.grid(base, seed=[0, 1]), net, train, test)
+  np.testing.assert_allclose(swept.acc_matrix[0], a.acc_matrix, atol=1e-6)
+  assert continual.Config(augment="crop_flip").augment == "crop_flip"
+  with pytest.raises(errors.SettingError, match="`augment`='flip' is invalid"):
+    continual.Config(augment="flip").validate()
