@@ -16,7 +16,7 @@ Parts, each timed on the default backend (``jax.default_backend()``):
   vmapped program, against K × the warm single run.
 
 Writes ``benchmarks/results/<platform>/device.json`` (``--out`` to change the folder). The
-quick mode shrinks every part (2 tasks, 500 examples, 1 epoch, fewer steps; K = 8 and 16).
+quick mode shrinks every part (2 tasks, 500 examples, 1 epoch, fewer steps; K = 4 and 8).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from benchmarks import common
 from benchmarks import end_to_end
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_FLAGS = ["--num_tasks=2", "--max_examples=500", "--epochs=1"]
+QUICK_FLAGS = ["--num_tasks=2", "--max_examples=300", "--epochs=1", "--hidden=64"]
 
 
 def default_run(tmp: Path, extra: list[str]) -> dict:
@@ -52,7 +52,7 @@ def train_step(quick: bool) -> list[dict]:
   from ewc_jax import algorithms  # pylint: disable=import-outside-toplevel
   rows = []
   for batch_size in (128, 1024):
-    steps = 4 if quick else max(8, 64 * 128 // batch_size)
+    steps = 2 if quick else max(8, 64 * 128 // batch_size)
     row = bench.bench(algorithms.ewc(p=2.0), 1, batch_size, steps)
     rows.append({"batch_size": batch_size, "steps": steps, **row})
   return rows
@@ -65,7 +65,7 @@ def fisher(quick: bool) -> list[dict]:
 
   from ewc_jax import fisher as fisher_lib  # pylint: disable=import-outside-toplevel
   from ewc_jax import heads  # pylint: disable=import-outside-toplevel
-  n = 512 if quick else 12665  # Split MNIST task 1's size
+  n = 256 if quick else 12665  # Split MNIST task 1's size
   net = heads.task_incremental(num_tasks=1, classes_per_task=2)
   params = heads.init_params(net, jax.random.key(0), jnp.ones((1, 784)))
   logits_fn = heads.backbone_logits_fn(net, params["heads"], 0)
@@ -122,7 +122,7 @@ def main():
     payload["train_step"] = train_step(args.quick)
     payload["fisher"] = fisher(args.quick)
     single = payload["default_run"]["warm"]["wall_s"]
-    for k in ((8, 16) if args.quick else (8, 64)):
+    for k in ((4, 8) if args.quick else (8, 64)):
       payload[f"sweep_k{k}"] = sweep(tmp, k, extra, single)
       print(json.dumps(payload[f"sweep_k{k}"]), flush=True)
   payload["load_after"] = os.getloadavg()
