@@ -47,6 +47,12 @@ _scopes = 0                                # closed_loop_noise_dropped scopes op
 _filter: _ClosedLoopFilter | None = None   # installed by the outermost of them
 
 
+def _never_retrieved(record: logging.LogRecord) -> bool:
+  """asyncio's "Task exception was never retrieved" of the same failed reads (the tasks orbax
+  left behind on a failed restore log their error again, with a traceback): dropped."""
+  return not str(record.msg).endswith("exception was never retrieved")
+
+
 @contextlib.contextmanager
 def closed_loop_noise_dropped():
   """While open, drops orbax's harmless "RuntimeError: Event loop is closed" tracebacks.
@@ -56,7 +62,8 @@ def closed_loop_noise_dropped():
   through ``sys.unraisablehook`` (nothing is written; the failure itself reaches the caller as
   one error). The outermost scope installs a filter of exactly that message on
   ``sys.unraisablehook`` and its end puts the previous hook back, so the process's hooks are
-  unchanged outside the scopes. Scopes nest and may overlap across threads; the run
+  unchanged outside the scopes (the same for asyncio's "exception was never retrieved" log
+  records of those reads). Scopes nest and may overlap across threads; the run
   checkpointers hold one while their orbax manager is open, :func:`ewc_jax.restore_anchors`
   while it reads. A failed read calls :func:`wait_for_failed_reads` inside its scope, so that
   the late messages arrive while the filter is still there.
@@ -66,6 +73,7 @@ def closed_loop_noise_dropped():
     if _scopes == 0:
       _filter = _ClosedLoopFilter(sys.unraisablehook)
       sys.unraisablehook = _filter
+      logging.getLogger("asyncio").addFilter(_never_retrieved)
     _scopes += 1
   try:
     yield
@@ -77,6 +85,7 @@ def closed_loop_noise_dropped():
         if sys.unraisablehook is _filter:
           sys.unraisablehook = _filter.previous
         _filter = None
+        logging.getLogger("asyncio").removeFilter(_never_retrieved)
 
 
 def wait_for_failed_reads(quiet: float = 0.25, limit: float = 2.0) -> None:
