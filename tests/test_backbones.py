@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from ewc_jax import backbones, checkpoint, continual, fisher, heads, train
 from tests.runs import T, image_tasks
@@ -85,6 +86,26 @@ def test_input_shapes_images_flat_and_grayscale():
   mlp = backbones.make("mlp", hidden=(5,))
   w = mlp.init(jax.random.key(2), flat)
   np.testing.assert_array_equal(mlp.apply(w, x), mlp.apply(w, flat))  # the MLP flattens
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (8, 3, 1, "SAME"), (9, 3, 2, "SAME"), (8, 3, 2, ((1, 1), (1, 1))), (8, 1, 2, ((0, 0), (0, 0))),
+    (7, 3, 1, "VALID"), (9, 1, 2, "VALID")])
+def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, padding):
+  """The built-in backbones' train-mode convolution: the same values and gradients as
+  ``lax.conv_general_dilated`` (its kernel gradient is computed another way: see its module)."""
+  x = jax.random.normal(jax.random.key(0), (5, size, size, 4))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
+  dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(
+        conv(x, w, (stride, stride), padding, dimension_numbers=dims))), (0, 1)))
+  (want, want_grads), (got, got_grads) = (loss(c)(x, w) for c in (lax.conv_general_dilated,
+                                                                  backbones.loop_conv))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ Your own module works the same way (pass the instance where a name is accepted, 
   updated by the train step (``mutable``), read as is elsewhere, never consolidated by EWC.
 * Dropout draws from the ``"dropout"`` PRNG stream, which the runner derives from the run's seed
   for every train step (see :func:`ewc_jax.continual.run`).
+* On CPU, pass ``conv_general_dilated=loop_conv if train else None`` to your ``nn.Conv`` layers
+  (:mod:`ewc_jax.backbones.conv`): XLA:CPU runs the plain convolution's kernel gradient ~30x
+  slower inside the runner's compiled loop; the built-in backbones do this.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Callable
 import flax.linen as nn
 
 from ewc_jax.backbones.cnn import CNN, cnn
+from ewc_jax.backbones.conv import loop_conv
 from ewc_jax.backbones.mlp import MLP, mlp
 from ewc_jax.backbones.resnet import BasicBlock, ResNet18, resnet18, resnet18_full
 
@@ -72,5 +76,5 @@ def _check_name(name: str) -> None:
     raise ValueError(f"`backbone` must be one of {', '.join(NAMES)}, but got backbone={name!r}.")
 
 
-__all__ = ["BasicBlock", "CNN", "MLP", "NAMES", "REGISTRY", "ResNet18", "cnn", "make", "mlp",
-           "options", "resnet18", "resnet18_full"]
+__all__ = ["BasicBlock", "CNN", "MLP", "NAMES", "REGISTRY", "ResNet18", "cnn", "loop_conv", "make",
+           "mlp", "options", "resnet18", "resnet18_full"]

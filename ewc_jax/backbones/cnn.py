@@ -4,7 +4,9 @@
 flatten -> Dense(256) -> relu``; the heads (``Dense(classes)``) are the last layer of that
 example. Convolutions use ``SAME`` padding, so a 28x28x1 input gives 7·7·64 = 3,136 features
 before the Dense layer (824,458 parameters with one 10-way head, as flax's example). Inputs: NHWC
-images (see :func:`ewc_jax.backbones.images.as_images`). No BatchNorm, no dropout.
+images (see :func:`ewc_jax.backbones.images.as_images`). No BatchNorm, no dropout; in train mode
+the convolutions are :func:`ewc_jax.backbones.conv.loop_conv` (same values, a kernel gradient
+that stays fast inside the runner's scan on CPU).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from ewc_jax.backbones.conv import loop_conv
 from ewc_jax.backbones.images import as_images
 
 
@@ -23,10 +26,10 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    del train  # no train-mode behaviour
     x = as_images(x, self.input_shape, "cnn")
+    conv = loop_conv if train else None
     for features in (32, 64):
-      x = nn.relu(nn.Conv(features, kernel_size=(3, 3))(x))
+      x = nn.relu(nn.Conv(features, kernel_size=(3, 3), conv_general_dilated=conv)(x))
       x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     return nn.relu(nn.Dense(256)(x))

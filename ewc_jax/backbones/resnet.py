@@ -12,7 +12,9 @@ Padding as PyTorch's: 1 on every side of the 3x3 convolutions (also with stride 
 ``SAME`` would pad 0 before and 1 after), 0 for the 1x1 shortcut projections. BatchNorm as
 ``torch.nn.BatchNorm2d``'s defaults: running averages with momentum 0.1 (Flax ``momentum=0.9``)
 and epsilon 1e-5. Initialisation: Flax's defaults (LeCun normal convolutions, BatchNorm scale 1
-and bias 0), not PyTorch's.
+and bias 0), not PyTorch's. In train mode the convolutions are
+:func:`ewc_jax.backbones.conv.loop_conv` (same values; a kernel gradient that stays fast inside
+the runner's scan on CPU).
 
 ``train=True``: BatchNorm normalises with the batch statistics and updates the running averages
 (the ``batch_stats`` collection); ``train=False`` normalises with the running averages.
@@ -28,10 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ewc_jax.backbones.conv import loop_conv
 from ewc_jax.backbones.images import as_images
 
 STAGES = (2, 2, 2, 2)
 _PAD1 = ((1, 1), (1, 1))
+
+
+def _conv(train: bool):
+  """Bias-free ``nn.Conv``; :func:`~ewc_jax.backbones.conv.loop_conv` in train mode."""
+  return functools.partial(nn.Conv, use_bias=False,
+                           conv_general_dilated=loop_conv if train else None)
 
 
 class BasicBlock(nn.Module):
@@ -44,13 +53,14 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5)
+    conv = _conv(train)
     strides = (self.stride, self.stride)
-    y = nn.Conv(self.features, (3, 3), strides, padding=_PAD1, use_bias=False)(x)
+    y = conv(self.features, (3, 3), strides, padding=_PAD1)(x)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.features, (3, 3), padding=_PAD1, use_bias=False)(y)
+    y = conv(self.features, (3, 3), padding=_PAD1)(y)
     y = norm()(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), strides, padding=0, use_bias=False)(x)
+      x = conv(self.features, (1, 1), strides, padding=0)(x)
       x = norm()(x)
     return nn.relu(y + x)
 
@@ -63,7 +73,7 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = as_images(x, self.input_shape, "resnet18")
-    x = nn.Conv(self.width, (3, 3), padding=_PAD1, use_bias=False)(x)
+    x = _conv(train)(self.width, (3, 3), padding=_PAD1)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x))
     for stage, blocks in enumerate(STAGES):
       for block in range(blocks):
