@@ -5,8 +5,8 @@ flatten -> Dense(256) -> relu``; the heads (``Dense(classes)``) are the last lay
 example. Convolutions use ``SAME`` padding, so a 28x28x1 input gives 7·7·64 = 3,136 features
 before the Dense layer (824,458 parameters with one 10-way head, as flax's example). Inputs: NHWC
 images (see :func:`ewc_jax.backbones.images.as_images`). No BatchNorm, no dropout; in train mode
-the convolutions are :func:`ewc_jax.backbones.conv.loop_conv` (same values, a kernel gradient
-that stays fast inside the runner's scan on CPU).
+the convolutions are :func:`ewc_jax.backbones.conv.loop_conv` (same values, gradients
+that stay fast inside the runner's scan on CPU).
 """
 
 from __future__ import annotations

@@ -1,21 +1,25 @@
-"""A 2-D convolution whose kernel gradient stays fast inside ``lax.scan`` / ``lax.cond`` on CPU.
+"""A 2-D convolution whose gradients stay fast inside ``lax.scan`` / ``lax.cond`` on CPU.
 
-The runner trains inside one compiled ``lax.scan`` of ``lax.cond`` steps. XLA:CPU runs the
-kernel-gradient convolution that autodiff derives from an NHWC/HWIO ``lax.conv_general_dilated``
-(the input's batch axis contracted as the feature axis) with its slow generic emitter when it sits
-in a loop or conditional body (jax-ml/jax#12868): measured here, one CNN train step of batch 128
-takes 3.5 s in the scan against 0.09 s jitted alone. :func:`loop_conv` computes the same kernel
-gradient as a plain NHWC/HWIO convolution of the transposed arrays,
+The runner trains inside one compiled ``lax.scan`` of ``lax.cond`` steps. The two convolutions
+that autodiff derives from an NHWC/HWIO ``lax.conv_general_dilated`` have other dimension
+layouts (the kernel gradient contracts the batch axis as the feature axis; the input gradient
+reads the kernel with its in/out axes swapped); at the top level of a program XLA:CPU transposes
+their operands for its fast convolution kernels, inside a loop or conditional body it runs them
+with its slow generic emitter instead (jax-ml/jax#12868). Measured here: a CNN train step of
+batch 128 took 3.5 s in the runner's scan against 0.09 s jitted alone, a ResNet-18 step 3.4x
+its time alone. :func:`loop_conv` computes both gradients as plain NHWC/HWIO convolutions of
+explicitly transposed arrays (as jax's own transpose rules, physically transposed):
 
     dW[h, w, i, o] = Σ_{b, y, x} X_pad[b, s·y + h, s·x + w, i] · dY[b, y, x, o]
                    = conv(lhs = Xᵀ [i, H, W, b], rhs = dYᵀ [Y, X, b, o], rhs_dilation = s),
+    dX = conv(lhs = dY, rhs = flip(W) with in/out swapped, lhs_dilation = s),
 
-which XLA:CPU runs with its fast kernels anywhere; the forward pass and the input gradient are
-``lax.conv_general_dilated``'s own. It is a drop-in for ``nn.Conv(conv_general_dilated=...)``
-(ungrouped, undilated 2-D NHWC convolutions; anything else, and every backend but the CPU, gets
-``lax.conv_general_dilated`` itself). The built-in backbones use it in train mode only: in
-evaluation mode (and so in the Fisher, whose per-example fast path looks for
-``conv_general_dilated`` in the model's jaxpr) they use the plain convolution.
+which run at full speed anywhere (the same numbers as autodiff's). It is a drop-in for
+``nn.Conv(conv_general_dilated=...)`` (ungrouped, undilated 2-D NHWC convolutions; anything
+else, and every backend but the CPU, gets ``lax.conv_general_dilated`` itself). The built-in
+backbones use it in train mode only: in evaluation mode (and so in the Fisher, whose
+per-example fast path looks for ``conv_general_dilated`` in the model's jaxpr) they use the
+plain convolution.
 """
 
 from __future__ import annotations
@@ -30,7 +34,20 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _kernel_grad(x, dy, kernel_hw, strides, pads):
+def _input_grad(dy, w, in_hw, strides, pads, precision):
+  """``dx [B, H, W, I]`` of ``y = conv(x, W)``: ``dy`` (dilated by the strides) convolved with
+  the flipped kernel, its in/out axes swapped into a plain HWIO array."""
+  kernel_hw = w.shape[:2]
+  before = [k - lo - 1 for k, (lo, _) in zip(kernel_hw, pads)]
+  after = [n_in + k - 1 - ((n_out - 1) * s + 1) - b
+           for n_in, k, n_out, s, b in zip(in_hw, kernel_hw, dy.shape[1:3], strides, before)]
+  flipped = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
+  return lax.conv_general_dilated(dy, flipped, (1, 1), list(zip(before, after)),
+                                  lhs_dilation=tuple(strides), dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+def _kernel_grad(x, dy, kernel_hw, strides, pads, precision):
   """``dW [kh, kw, I, O]`` of ``y = conv(x, W)`` from ``x [B, H, W, I]`` and ``dy [B, Y, X, O]``."""
   hi = [(n_out - 1) * s + k - n_in - lo
         for (lo, _), n_in, n_out, s, k in zip(pads, x.shape[1:3], dy.shape[1:3], strides,
@@ -38,7 +55,7 @@ def _kernel_grad(x, dy, kernel_hw, strides, pads):
   out = lax.conv_general_dilated(
       jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
       [(lo, h) for (lo, _), h in zip(pads, hi)], rhs_dilation=tuple(strides),
-      dimension_numbers=_NHWC)
+      dimension_numbers=_NHWC, precision=precision)
   return jnp.transpose(out, (1, 2, 0, 3))
 
 
@@ -54,10 +71,8 @@ def _conv_fwd(x, w, strides, pads, precision):
 
 def _conv_bwd(strides, pads, precision, residuals, dy):
   x, w = residuals
-  plain = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=pads,
-                            dimension_numbers=_NHWC, precision=precision)
-  (dx,) = jax.linear_transpose(lambda x: plain(x, w), x)(dy)
-  return dx, _kernel_grad(x, dy, w.shape[:2], strides, pads).astype(w.dtype)
+  return (_input_grad(dy, w, x.shape[1:3], strides, pads, precision).astype(x.dtype),
+          _kernel_grad(x, dy, w.shape[:2], strides, pads, precision).astype(w.dtype))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -76,7 +91,7 @@ def loop_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], pad
               rhs_dilation: Sequence[int] | None = None, dimension_numbers=None,
               feature_group_count: int = 1, batch_group_count: int = 1, precision=None,
               preferred_element_type=None) -> jax.Array:
-  """``lax.conv_general_dilated`` (same arguments, same values) with the kernel gradient of the
+  """``lax.conv_general_dilated`` (same arguments, same values) with the gradients of the
   module docstring for ungrouped, undilated NHWC/HWIO 2-D convolutions on the CPU."""
   plain = (jax.default_backend() != "cpu" or not _canonical(lhs, rhs, dimension_numbers)
            or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))

@@ -13,7 +13,7 @@ Padding as PyTorch's: 1 on every side of the 3x3 convolutions (also with stride 
 ``torch.nn.BatchNorm2d``'s defaults: running averages with momentum 0.1 (Flax ``momentum=0.9``)
 and epsilon 1e-5. Initialisation: Flax's defaults (LeCun normal convolutions, BatchNorm scale 1
 and bias 0), not PyTorch's. In train mode the convolutions are
-:func:`ewc_jax.backbones.conv.loop_conv` (same values; a kernel gradient that stays fast inside
+:func:`ewc_jax.backbones.conv.loop_conv` (same values; gradients that stay fast inside
 the runner's scan on CPU).
 
 ``train=True``: BatchNorm normalises with the batch statistics and updates the running averages
