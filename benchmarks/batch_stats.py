@@ -1,6 +1,6 @@
 """Shared vs per-task BatchNorm running statistics: task-incremental Split MNIST with resnet18.
 
-    python -m benchmarks.batch_stats [--max_examples=500] [--seeds=0,1] [--data_dir=...]
+    python -m benchmarks.batch_stats [--max_examples=1000] [--epochs=3] [--seeds=0,1] [--data_dir=...]
 
 The runner keeps one copy of the backbone's running statistics (``batch_stats``): every train
 step updates it, every task is evaluated with it, and EWC does not hold it (it consolidates
@@ -62,9 +62,10 @@ def measure(cfg, train_data, test_data):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--max_examples", type=int, default=500)
+  parser.add_argument("--max_examples", type=int, default=1000)
   parser.add_argument("--seeds", default="0,1")
-  parser.add_argument("--epochs", type=int, default=2)
+  parser.add_argument("--epochs", type=int, default=3)
+  parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--width", type=int, default=20)
   parser.add_argument("--data_dir", default=None)
   args = parser.parse_args()
@@ -74,7 +75,7 @@ def main():
     print(f"no prepared MNIST ({err}); nothing measured")
     return
   base = continual.Config(backbone="resnet18", width=args.width, epochs=args.epochs,
-                          batch_size=64, lam=10000.0)
+                          batch_size=args.batch_size, lam=10000.0)
   rows = []
   for algo in ("ewc", "finetune"):
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -89,7 +90,7 @@ def main():
   common.write("batch_stats", {"protocol": {
       "benchmark": "split_mnist task-incremental",
       "max_examples_per_task": {"train": args.max_examples, "test": args.max_examples},
-      "backbone": "resnet18", "width": args.width, "epochs": args.epochs, "batch_size": 64,
+      "backbone": "resnet18", "width": args.width, "epochs": args.epochs, "batch_size": args.batch_size,
       "lam": base.lam, "optimizer": "adam", "lr": base.lr},
       "summary_mean_std": summary, "rows": rows})
 
