@@ -85,7 +85,13 @@ def make_backbone(backbone: str | nn.Module = "mlp", hidden: Sequence[int] = (40
   """The backbone module: ``backbone`` a name of :data:`ewc_jax.backbones.NAMES` (built with
   ``options``; ``hidden`` is the ``mlp``'s widths and ignored by the others) or a Flax linen
   module instance, used as is (see :mod:`ewc_jax.backbones` for the protocol)."""
+  if _is_nnx_module(backbone):
+    raise ValueError(f"`backbone` must be a Flax linen module or a name, but got the NNX module "
+                     f"{type(backbone).__name__}: wrap its class as "
+                     f"`flax.nnx.bridge.to_linen({type(backbone).__name__}, *args, **kwargs)` "
+                     f"(see ewc_jax.backbones, 'An NNX module').")
   if isinstance(backbone, nn.Module):
+    _check_nnx_modes(backbone)
     if options:
       raise ValueError(f"backbone options {sorted(options)} need a backbone name, but got the "
                        f"module {type(backbone).__name__} (configure the module itself).")
@@ -136,6 +142,41 @@ def class_incremental(class_groups: Sequence[Sequence[int]],
                  tuple(active))
 
 
+def _is_nnx_module(obj: Any) -> bool:
+  """Whether ``obj`` is an ``flax.nnx.Module`` instance (without importing NNX for others)."""
+  nnx = __import__("sys").modules.get("flax.nnx")
+  return nnx is not None and isinstance(obj, nnx.Module)
+
+
+def _check_nnx_modes(module: nn.Module) -> None:
+  """Refuses an NNX module wrapped by ``flax.nnx.bridge.to_linen`` whose ``__call__`` takes no
+  ``train`` but which holds layers with a train/eval mode (``nnx.BatchNorm``'s
+  ``use_running_average``, ``nnx.Dropout``'s ``deterministic``, ...): the wrapper rebuilds the
+  module at every call, so ``.train()`` / ``.eval()`` never reach it, and evaluation would run
+  it in its constructor's mode (batch statistics or live dropout) without a word."""
+  nnx_class = getattr(module, "nnx_class", None)
+  if nnx_class is None or "train" in inspect.signature(nnx_class.__call__).parameters:
+    return
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  def build():
+    kwargs = dict(getattr(module, "kwargs", {}) or {})
+    if not getattr(module, "skip_rng", False):
+      kwargs["rngs"] = nnx.Rngs(0)
+    return nnx_class(*getattr(module, "args", ()), **kwargs)
+  abstract = nnx.eval_shape(build)
+  moded = sorted({f"{'.'.join(map(str, path)) or '(root)'} ({type(m).__name__})"
+                  for path, m in nnx.iter_graph(abstract)
+                  if isinstance(m, nnx.Module)
+                  and any(hasattr(m, a) for a in ("use_running_average", "deterministic"))})
+  if moded:
+    raise ValueError(
+        f"`backbone` {nnx_class.__name__} (NNX, through flax.nnx.bridge.to_linen) has layers with "
+        f"a train/eval mode: {', '.join(moded)}; its `__call__` must take `train: bool` and pass "
+        f"it on (e.g. `self.bn(x, use_running_average=not train)`, `self.drop(x, "
+        f"deterministic=not train)`): the runner sets it, and .train()/.eval() do not reach "
+        f"a module rebuilt at every call.")
+
+
 def make_network(scenario: str, class_groups: Sequence[Sequence[int]],
                  hidden: Sequence[int] = (400, 400), *, backbone: str | nn.Module = "mlp",
                  **options) -> Network:
@@ -158,8 +199,12 @@ def make_network(scenario: str, class_groups: Sequence[Sequence[int]],
 
 
 def _mode(module: nn.Module, train: bool) -> dict:
-  """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``."""
-  return {"train": train} if "train" in inspect.signature(module.__call__).parameters else {}
+  """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``. An NNX
+  module wrapped by ``flax.nnx.bridge.to_linen`` is asked through its ``nnx_class`` (the
+  wrapper's own ``__call__`` takes ``**kwargs`` and passes them on)."""
+  nnx_class = getattr(module, "nnx_class", None)
+  call = nnx_class.__call__ if nnx_class is not None else module.__call__
+  return {"train": train} if "train" in inspect.signature(call).parameters else {}
 
 
 def init_variables(net: Network, key: jax.Array, example: jax.Array) -> tuple[PyTree, PyTree]:
@@ -167,7 +212,10 @@ def init_variables(net: Network, key: jax.Array, example: jax.Array) -> tuple[Py
   ...}}`` and ``model_state`` the backbone's other collections (e.g. ``{"batch_stats": ...}``;
   ``{}`` for a stateless backbone). The backbone is initialised in evaluation mode."""
   kb, kh = jax.random.split(key)
-  variables = dict(net.backbone.init(kb, example, **_mode(net.backbone, False)))
+  # A "dropout" stream too: an NNX module wrapped by ``flax.nnx.bridge.to_linen`` builds its
+  # ``nnx.Dropout(rngs=...)`` at init; linen modules ignore it (``params`` still draws from kb).
+  rngs = {"params": kb, "dropout": jax.random.fold_in(kb, 1)}
+  variables = dict(net.backbone.init(rngs, example, **_mode(net.backbone, False)))
   backbone = variables.pop("params", {})
   feats = features(net, backbone, example, variables)
   head_keys = jax.random.split(kh, len(net.heads))

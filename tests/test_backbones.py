@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from flax.nnx import bridge
 from jax import lax
 
 from ewc_jax import backbones, checkpoint, continual, fisher, heads, train
@@ -259,3 +261,58 @@ def test_readme_example_of_your_own_module_runs():
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   result = scope["result"]
   assert result.acc_matrix.shape == (T, T) and set(result.model_state) == {"batch_stats"}
+
+
+# ------------------------------------------------------------------------------------------------
+# An NNX module, through flax.nnx.bridge.to_linen.
+
+class NNXNet(nnx.Module):
+  """The user's backbone above, written in NNX: conv -> BatchNorm -> relu -> dropout -> pool."""
+
+  def __init__(self, channels, rate, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(channels, 6, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(6, momentum=0.8, rngs=rngs)
+    self.drop = nnx.Dropout(rate, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+    return jnp.mean(self.drop(x, deterministic=not train), axis=(1, 2))
+
+
+def nnx_run(rate):
+  net = heads.make_network("task", [[0, 1]] * T, backbone=bridge.to_linen(NNXNet, 3, rate))
+  return net, continual.run(USER_CFG, net, image_tasks(40, 0), image_tasks(20, 1))
+
+
+def test_nnx_module_with_batchnorm_and_dropout_runs_in_train_and_eval_modes():
+  """Its nnx.Param are the consolidated parameters, its BatchStat the model state (moved by
+  training), dropout draws in training only."""
+  net, full = nnx_run(0.3)
+  assert set(full.params["backbone"]) == {"conv", "bn"} and set(full.model_state) == {"batch_stats"}
+  assert full.curves[1]["loss_reg"][0] > 0  # the NNX parameters are consolidated
+  _, init_state = heads.init_variables(net, jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+  moved = full.model_state["batch_stats"]["bn"]["mean"] - init_state["batch_stats"]["bn"]["mean"]
+  assert float(jnp.max(jnp.abs(moved))) > 1e-3  # the train step ran it with train=True
+  x = train.scale_pixels(jnp.asarray(image_tasks(20, 1).inputs[0]))
+  a, b = (heads.logits(net, full.params, x, 0, model_state=full.model_state) for _ in range(2))
+  np.testing.assert_array_equal(a, b)  # evaluation: running statistics, no dropout
+  _, no_dropout = nnx_run(0.0)
+  assert no_dropout.curves[0]["loss_cls"] != full.curves[0]["loss_cls"]
+
+
+class NNXNoTrain(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.mean(self.bn(self.conv(x)), axis=(1, 2))
+
+
+def test_nnx_modules_that_cannot_be_run_right_are_refused_naming_the_fix():
+  with pytest.raises(ValueError, match=r"NNX module NNXNoTrain: wrap its class as "
+                     r"`flax.nnx.bridge.to_linen\(NNXNoTrain"):
+    heads.make_network("task", [[0, 1]] * T, backbone=NNXNoTrain(rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"train/eval mode: bn \(BatchNorm\); its `__call__` must "
+                     r"take `train: bool`"):
+    heads.make_network("task", [[0, 1]] * T, backbone=bridge.to_linen(NNXNoTrain))

@@ -32,6 +32,16 @@ Your own module works the same way (pass the instance where a name is accepted, 
 * On CPU, pass ``conv_general_dilated=loop_conv if train else None`` to your ``nn.Conv`` layers
   (:mod:`ewc_jax.backbones.conv`): XLA:CPU runs the plain convolution's gradients up to ~35x
   slower inside the runner's compiled loop; the built-in backbones do this.
+
+An NNX module: wrap its *class* with ``flax.nnx.bridge.to_linen`` (the arguments after the class
+go to its constructor, ``rngs`` is added), e.g. ``backbone=nnx.bridge.to_linen(MyNNXNet, 3)``:
+its ``nnx.Param`` become ``params`` (consolidated as above), its ``nnx.BatchStat`` the
+``batch_stats`` model state. Give its ``__call__`` a ``train: bool`` and pass it on
+(``self.bn(x, use_running_average=not train)``, ``self.drop(x, deterministic=not train)``;
+build ``nnx.Dropout(rate, rngs=rngs)`` in ``__init__``): the wrapper rebuilds the module at
+every call, so ``.train()`` / ``.eval()`` cannot reach it, and a wrapped module with such layers
+but no ``train`` is refused (:func:`ewc_jax.heads.make_backbone`). An NNX instance itself is
+refused with the same advice.
 """
 
 from __future__ import annotations
