@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# Test processes (pytest-xdist); tests sharing a costly session fixture share one (loadgroup).
+WORKERS ?= 2
 
 .PHONY: install run test bench bench-peers prepare-data clean
 
@@ -21,7 +23,7 @@ run: install
 	$(BIN)/python -m experiments.split_mnist --algo=ewc $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup $(ARGS)
 
 # Offline: make prepare-data MANUAL_DIR=../shared/data/mnist
 prepare-data: install

@@ -113,6 +113,7 @@ def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, 
 # ------------------------------------------------------------------------------------------------
 # Model state: train mode updates the running statistics, evaluation and the Fisher read them.
 
+@pytest.mark.xdist_group("resnet18_run")  # one process builds the shared run
 def test_train_mode_updates_batch_stats_and_eval_mode_reads_them(resnet18_run):
   net, params = resnet18_run.net, resnet18_run.result.params
   state = resnet18_run.result.model_state  # running statistics after 3 tasks

@@ -380,6 +380,7 @@ def test_checkpoints_from_before_the_backbone_fields_count_as_the_mlp():
   assert [d.split(" ")[0] for d in checkpoint.config_diff(chunk, resnet)] == ["chunk_configs"]
 
 
+@pytest.mark.xdist_group("resnet18_run")  # one process builds the shared run
 def test_resnet18_batchnorm_run_resumes_bit_identically(resnet18_run):
   """ResNet-18 with BatchNorm: killed mid-epoch of task 2 (its running statistics half-way
   through the task) and resumed from that checkpoint, the rest of the run is the same to the

@@ -49,6 +49,7 @@ def test_no_compilation_after_the_first_task(backbone):
   assert result.acc_matrix.shape == (T, T)
 
 
+@pytest.mark.xdist_group("resnet18_run")  # one process builds the shared run
 def test_no_compilation_after_the_first_task_resnet18(resnet18_run):
   """ResNet-18 with BatchNorm: the model state changes every step, still one program."""
   assert resnet18_run.compiled > 0
