@@ -34,6 +34,7 @@ from ewc_jax import algorithms
 from ewc_jax import augment as augment_lib
 from ewc_jax import backbones
 from ewc_jax import errors
+from ewc_jax import executable_cache
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
 from ewc_jax import holdout
@@ -389,7 +390,8 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
                      train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array,
                      hyper: algorithms.Hyper, preprocess: Callable, batched: bool,
                      sharding=None, validation: train_lib.TaskData | None = None,
-                     init: bool = True) -> Compiled:
+                     init: bool = True,
+                     executables: executable_cache.Cached | None = None) -> Compiled:
   """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
 
   Every piece is lowered from abstract shapes (nothing runs), then the XLA compilations (or
@@ -400,9 +402,21 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
 
   The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
   ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
+
+  ``executables``: a store and the key of these programs (:mod:`ewc_jax.executable_cache`):
+  when the store holds them they are loaded (nothing is traced, lowered or compiled),
+  otherwise they are compiled and saved there.
   """
-  progs = programs(cfg, net, algo, train, preprocess)
   num_tasks = int(train.inputs.shape[0])
+  names = ["order", "new_state", "chunk", "evaluate"]
+  names += ["init", "init_memory"] if init else []
+  names += ["evaluate_validation"] if validation is not None else []
+  names += ["consolidate"] if algo.importance is not None and num_tasks > 1 else []
+  steps_per_epoch = -(-int(train.inputs.shape[1]) // cfg.batch_size)
+  loaded = executables.store.load(executables.key, names) if executables is not None else None
+  if loaded is not None:
+    return _compiled(loaded, steps_per_epoch)
+  progs = programs(cfg, net, algo, train, preprocess)
   tx = train_lib.make_optimizer(cfg.optimizer)
   jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
   zero = _i32(0)
@@ -428,13 +442,22 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
                                                          key, hyper)
   if not init:
     del lowered["init"], lowered["init_memory"]
+  assert sorted(lowered) == sorted(names), (sorted(lowered), sorted(names))
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ewc_jax-compile") as ex:
-    compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
-  return Compiled(compiled.get("init"), compiled.get("init_memory"), compiled["new_state"],
-                  compiled["order"], compiled["chunk"], compiled["evaluate"],
-                  compiled.get("consolidate"), progs.steps_per_epoch,
-                  compiled.get("evaluate_validation"))
+  with executable_cache.persistent_cache_hits() as hits:
+    with concurrent.futures.ThreadPoolExecutor(workers,
+                                               thread_name_prefix="ewc_jax-compile") as ex:
+      compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
+  if executables is not None and not hits:
+    executables.store.save(executables.key, compiled)
+  return _compiled(compiled, progs.steps_per_epoch)
+
+
+def _compiled(programs_: dict, steps_per_epoch: int) -> Compiled:
+  return Compiled(programs_.get("init"), programs_.get("init_memory"), programs_["new_state"],
+                  programs_["order"], programs_["chunk"], programs_["evaluate"],
+                  programs_.get("consolidate"), steps_per_epoch,
+                  programs_.get("evaluate_validation"))
 
 
 def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_lib.TaskData,
@@ -443,7 +466,8 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
         hyper: algorithms.Hyper | None = None, seeds: Sequence[int] | None = None,
         resume: RunState | None = None,
         on_checkpoint: Callable[[RunState, str], None] | None = None,
-        dynamic_p: bool = False, sharding: jax.sharding.NamedSharding | None = None) -> Result:
+        dynamic_p: bool = False, sharding: jax.sharding.NamedSharding | None = None,
+        executables: executable_cache.Cached | None = None) -> Result:
   """Trains tasks ``0..T-1`` in order; returns the accuracy matrix, curves and timings.
 
   Args:
@@ -471,6 +495,9 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     sharding: (sweeps) a ``NamedSharding`` of the config axis over a device mesh, e.g.
       ``NamedSharding(mesh, P("config"))``; K must be a multiple of that mesh axis. Data are
       replicated on the mesh. See :mod:`ewc_jax.sweep`.
+    executables: load the compiled programs from (else save them to) a store under a key that
+      names everything they are built from (:mod:`ewc_jax.executable_cache`; the caller's
+      promise: the command lines pass one, a library user with their own module should not).
   """
   cfg.validate()
   num_tasks = int(train.inputs.shape[0])
@@ -513,7 +540,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
 
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
-                       sharding, validation, init=resume is None)
+                       sharding, validation, init=resume is None, executables=executables)
   timings["compile"] = time.perf_counter() - t0
 
   lead = (len(seeds),) if batched else ()

@@ -71,7 +71,9 @@ class ExperimentConfig:
       False, "Write TensorBoard scalars while training (per epoch: train loss parts and "
       "accuracy; per task: test accuracy of every task seen, average accuracy, validation "
       "average accuracy) under <workdir>/tensorboard/seed_<s>.")
-  compile_cache: bool = setting(True, "Use JAX's persistent compilation cache.")
+  compile_cache: bool = setting(True, "Use JAX's persistent compilation cache, and load a run's "
+                                "compiled programs saved by an earlier run of the same settings "
+                                "and code (nothing traced).")
   checkpoint: bool = setting(
       True, "Save the run state after every task (and every checkpoint_every steps) under "
       "<workdir>/checkpoints, and resume from it. False: no saves, no resume (no orbax import "

@@ -133,9 +133,26 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
     savers.callback(logger.close)
     hook = tensorboard.chain(logger, hook)
   result = continual.run(run, net, train, test, preprocess=preprocess, resume=resume,
-                         on_checkpoint=hook, progress=progress_lib.make(config.progress, prefix))
+                         on_checkpoint=hook, progress=progress_lib.make(config.progress, prefix),
+                         executables=_executables(config, run, built, preprocess, train, test))
   return result, {"resumed_from": resumed_from,
                   "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
+
+
+def _executables(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
+                 train, test):
+  """The compiled-program store and key of this run (``None`` without ``compile_cache``): the
+  programs are built from the run's settings but its seed (a key passed in as an argument),
+  the class groups, the input normalisation and the data's shapes."""
+  if not config.compile_cache:
+    return None
+  from experiments import compile_cache  # pylint: disable=import-outside-toplevel
+  settings = {k: v for k, v in dataclasses.asdict(run).items() if k != "seed"}
+  norm = {"name": config.input_norm_name, "mean": getattr(preprocess, "mean", None),
+          "std": getattr(preprocess, "std", None)}
+  parts = {"run": settings, "class_groups": [list(map(int, g)) for g in built.class_groups],
+           "input_norm": norm}
+  return compile_cache.executables(parts, train, test)
 
 
 def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,

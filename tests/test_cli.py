@@ -183,3 +183,24 @@ def test_input_norm_mnist_is_torchvisions_normalisation_and_is_recorded(tiny_mni
   proc = run_cli(*common, "--input_norm=zscore", f"--workdir={tmp_path / 'bad'}")
   assert proc.returncode == 2 and "--input_norm='zscore' is invalid" in proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_a_warm_run_loads_its_compiled_programs_and_gives_the_same_results(tiny_mnist_dir,
+                                                                         tmp_path):
+  """The first run saves its compiled programs under the cache folder, the second loads them
+  (train_chunk is not traced again: JAX logs every trace) and writes the same numbers; with
+  --nocompile_cache nothing is read or saved."""
+  env = {"EWC_JAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_LOG_COMPILES": "1"}
+  common = ("--algo=ewc", "--num_tasks=2", "--max_examples=200", "--epochs=1", "--hidden=23",
+            "--noplots", "--nocheckpoint", "--noprogress", f"--data_dir={tiny_mnist_dir}")
+  recs, logs = [], []
+  for i, extra in enumerate(([], [], ["--nocompile_cache"])):
+    proc = run_cli(*common, *extra, f"--workdir={tmp_path / str(i)}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs.append(json.loads((tmp_path / str(i) / "results.json").read_text()))
+    logs.append(proc.stderr)
+    assert len(list((tmp_path / "cache" / "executables").glob("*.executables"))) == 1
+  assert "Finished tracing train_chunk" in logs[0] and "Finished tracing train_chunk" in logs[2]
+  assert "Finished tracing train_chunk" not in logs[1]
+  for rec in recs[1:]:
+    assert rec["acc_matrix"] == recs[0]["acc_matrix"] and rec["curves"] == recs[0]["curves"]

@@ -1,0 +1,123 @@
+"""Serialised compiled programs: a warm run loads its executables instead of tracing, lowering
+and compiling them again.
+
+JAX's persistent compilation cache skips XLA's compilation, but each run still traces and
+lowers every program to compute that cache's key (most of a warm run's compile time). A
+:class:`Store` skips those steps too: the programs of a run are saved together
+(``jax.experimental.serialize_executable``) under a key that the *caller* computes from
+everything that determines them: the configuration, the data's shapes, the source code, the
+library versions, the device and the compiler flags. The key is the caller's promise. A
+program built from code that a key cannot name (a user's own module or preprocessing function)
+must not use a store; :func:`ewc_jax.continual.run` uses one only when given one.
+
+Only freshly compiled programs are saved: on CPU (jaxlib 0.10) the serialisation of an
+executable that JAX's persistent compilation cache loaded does not run ("Function ... not
+found"), so a compile phase served by that cache saves nothing (:func:`persistent_cache_hits`)
+and the next run loads from that cache as before.
+
+A saved entry that cannot be read back (truncated, written by another jaxlib) counts as
+missing, and the programs are compiled as usual. A loaded executable still checks the
+shapes and dtypes of its arguments at every call.
+
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> from ewc_jax import executable_cache
+    >>> store = executable_cache.Folder(tempfile.mkdtemp())
+    >>> double = jax.jit(lambda x: 2 * x).lower(jnp.ones(3)).compile()
+    >>> store.save("my-key", {"double": double})
+    >>> store.load("my-key", ("double",))["double"](jnp.ones(3)).tolist()
+    [2.0, 2.0, 2.0]
+    >>> store.load("other-key", ("double",)) is None
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
+
+_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+@contextlib.contextmanager
+def persistent_cache_hits() -> Iterator[list]:
+  """A list that collects one entry per hit of JAX's persistent compilation cache while the
+  block runs (in any thread)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  hits: list = []
+
+  def listener(event: str, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+      hits.append(event)
+
+  jax.monitoring.register_event_listener(listener)
+  try:
+    yield hits
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+
+
+class Store(Protocol):
+  """Where compiled programs are kept between processes."""
+
+  def load(self, key: str, names: Sequence[str]) -> dict[str, Callable] | None:
+    """The executables saved under ``key``, or ``None`` when any of ``names`` is missing."""
+
+  def save(self, key: str, executables: Mapping[str, Callable]) -> None:
+    """Saves ``executables`` (``jax.stages.Compiled``) under ``key``, replacing what was
+    there; a failure to save leaves the store as it was."""
+
+
+class Cached(NamedTuple):
+  """A store and the key of one run's programs (the argument of :func:`continual.run`)."""
+  store: Store
+  key: str
+
+
+class Folder:
+  """A :class:`Store` in a folder: one file per key, written whole then renamed into place."""
+
+  def __init__(self, folder: str | os.PathLike):
+    self.folder = Path(folder)
+
+  def _path(self, key: str) -> Path:
+    if not _KEY.match(key):
+      raise ValueError(f"`key` must be 1-200 characters of letters, digits and '_.-', but got "
+                       f"key={key!r}.")
+    return self.folder / f"{key}.executables"
+
+  def load(self, key: str, names: Sequence[str]) -> dict[str, Callable] | None:
+    from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
+    path = self._path(key)
+    try:
+      saved = pickle.loads(path.read_bytes())
+      if not set(names) <= set(saved):
+        return None
+      return {name: serialize_executable.deserialize_and_load(*saved[name]) for name in names}
+    except FileNotFoundError:
+      return None
+    except Exception:  # pylint: disable=broad-except  (unreadable: compile as if missing)
+      return None
+
+  def save(self, key: str, executables: Mapping[str, Callable]) -> None:
+    from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
+    path = self._path(key)
+    blob = pickle.dumps({name: serialize_executable.serialize(ex)
+                         for name, ex in executables.items()})
+    try:
+      self.folder.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
+      try:
+        with os.fdopen(fd, "wb") as f:
+          f.write(blob)
+        os.replace(tmp, path)
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
+    except OSError as e:  # a cache: the run goes on, the next one compiles again
+      logging.getLogger(__name__).warning("compiled programs not saved to %s: %s", path, e)

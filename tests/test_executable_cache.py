@@ -1,0 +1,97 @@
+"""ewc_jax.executable_cache: a run's compiled programs saved, loaded by the next run (nothing
+traced or compiled, the same numbers), refused when unreadable; and the command line's key
+(experiments.compile_cache.executables).
+
+The test session has JAX's persistent compilation cache on (conftest): a program compiled by an
+earlier test comes from it, and such a compile phase saves nothing. The runs here use a network
+no other test builds (hidden width 19), so their first compile is a fresh one.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ewc_jax import continual, executable_cache, heads
+from experiments import compile_cache
+from tests.test_continual import CFG, T, synthetic_tasks
+
+UNIQUE = dataclasses.replace(CFG, hidden=(19,), seed=5)
+
+
+def run(cfg, folder, key="k"):
+  net = heads.task_incremental(T, 2, hidden=cfg.hidden)
+  cached = executable_cache.Cached(executable_cache.Folder(folder), key)
+  traced = []
+
+  def listener(name, secs, **_):
+    if "jaxpr_trace_duration" in name or "backend_compile" in name:
+      traced.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    result = continual.run(cfg, net, synthetic_tasks(120, 0), synthetic_tasks(60, 1),
+                           executables=cached)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return result, traced
+
+
+def same(a, b):
+  np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)
+  assert a.curves == b.curves
+  for u, v in zip(jax.tree.leaves((a.params, a.memory)), jax.tree.leaves((b.params, b.memory))):
+    np.testing.assert_array_equal(u, v)
+
+
+def test_saved_programs_are_loaded_untraced_and_give_the_same_run(tmp_path):
+  first, traced_first = run(UNIQUE, tmp_path)
+  assert traced_first and (tmp_path / "k.executables").is_file()
+  second, traced_second = run(dataclasses.replace(UNIQUE, seed=6), tmp_path)  # seed: an input
+  assert traced_second == []  # nothing traced, lowered or compiled
+  reference, _ = run(dataclasses.replace(UNIQUE, seed=6), tmp_path / "none", key="other")
+  same(second, reference)
+  assert not np.array_equal(first.acc_matrix, second.acc_matrix) or first.curves != second.curves
+
+
+def test_a_compile_served_by_the_persistent_cache_saves_nothing(tmp_path):
+  """(Its serialisation would not run on CPU.) The programs of UNIQUE were compiled above or
+  are compiled now; the second time they come from JAX's cache and no file is written."""
+  cfg = dataclasses.replace(UNIQUE, hidden=(17,))
+  run(cfg, tmp_path / "a")
+  _, traced = run(cfg, tmp_path / "b")
+  assert traced and not (tmp_path / "b" / "k.executables").exists()
+
+
+def test_an_unreadable_entry_is_compiled_again(tmp_path):
+  cfg = dataclasses.replace(UNIQUE, hidden=(21,))
+  (tmp_path / "k.executables").write_bytes(b"not a pickle")
+  result, traced = run(cfg, tmp_path)
+  assert traced
+  reference, _ = run(cfg, tmp_path / "none", key="other")
+  same(result, reference)
+  assert executable_cache.Folder(tmp_path).load("k", ("chunk",)) is None
+
+
+def test_keys_are_checked():
+  store = executable_cache.Folder("/nonexistent")
+  with pytest.raises(ValueError, match=r"`key` must be 1-200 characters"):
+    store.load("../escape", ("chunk",))
+
+
+def test_the_command_lines_key_follows_every_part(tmp_path, monkeypatch):
+  monkeypatch.setenv("EWC_JAX_CACHE_DIR", str(tmp_path))
+  data = synthetic_tasks(120, 0)
+  base = compile_cache.executables({"run": {"lam": 1.0}}, data)
+  assert base.key == compile_cache.executables({"run": {"lam": 1.0}}, data).key
+  assert base.store.folder == tmp_path / "executables"
+  others = [compile_cache.executables({"run": {"lam": 2.0}}, data),
+            compile_cache.executables({"run": {"lam": 1.0}}, synthetic_tasks(130, 0)),
+            compile_cache.executables({"run": {"lam": 1.0},
+                                       "mean": np.float32([0.5])}, data)]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+  others.append(compile_cache.executables({"run": {"lam": 1.0}}, data))
+  assert len({base.key, *(o.key for o in others)}) == 1 + len(others)
+  with pytest.raises(TypeError, match="is not part of a compiled program's key"):
+    compile_cache.executables({"f": object()}, data)
