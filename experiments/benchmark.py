@@ -88,7 +88,7 @@ def _split(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: in
            classes_per_task: int | None = None, *, bench_name: str = "split_mnist"):
   del seed  # the classes of each task are fixed
   from experiments import protocols  # pylint: disable=import-outside-toplevel
-  num_classes = int(ds.train_labels.max()) + 1
+  num_classes = ds.num_classes
   per = BENCHMARKS[bench_name].classes_per_task_for(num_classes, classes_per_task)
   groups = [tuple(range(per * t, per * (t + 1))) for t in range(num_tasks)]
   return protocols.split(ds, scenario, num_tasks, max_examples, groups)

@@ -95,6 +95,11 @@ class Dataset(NamedTuple):
   load_seconds: float
   from_cache: bool  # True when every split came from the decoded-array cache
 
+  @property
+  def num_classes(self) -> int:
+    """The number of classes: labels are 0..num_classes-1 (the largest training label + 1)."""
+    return int(self.train_labels.max()) + 1
+
 
 def _tfds() -> Any:
   """`tensorflow_datasets`, imported on first use (not on the index fast path)."""

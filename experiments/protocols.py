@@ -50,7 +50,7 @@ def permuted(ds, scenario: str, num_tasks: int, max_examples: int | None,
 
   Class-incremental labels are offset by 10·t (a 10·T-way head); otherwise labels are 0..9.
   """
-  num_classes = int(ds.train_labels.max()) + 1
+  num_classes = ds.num_classes
   pixels = int(np.prod(ds.train_images.shape[1:]))
   perms = permutations(key, num_tasks, pixels)
 

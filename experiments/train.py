@@ -45,7 +45,7 @@ def load_dataset(config: config_lib.ExperimentConfig):
 def for_dataset(config: config_lib.ExperimentConfig, ds) -> config_lib.ExperimentConfig:
   """``config`` with the defaults that depend on the dataset resolved, checked against it
   (the number of tasks and classes per task its classes allow)."""
-  num_classes = int(ds.train_labels.max()) + 1
+  num_classes = ds.num_classes
   config = config.resolved(num_classes)
   config.validate(num_classes)
   return config
@@ -237,7 +237,7 @@ def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
 def benchmark_info(ds, input_stats: dict | None) -> dict:
   """What results.json records about the data beyond the tasks: image shape and class count
   (other than MNIST's) and the per-channel statistics used."""
-  shape, classes = list(ds.train_images.shape[1:]), int(ds.train_labels.max()) + 1
+  shape, classes = list(ds.train_images.shape[1:]), ds.num_classes
   info = {} if (shape == [28, 28, 1] and classes == 10) else {"image_shape": shape,
                                                               "num_classes": classes}
   return {**info, **({"input_stats": input_stats} if input_stats else {})}
