@@ -142,10 +142,9 @@ def test_benchmark_registry_builds_tasks():
   with pytest.raises(errors.SettingError, match="`benchmark`='nope' is invalid: expected one of"):
     benchmark.get("nope")
   rng = np.random.default_rng(0)
-  ds = type("Ds", (), {})()
-  ds.train_images = rng.integers(0, 255, (60, 4, 4, 1), dtype=np.uint8)
-  ds.train_labels = np.arange(60) % 10
-  ds.test_images, ds.test_labels = ds.train_images[:20], ds.train_labels[:20]
+  from experiments import data  # pylint: disable=import-outside-toplevel
+  images, labels = rng.integers(0, 255, (60, 4, 4, 1), dtype=np.uint8), np.arange(60) % 10
+  ds = data.Dataset(images, labels, images[:20], labels[:20], "tiny", "1.0.0", 0.0, False)
   split = benchmark.get("split_mnist").build(ds, "task", 2, None, 0)
   assert split.class_groups == ((0, 1), (2, 3)) and split.train.inputs.shape[0] == 2
   perm = benchmark.get("permuted_mnist")
