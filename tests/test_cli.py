@@ -187,14 +187,15 @@ def test_input_norm_mnist_is_torchvisions_normalisation_and_is_recorded(tiny_mni
 
 def test_a_warm_run_loads_its_compiled_programs_and_gives_the_same_results(tiny_mnist_dir,
                                                                          tmp_path):
-  """The first run saves its compiled programs under the cache folder, the second loads them
-  (train_chunk is not traced again: JAX logs every trace) and writes the same numbers; with
-  --nocompile_cache nothing is read or saved."""
+  """The first run saves its compiled programs under the cache folder; a second one with
+  another λ (an argument of the programs) loads them (train_chunk is not traced again: JAX logs
+  every trace) and writes the numbers of the same run made with --nocompile_cache, which reads
+  and saves nothing."""
   env = {"EWC_JAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_LOG_COMPILES": "1"}
   common = ("--algo=ewc", "--num_tasks=2", "--max_examples=200", "--epochs=1", "--hidden=23",
             "--noplots", "--nocheckpoint", "--noprogress", f"--data_dir={tiny_mnist_dir}")
   recs, logs = [], []
-  for i, extra in enumerate(([], [], ["--nocompile_cache"])):
+  for i, extra in enumerate((["--lam=10"], ["--lam=1000"], ["--lam=1000", "--nocompile_cache"])):
     proc = run_cli(*common, *extra, f"--workdir={tmp_path / str(i)}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs.append(json.loads((tmp_path / str(i) / "results.json").read_text()))
@@ -202,5 +203,5 @@ def test_a_warm_run_loads_its_compiled_programs_and_gives_the_same_results(tiny_
     assert len(list((tmp_path / "cache" / "executables").glob("*.executables"))) == 1
   assert "Finished tracing train_chunk" in logs[0] and "Finished tracing train_chunk" in logs[2]
   assert "Finished tracing train_chunk" not in logs[1]
-  for rec in recs[1:]:
-    assert rec["acc_matrix"] == recs[0]["acc_matrix"] and rec["curves"] == recs[0]["curves"]
+  assert recs[1]["acc_matrix"] == recs[2]["acc_matrix"] and recs[1]["curves"] == recs[2]["curves"]
+  assert recs[0]["curves"] != recs[1]["curves"]  # λ reached the loaded programs
