@@ -1,6 +1,5 @@
 """ewc_jax.executable_cache: a run's compiled programs saved, loaded by the next run (nothing
-traced or compiled, the same numbers), refused when unreadable; and the command line's key
-(experiments.compile_cache.executables).
+traced or compiled, the same numbers), compiled again when unreadable.
 
 The test session has JAX's persistent compilation cache on (conftest): a program compiled by an
 earlier test comes from it, and such a compile phase saves nothing. The runs here use a network
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 
 from ewc_jax import continual, executable_cache, heads
-from experiments import compile_cache
 from tests.test_continual import CFG, T, synthetic_tasks
 
 UNIQUE = dataclasses.replace(CFG, hidden=(19,), seed=5)
@@ -80,20 +78,3 @@ def test_keys_are_checked():
   store = executable_cache.Folder("/nonexistent")
   with pytest.raises(ValueError, match=r"`key` must be 1-200 characters"):
     store.load("../escape", ("chunk",))
-
-
-def test_the_command_lines_key_follows_every_part(tmp_path, monkeypatch):
-  monkeypatch.setenv("EWC_JAX_CACHE_DIR", str(tmp_path))
-  data = synthetic_tasks(120, 0)
-  base = compile_cache.executables({"run": {"lam": 1.0}}, data)
-  assert base.key == compile_cache.executables({"run": {"lam": 1.0}}, data).key
-  assert base.store.folder == tmp_path / "executables"
-  others = [compile_cache.executables({"run": {"lam": 2.0}}, data),
-            compile_cache.executables({"run": {"lam": 1.0}}, synthetic_tasks(130, 0)),
-            compile_cache.executables({"run": {"lam": 1.0},
-                                       "mean": np.float32([0.5])}, data)]
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
-  others.append(compile_cache.executables({"run": {"lam": 1.0}}, data))
-  assert len({base.key, *(o.key for o in others)}) == 1 + len(others)
-  with pytest.raises(TypeError, match="is not part of a compiled program's key"):
-    compile_cache.executables({"f": object()}, data)
