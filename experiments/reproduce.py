@@ -68,6 +68,8 @@ flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint within a task every
 flags.DEFINE_bool("progress", True, "Show a progress bar per task.")
 flags.DEFINE_bool("compile_cache", True, "Use JAX's persistent compilation cache.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks for user errors.")
+flags.DEFINE_bool("rerun", False, "Train rows the JSON store already holds for the same seeds "
+                  "again (default: keep them and go on with the missing rows).")
 FLAGS = flags.FLAGS
 
 
@@ -100,6 +102,7 @@ class Options:
   checkpoint_every: int
   progress: bool
   compile_cache: bool
+  rerun: bool = False
 
   @classmethod
   def from_flags(cls, values: flags.FlagValues) -> Options:
@@ -143,7 +146,7 @@ class Options:
                out=out, json_path=Path(values.json) if values.json else out.with_suffix(".json"),
                data_dir=values.data_dir, workdir=values.workdir, checkpoint=values.checkpoint,
                checkpoint_every=values.checkpoint_every, progress=values.progress,
-               compile_cache=values.compile_cache)
+               compile_cache=values.compile_cache, rerun=values.rerun)
 
 
 def main(argv):
@@ -177,7 +180,7 @@ def main(argv):
       reproduce_runner.reproduce(
           opts.setup, opts.algos, opts.scenarios, opts.seeds, ds, opts.out, opts.json_path,
           overrides, progress=progress, log=lambda *a, **k: print(*a, **k, flush=True),
-          checkpoint_root=root, checkpoint_every=opts.checkpoint_every)
+          checkpoint_root=root, checkpoint_every=opts.checkpoint_every, rerun=opts.rerun)
       print(f"total {time.perf_counter() - t0:.0f} s (startup {t0 - _START:.1f} s); "
             f"wrote {opts.out} and {opts.json_path}")
   except interrupt.Interrupted as err:

@@ -172,9 +172,14 @@ def checkpoint_folder(root: Path, key: str) -> Path:
 def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
               seeds: Sequence[int], ds, out: Path, json_path: Path,
               overrides: Overrides = Overrides(), progress=None, log=print,
-              checkpoint_root: Path | None = None, checkpoint_every: int = 0) -> dict:
+              checkpoint_root: Path | None = None, checkpoint_every: int = 0,
+              rerun: bool = False) -> dict:
   """Runs every (scenario, algo), saving the store and the markdown after each one (the store is
   re-read before each write, so concurrent invocations only race for milliseconds).
+
+  A row the store already holds for the same seeds is kept as it is, not trained again (an
+  invocation of several rows, stopped and started again, goes on with the first missing row);
+  ``rerun=True`` trains every row anew.
 
   ``checkpoint_root``: each (scenario, algo) sweep checkpoints under its own folder there
   (after each task, and every ``checkpoint_every`` steps); a killed or interrupted invocation
@@ -187,6 +192,11 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
     for j, algo in enumerate(algos):
       prefix = f"{scenario}/{algo} "
       key = row_key(setup, overrides, scenario, algo)
+      stored = results_store.load_store(json_path)["records"].get(key)
+      if not rerun and stored is not None and stored.get("seeds") == [int(s) for s in seeds]:
+        log(f"[{i * len(algos) + j + 1}/{total}] {key}: stored ({stored['mean']:.2f} ± "
+            f"{stored['std']:.2f}), kept (--rerun trains it again)")
+        continue
       saver = None
       if checkpoint_root is not None:
         saver = checkpoint.SweepCheckpointer(
@@ -202,4 +212,4 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
       results_report.write_markdown(store, out)
       if saver is not None:
         checkpoint.discard(saver.directory)
-  return store
+  return results_store.load_store(json_path)

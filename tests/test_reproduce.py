@@ -198,6 +198,17 @@ def test_tiny_real_run_writes_markdown_and_json(tiny_mnist_dir, tmp_path):
   assert "REDUCED" in md and "| Task-IL | EWC | 100 → 200 |" in md
   assert "| EWC | " in md and "97.70 ± 0.81" in md          # ours beside the paper's
 
+  # Again: the stored row is kept (not trained); other seeds, or rerun=True, train it anew.
+  lines = []
+  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out, store, over,
+                   log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+  assert json.loads(store.read_text())["records"][key] == ewc
+  assert len(lines) == 1 and lines[0].endswith("kept (--rerun trains it again)"), lines
+  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out, store, over,
+                   log=lambda *a, **k: None, rerun=True)
+  again = json.loads(store.read_text())["records"][key]
+  assert again["acc_matrix"] == ewc["acc_matrix"] and again["wall_seconds"] != ewc["wall_seconds"]
+
 
 def test_iterations_protocol_trains_the_papers_iterations(tiny_mnist_dir, tmp_path):
   """van de Ven's protocol counts iterations per task (joint too, on the union of the tasks so
