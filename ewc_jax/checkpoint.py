@@ -81,7 +81,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 # Config fields added after checkpoints were written, with the value those checkpoints ran with.
-_ADDED = {"optimizer": "adam", "backbone": "mlp", "width": None, "augment": "none"}
+_ADDED = {"optimizer": "adam", "backbone": "mlp", "width": None, "augment": "none", "init": "flax"}
 # Run-identity keys (beside the config's fields) added since: the value those checkpoints ran
 # with (classes_per_task: every split checkpoint before it was Split MNIST, 2 classes per task).
 _ADDED_KEYS = {"classes_per_task": 2}

@@ -38,6 +38,7 @@ from ewc_jax import executable_cache
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
 from ewc_jax import holdout
+from ewc_jax import initializers
 from ewc_jax import task_data
 from ewc_jax import train as train_lib
 
@@ -109,6 +110,10 @@ class Config:
   width: int | None = _setting(
       None, "ResNet width (channels of stage 1); default: the backbone's own (20, or 64 for "
       "resnet18_full).")
+  init: str = _setting(
+      "flax", "Parameter initialisation (ewc_jax.initializers): flax (LeCun-normal kernels, zero "
+      "biases) | pytorch (PyTorch's nn.Linear/nn.Conv2d default: kernels and biases uniform in "
+      "±1/sqrt(fan_in)), for parity with papers' PyTorch code.")
   augment: str = _setting(
       "none", "Training-batch augmentation (ewc_jax.augment), drawn on device from the run's "
       "key: none | crop_flip (random crop after 4 pixels of zero padding, horizontal flip: the "
@@ -183,6 +188,8 @@ class Config:
         bad(name, value, "an integer >= 1")
     if self.optimizer not in train_lib.OPTIMIZERS:
       bad("optimizer", self.optimizer, "one of " + ", ".join(train_lib.OPTIMIZERS))
+    if self.init not in initializers.NAMES:
+      bad("init", self.init, "one of " + ", ".join(initializers.NAMES))
     if self.augment not in augment_lib.NAMES:
       bad("augment", self.augment, "one of " + ", ".join(augment_lib.NAMES))
     if not isinstance(self.reset_optimizer, (bool, np.bool_)):
@@ -322,7 +329,7 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
     return train_lib.evaluate(net, preprocess, params, data, trained_task, model_state)
 
   return Programs(
-      init=lambda key: heads.init_variables(net, key, example),
+      init=lambda key: _initial_variables(cfg, net, key, example),
       order=lambda key, count: train_lib.epoch_order(key, count, n_max, steps * cfg.batch_size),
       chunk=functools.partial(train_lib.train_chunk, net, algo, tx, preprocess, cfg.batch_size,
                               cfg.chunk_steps, consolidate=mode,
@@ -330,6 +337,12 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
       evaluate=evaluate,
       consolidate=consolidate,
       steps_per_epoch=steps)
+
+
+def _initial_variables(cfg: Config, net: heads.Network, key: jax.Array, example: jax.Array):
+  """``(params, model_state)`` of ``net`` from ``key``, with ``cfg.init``'s initialisation."""
+  params, model_state = heads.init_variables(net, key, example)
+  return initializers.apply(cfg.init, jax.random.fold_in(key, 0x1417), params), model_state
 
 
 def _i32(x) -> jax.Array:
