@@ -306,7 +306,7 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
              train: train_lib.TaskData, preprocess: Callable = train_lib.scale_pixels) -> Programs:
   tx = train_lib.make_optimizer(cfg.optimizer)
   n_max = train.inputs.shape[1]
-  steps = -(-n_max // cfg.batch_size)
+  steps = _steps_per_epoch(cfg, train)
   example = preprocess(train.inputs[0, :1])
 
   mode = cfg.consolidated
@@ -337,6 +337,11 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
       evaluate=evaluate,
       consolidate=consolidate,
       steps_per_epoch=steps)
+
+
+def _steps_per_epoch(cfg: Config, train: train_lib.TaskData) -> int:
+  """Train steps of an epoch of the largest task (a partial last batch is a step)."""
+  return -(-int(train.inputs.shape[1]) // cfg.batch_size)
 
 
 def _initial_variables(cfg: Config, net: heads.Network, key: jax.Array, example: jax.Array):
@@ -425,10 +430,9 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   names += ["init", "init_memory"] if init else []
   names += ["evaluate_validation"] if validation is not None else []
   names += ["consolidate"] if algo.importance is not None and num_tasks > 1 else []
-  steps_per_epoch = -(-int(train.inputs.shape[1]) // cfg.batch_size)
   loaded = executables.store.load(executables.key, names) if executables is not None else None
   if loaded is not None:
-    return _compiled(loaded, steps_per_epoch)
+    return _compiled(loaded, _steps_per_epoch(cfg, train))
   progs = programs(cfg, net, algo, train, preprocess)
   tx = train_lib.make_optimizer(cfg.optimizer)
   jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
@@ -446,16 +450,14 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
                                                  zero, key)
   lowered["evaluate"] = jit(progs.evaluate, (0, 0, None, None), out=None).lower(
       params, model_state, test, zero)
-  if validation is not None:
+  if "evaluate_validation" in names:
     lowered["evaluate_validation"] = jit(progs.evaluate, (0, 0, None, None), out=None).lower(
         params, model_state, validation, zero)
-  if algo.importance is not None and num_tasks > 1:
+  if "consolidate" in names:
     lowered["consolidate"] = jit(progs.consolidate, (0, 0, 0, None, None, 0, 0),
                                  donate_argnums=0).lower(memory, params, model_state, train, zero,
                                                          key, hyper)
-  if not init:
-    del lowered["init"], lowered["init_memory"]
-  assert sorted(lowered) == sorted(names), (sorted(lowered), sorted(names))
+  lowered = {name: lowered[name] for name in names}  # without init: its shapes only
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
   with executable_cache.persistent_cache_hits() as hits:
     with concurrent.futures.ThreadPoolExecutor(workers,

@@ -30,6 +30,7 @@ of θ and is not protected by the penalty.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -144,7 +145,7 @@ def class_incremental(class_groups: Sequence[Sequence[int]],
 
 def _is_nnx_module(obj: Any) -> bool:
   """Whether ``obj`` is an ``flax.nnx.Module`` instance (without importing NNX for others)."""
-  nnx = __import__("sys").modules.get("flax.nnx")
+  nnx = sys.modules.get("flax.nnx")
   return nnx is not None and isinstance(obj, nnx.Module)
 
 
@@ -155,7 +156,7 @@ def _check_nnx_modes(module: nn.Module) -> None:
   module at every call, so ``.train()`` / ``.eval()`` never reach it, and evaluation would run
   it in its constructor's mode (batch statistics or live dropout) without a word."""
   nnx_class = getattr(module, "nnx_class", None)
-  if nnx_class is None or "train" in inspect.signature(nnx_class.__call__).parameters:
+  if nnx_class is None or _takes_train(module):
     return
   from flax import nnx  # pylint: disable=import-outside-toplevel
   def build():
@@ -198,13 +199,18 @@ def make_network(scenario: str, class_groups: Sequence[Sequence[int]],
   return build(len(class_groups), sizes.pop(), hidden, backbone=backbone, **options)
 
 
-def _mode(module: nn.Module, train: bool) -> dict:
-  """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``. An NNX
-  module wrapped by ``flax.nnx.bridge.to_linen`` is asked through its ``nnx_class`` (the
-  wrapper's own ``__call__`` takes ``**kwargs`` and passes them on)."""
+def _takes_train(module: nn.Module) -> bool:
+  """Whether the module's ``__call__`` takes ``train``. An NNX module wrapped by
+  ``flax.nnx.bridge.to_linen`` is asked through its ``nnx_class`` (the wrapper's own
+  ``__call__`` takes ``**kwargs`` and passes them on)."""
   nnx_class = getattr(module, "nnx_class", None)
   call = nnx_class.__call__ if nnx_class is not None else module.__call__
-  return {"train": train} if "train" in inspect.signature(call).parameters else {}
+  return "train" in inspect.signature(call).parameters
+
+
+def _mode(module: nn.Module, train: bool) -> dict:
+  """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``."""
+  return {"train": train} if _takes_train(module) else {}
 
 
 def init_variables(net: Network, key: jax.Array, example: jax.Array) -> tuple[PyTree, PyTree]:

@@ -191,10 +191,11 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
   for i, scenario in enumerate(scenarios):
     for j, algo in enumerate(algos):
       prefix = f"{scenario}/{algo} "
+      tag = f"[{i * len(algos) + j + 1}/{total}] "
       key = row_key(setup, overrides, scenario, algo)
       stored = results_store.load_store(json_path)["records"].get(key)
       if not rerun and stored is not None and stored.get("seeds") == [int(s) for s in seeds]:
-        log(f"[{i * len(algos) + j + 1}/{total}] {key}: stored ({stored['mean']:.2f} ± "
+        log(f"{tag}{key}: stored ({stored['mean']:.2f} ± "
             f"{stored['std']:.2f}), kept (--rerun trains it again)")
         continue
       saver = None
@@ -206,7 +207,7 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
             every=checkpoint_every, log=lambda line: log(f"  {line}"))
       rec = run_one(setup, algo, scenario, seeds, ds, overrides,
                     progress=progress(prefix) if progress else None, log=log,
-                    tag=f"[{i * len(algos) + j + 1}/{total}] ", checkpointer=saver)
+                    tag=tag, checkpointer=saver)
       store = results_store.add_record(json_path, key, rec, environment)
       results_store.save(store, json_path)
       results_report.write_markdown(store, out)
