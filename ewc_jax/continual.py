@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -436,6 +437,8 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   progs = programs(cfg, net, algo, train, preprocess)
   tx = train_lib.make_optimizer(cfg.optimizer)
   jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
+  if executables is not None:  # programs named after the key: see _named
+    jit = _named(jit, executables.key)
   zero = _i32(0)
   lowered = {"init": jit(progs.init, 0).lower(key),
              "order": jit(progs.order, (0, None)).lower(key, zero)}
@@ -466,6 +469,25 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   if executables is not None and not hits:
     executables.store.save(executables.key, compiled)
   return _compiled(compiled, progs.steps_per_epoch)
+
+
+def _named(jit: Callable, key: str) -> Callable:
+  """``jit`` whose programs are named after the store's ``key`` (``<function>_<digest>``).
+
+  The name is part of the lowered module, hence of the key of JAX's persistent compilation
+  cache: programs that the store does not hold are compiled afresh (not loaded from that cache,
+  whose executables cannot be serialised again on CPU, see :mod:`ewc_jax.executable_cache`),
+  so the store gets them and the next run loads them."""
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+
+  def named_jit(f, *args, **kwargs):
+    def program(*a, **k):
+      return f(*a, **k)
+    name = getattr(f, "__name__", None) or getattr(getattr(f, "func", None), "__name__",
+                                                   "program")
+    program.__name__ = program.__qualname__ = f"{name.strip('<>')}_{digest}"
+    return jit(program, *args, **kwargs)
+  return named_jit
 
 
 def _compiled(programs_: dict, steps_per_epoch: int) -> Compiled:

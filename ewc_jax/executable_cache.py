@@ -12,8 +12,12 @@ must not use a store; :func:`ewc_jax.continual.run` uses one only when given one
 
 Only freshly compiled programs are saved: on CPU (jaxlib 0.10) the serialisation of an
 executable that JAX's persistent compilation cache loaded does not run ("Function ... not
-found"), so a compile phase served by that cache saves nothing (:func:`persistent_cache_hits`)
-and the next run loads from that cache as before.
+found"), so a compile phase served by that cache saves nothing (:func:`persistent_cache_hits`).
+:func:`ewc_jax.continual.compile_programs` therefore names the programs of a store after its
+key (``chunk_<digest>``): the name is part of the lowered module and of JAX's cache key, so
+programs the store lacks under a new key (e.g. after an edit of the code that leaves them as
+they were) are compiled afresh and saved, not loaded from JAX's cache. Only when the store lost
+an entry that JAX's cache still holds under the same key does a run load from that cache.
 
 A saved entry that cannot be read back (truncated, written by another jaxlib) counts as
 missing, and the programs are compiled as usual. A loaded executable still checks the

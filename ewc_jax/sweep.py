@@ -56,6 +56,7 @@ from ewc_jax import algorithms
 from ewc_jax import checkpoint as checkpoint_lib
 from ewc_jax import continual
 from ewc_jax import errors
+from ewc_jax import executable_cache
 from ewc_jax import heads
 from ewc_jax import interrupt
 from ewc_jax import metrics as metrics_lib
@@ -172,7 +173,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
         preprocess: Callable = train_lib.scale_pixels,
         progress: Callable[..., Any] | None = None,
         chunk_progress: Callable[[int, int, range], Any] | None = None,
-        checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None) -> SweepResult:
+        checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None,
+        executables: "executable_cache.Cached | None" = None) -> SweepResult:
   """Trains every config on the same task sequence; see the module docstring.
 
   Args:
@@ -188,6 +190,10 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
       folder holds it (resume: bit-identical). Every chunk's checkpoint is checked to come from
       this sweep (configs, layout) before anything is trained. Without one, a stop requested
       by :func:`ewc_jax.interrupt.catch`'s handlers still ends the sweep between chunks.
+    executables: a store of compiled programs and the key of the shared settings (as for
+      ``continual.run``: everything the programs are built from but the swept values); the
+      layout (configs per chunk, mesh shape) and whether p is read at run time are added to
+      the key here. Every chunk then loads the programs the first one compiled.
   """
   configs = tuple(configs)
   validate(configs)
@@ -202,6 +208,10 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
       preprocess = data_parallel(preprocess, mesh)
   padded = configs + (configs[-1],) * layout.padding
   dynamic_p = "p" in swept
+  if executables is not None:
+    executables = executable_cache.Cached(executables.store, (
+        f"{executables.key}-k{layout.chunk_size}-c{layout.config_parallel}"
+        f"-d{layout.data_parallel}-p{int(dynamic_p)}"))
   chunks = [range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
             for i in range(layout.num_chunks)]
 
@@ -236,7 +246,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
       result = continual.run(part[0], net, train, test, preprocess=preprocess,
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
-                             on_checkpoint=ckpt if ckpt is not None else interrupt.check)
+                             on_checkpoint=ckpt if ckpt is not None else interrupt.check,
+                             executables=executables)
     mats.append(np.asarray(result.acc_matrix))
     if result.val_acc_matrix is not None:
       val_mats.append(np.asarray(result.val_acc_matrix))

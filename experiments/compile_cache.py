@@ -81,6 +81,25 @@ def executables(parts: dict, *arrays) -> executable_cache.Cached:
                                  key)
 
 
+ARGUMENTS = ("seed", "lam", "gamma", "lr")  # run settings the programs take as arguments
+
+
+def run_executables(config, run, built, preprocess, train, test,
+                    arguments: tuple[str, ...] = ARGUMENTS) -> executable_cache.Cached:
+  """The store and key of the programs of ``run`` (an experiment's ``continual.Config``):
+  they are built from its settings but ``arguments`` (the seed's PRNG keys and
+  ``continual.hyper_of``'s λ, γ and learning rate; a sweep's swept p too), the class groups,
+  the input normalisation (``config.input_norm_name`` and ``preprocess``'s statistics) and the
+  shapes of ``train`` / ``test``."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in arguments}
+  norm = {"name": config.input_norm_name, "mean": getattr(preprocess, "mean", None),
+          "std": getattr(preprocess, "std", None)}
+  parts = {"run": settings, "class_groups": [list(map(int, g)) for g in built.class_groups],
+           "input_norm": norm}
+  return executables(parts, train, test)
+
+
 def _exact(value):
   """JSON for what ``json`` cannot write: arrays in full (every bit of a float32 counts)."""
   import numpy as np  # pylint: disable=import-outside-toplevel

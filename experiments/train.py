@@ -141,20 +141,11 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
 
 def _executables(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
                  train, test):
-  """The compiled-program store and key of this run (``None`` without ``compile_cache``): the
-  programs are built from the run's settings but those passed to them as arguments (the seed's
-  PRNG keys and ``continual.hyper_of``'s λ, γ and learning rate), the class groups, the input
-  normalisation and the data's shapes."""
+  """The compiled-program store and key of this run (``None`` without ``compile_cache``)."""
   if not config.compile_cache:
     return None
   from experiments import compile_cache  # pylint: disable=import-outside-toplevel
-  arguments = ("seed", "lam", "gamma", "lr")
-  settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in arguments}
-  norm = {"name": config.input_norm_name, "mean": getattr(preprocess, "mean", None),
-          "std": getattr(preprocess, "std", None)}
-  parts = {"run": settings, "class_groups": [list(map(int, g)) for g in built.class_groups],
-           "input_norm": norm}
-  return compile_cache.executables(parts, train, test)
+  return compile_cache.run_executables(config, run, built, preprocess, train, test)
 
 
 def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,

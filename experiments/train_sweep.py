@@ -78,8 +78,15 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
           root / f"group_{g}", {**ident, "group": g, "members": members}, keep=exp.keep,
           every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
           log=lambda line, prefix=prefix: print(prefix + line, flush=True))
+    executables = None
+    if exp.compile_cache and not config.distributed:  # one store per host: not shared
+      from experiments import compile_cache  # pylint: disable=import-outside-toplevel
+      swept = sweep.swept_names(configs)
+      executables = compile_cache.run_executables(
+          exp, first, built, preprocess, train, test,
+          arguments=compile_cache.ARGUMENTS + (("p",) if "p" in swept else ()))
     result = sweep.run([configs[k] for k in members], net, train, test,
-                       preprocess=preprocess,
+                       preprocess=preprocess, executables=executables,
                        max_parallel=config.max_parallel,
                        progress=progress if exp.progress else None, chunk_progress=on_chunk,
                        checkpointer=saver)

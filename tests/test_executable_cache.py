@@ -54,12 +54,25 @@ def test_saved_programs_are_loaded_untraced_and_give_the_same_run(tmp_path):
 
 
 def test_a_compile_served_by_the_persistent_cache_saves_nothing(tmp_path):
-  """(Its serialisation would not run on CPU.) The programs of UNIQUE were compiled above or
-  are compiled now; the second time they come from JAX's cache and no file is written."""
+  """(Its serialisation would not run on CPU.) The same key in another store (the store's
+  entry lost): the programs, named after the key, come from JAX's cache and no file is
+  written."""
   cfg = dataclasses.replace(UNIQUE, hidden=(17,))
   run(cfg, tmp_path / "a")
   _, traced = run(cfg, tmp_path / "b")
   assert traced and not (tmp_path / "b" / "k.executables").exists()
+
+
+def test_programs_of_a_new_key_are_compiled_afresh_and_saved(tmp_path):
+  """A new key (e.g. after an edit of the code that leaves the programs as they were) names
+  the programs anew, so JAX's cache does not serve them: they are compiled, saved, and the
+  next run under that key loads them."""
+  cfg = dataclasses.replace(UNIQUE, hidden=(23,))
+  run(cfg, tmp_path / "a", key="old")
+  _, traced = run(cfg, tmp_path / "b", key="new")
+  assert traced and (tmp_path / "b" / "new.executables").is_file()
+  _, traced_again = run(cfg, tmp_path / "b", key="new")
+  assert traced_again == []
 
 
 def test_an_unreadable_entry_is_compiled_again(tmp_path):

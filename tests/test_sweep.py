@@ -151,9 +151,33 @@ def test_two_processes_distributed_equal_one_process(full_sweep):
     np.testing.assert_allclose(res["acc"], full_sweep.acc_matrix, atol=1e-6)
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
   return subprocess.run([sys.executable, "-m", "experiments.sweep", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, **(env or {})})
+
+
+def test_cli_sweep_loads_the_programs_an_earlier_sweep_saved(tiny_mnist_dir, tmp_path):
+  """A sweep saves its compiled programs (one entry for its two chunks); a sweep over other λ
+  values (arguments of the programs) loads them (train_chunk is not traced again) and gives
+  the numbers of the same sweep with --nocompile_cache."""
+  env = {"EWC_JAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_LOG_COMPILES": "1"}
+  common = ("--benchmark=split_mnist", "--algo=ewc", "--num_tasks=2", "--max_examples=200",
+            "--epochs=1", "--hidden=29", "--max_parallel=2", "--noprogress",
+            f"--data_dir={tiny_mnist_dir}")
+  recs, logs = [], []
+  for i, extra in enumerate((["--lam=1,10,30,100"], ["--lam=3,300,1000,3000"],
+                             ["--lam=3,300,1000,3000", "--nocompile_cache"])):
+    proc = run_cli(*common, *extra, f"--workdir={tmp_path / str(i)}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs.append(json.loads((tmp_path / str(i) / "results.json").read_text()))
+    logs.append(proc.stderr)
+    assert len(list((tmp_path / "cache" / "executables").glob("*.executables"))) == 1
+  assert logs[0].count("Finished tracing train_chunk") == 1  # two chunks, one compile
+  assert "Finished tracing train_chunk" not in logs[1]
+  assert "Finished tracing train_chunk" in logs[2]
+  assert [c["acc_matrix"] for c in recs[1]["configs"]] == [
+      c["acc_matrix"] for c in recs[2]["configs"]]
 
 
 def test_cli_real_data_smoke(tiny_mnist_dir, tmp_path):
