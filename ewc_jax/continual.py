@@ -317,11 +317,12 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
     if algo.importance == "unit":
       importance = jax.tree.map(jnp.ones_like, theta)
     else:
-      x = preprocess(data.inputs[task_index])
+      x = data.inputs[task_index]  # preprocessed batch by batch (no [N, ...] float copy)
       mask = jnp.arange(x.shape[0]) < data.counts[task_index]
-      logits_fn = heads.consolidated_logits_fn(net, params, task_index, model_state)
+      task_logits = heads.consolidated_logits_fn(net, params, task_index, model_state)
       importance = fisher_lib.fisher_diagonal(
-          logits_fn, theta, x, data.labels[task_index], kind=cfg.fisher,
+          lambda theta, xb: task_logits(theta, preprocess(xb)), theta, x,
+          data.labels[task_index], kind=cfg.fisher,
           batch_size=cfg.fisher_batch_size, key=key, mask=mask,
           normalize_by_num_params=cfg.fisher_normalize)
     return algo.consolidate(memory, theta, importance, task_index, hyper)
