@@ -155,9 +155,6 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
   from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
 
   seeds = config.seed_list
-  if config.plots:  # matplotlib's import overlaps the training
-    from experiments import plots  # pylint: disable=import-outside-toplevel
-    plots.prefetch()
   identity = config.identity(f"{ds.name}:{ds.version}")
   preprocess = input_norm.make(config.input_norm_name, ds.train_images)
   runs = []
@@ -166,6 +163,9 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
     t0 = time.perf_counter()
     built = build_tasks(config, ds, run)
     data_seconds = start["load"] + time.perf_counter() - t0
+    if config.plots and not runs:  # matplotlib's import overlaps the training (after the
+      from experiments import plots  # pylint: disable=import-outside-toplevel
+      plots.prefetch()               # data: both hold the GIL)
     if not runs:  # checks and checkpoint preparation, before anything is trained or written
       check_batch_size(config.run.batch_size, built.train.counts)
       if config.checkpoint:
