@@ -5,7 +5,8 @@
 Inputs as the benchmarks they serve: 28x28x1 (Split MNIST) for ``mlp`` (784-400-400) and
 ``cnn``, 32x32x3 (Split CIFAR) for the ResNets; 2-way task heads; random uint8 images (speed does
 not depend on the values). Train step: EWC with p = 2 and one anchor (the merged statistics),
-``lax.scan`` over a chunk of batches drawn from device-resident data, as in training (BatchNorm
+the train chunk of the runner (:func:`ewc_jax.train.train_chunk`) over batches drawn from
+device-resident data, as in training (BatchNorm
 in train mode, its running statistics updated). Fisher: the empirical Fisher of the
 consolidated parameters (evaluation mode), as the runner computes it after a task.
 ``--scale`` multiplies the number of examples timed (default sized for a CPU).

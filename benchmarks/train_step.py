@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--steps=64]
 
-Steps run as in training: a ``lax.scan`` over a chunk of batches drawn from device-resident data.
+Steps run as in training: the runner's train chunk over batches drawn from device-resident data.
 Reported also as a fraction of this machine's measured float32 matmul peak (a large jnp.dot).
 FLOPs per example (training): forward 2·Σ(in·out) + weight gradients 2·Σ(in·out) + input
 gradients of every layer but the first 2·Σ_{l>1}(in·out).
