@@ -191,15 +191,28 @@ def _snapshot(params: PyTree, arrays: PyTree) -> tuple[PyTree, jax.Array, jax.Ar
   return jax.tree.map(jnp.copy, arrays), _all_finite(params), _all_finite(arrays)
 
 
-def _on_host(arrays: PyTree) -> PyTree:
-  """``arrays`` as NumPy copies when every one lives whole in this process (orbax then writes
-  them without its per-``jax.Array`` sharding machinery: about a fifth less CPU per save);
-  sharded or multi-process arrays stay ``jax.Array``."""
-  leaves = jax.tree.leaves(arrays)
-  if all(isinstance(a, jax.Array) and a.is_fully_addressable and len(a.sharding.device_set) == 1
-         for a in leaves):
-    return jax.device_get(arrays)
-  return arrays
+def _whole_here(tree: PyTree) -> bool:
+  """Whether every leaf is a ``jax.Array`` on one device of this process."""
+  return all(isinstance(a, jax.Array) and a.is_fully_addressable
+             and len(a.sharding.device_set) == 1 for a in jax.tree.leaves(tree))
+
+
+def _host_finite(tree: PyTree) -> bool:
+  return all(bool(np.isfinite(a).all()) for a in jax.tree.leaves(tree)
+             if jnp.issubdtype(a.dtype, jnp.inexact))
+
+
+def _saved_copy(params: PyTree, arrays: PyTree) -> tuple[PyTree, bool, bool]:
+  """A copy of ``arrays`` safe from later donation, and whether ``params`` and ``arrays`` are
+  finite. When every array lives whole in this process: NumPy copies checked on the host
+  (orbax then writes them without its per-``jax.Array`` sharding machinery, about a fifth
+  less CPU per save, and nothing is compiled); else device copies (:func:`_snapshot`)."""
+  if _whole_here(arrays):
+    host = jax.device_get(arrays)
+    ok = _host_finite(host)
+    return host, (ok or _host_finite(jax.device_get(params))), ok
+  copy, params_ok, all_ok = _snapshot(params, arrays)
+  return copy, bool(params_ok), bool(all_ok)
 
 
 class RunCheckpointer:
@@ -382,10 +395,10 @@ class RunCheckpointer:
     """Writes ``rs`` as the next checkpoint (atomic; in the background when ``async_save``)
     and returns its step."""
     t0 = time.perf_counter()
-    arrays, params_ok, all_ok = _snapshot(rs.train_state.params,
-                                          _on_disk(rs.train_state, rs.memory))
-    if not bool(all_ok):
-      what = "parameters" if not bool(params_ok) else "importance/memory"
+    arrays, params_ok, all_ok = _saved_copy(rs.train_state.params,
+                                            _on_disk(rs.train_state, rs.memory))
+    if not all_ok:
+      what = "parameters" if not params_ok else "importance/memory"
       task = rs.task - 1 if reason == "task" else rs.task
       where = (f"after task {task + 1}" if reason == "task" else
                f"at task {task + 1}, epoch {rs.epoch + 1}, step {rs.step}")
@@ -414,7 +427,7 @@ class RunCheckpointer:
     previous = self._pending
     try:
       mgr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_on_host(arrays)),
+          state=ocp.args.StandardSave(arrays),
           meta=ocp.args.JsonSave(_jsonable(meta))),
                force=True)
     except Exception as err:  # noqa: BLE001 (this save, or the previous background one, failed)
