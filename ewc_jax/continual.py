@@ -288,8 +288,8 @@ def make_algorithm(cfg: Config, dynamic_p: bool = False) -> algorithms.Algorithm
 
 
 def hyper_of(cfg: Config) -> algorithms.Hyper:
-  return algorithms.Hyper(*(jnp.asarray(v, jnp.float32)
-                            for v in (cfg.lam, cfg.p, cfg.gamma, cfg.lr)))
+  """The run's λ, p, γ and learning rate as float32 (NumPy: no device op, nothing compiled)."""
+  return algorithms.Hyper(*(np.float32(v) for v in (cfg.lam, cfg.p, cfg.gamma, cfg.lr)))
 
 
 class Programs(NamedTuple):
@@ -352,8 +352,17 @@ def _initial_variables(cfg: Config, net: heads.Network, key: jax.Array, example:
   return initializers.apply(cfg.init, jax.random.fold_in(key, 0x1417), params), model_state
 
 
-def _i32(x) -> jax.Array:
-  return jnp.asarray(x, jnp.int32)
+def _seed_uint32(seed: int) -> np.uint32:
+  """``seed`` as the uint32 whose ``jax.random.key`` equals ``jax.random.key(seed)`` of the
+  Python integer (x64 off: the key's data are ``[0, seed mod 2**32]``)."""
+  if not -2**63 <= int(seed) < 2**64:
+    raise errors.SettingError.invalid("seed", seed, "an integer in [-2**63, 2**64)")
+  return np.uint32(int(seed) % 2**32)
+
+
+def _i32(x) -> np.int32:
+  """An int32 argument of the compiled programs (NumPy: no eager device op to compile)."""
+  return np.int32(x)
 
 
 class RunState(NamedTuple):
@@ -385,6 +394,15 @@ class Compiled(NamedTuple):
   consolidate: Callable | None
   steps_per_epoch: int
   evaluate_validation: Callable | None = None
+  keys: Callable | None = None  # single run: (uint32 seed) -> (init, order, fisher, dropout keys)
+  fold: Callable | None = None  # single run: (key, int32) -> jax.random.fold_in(key, ·)
+
+
+def seed_keys(seed):
+  """A run's PRNG keys from its seed: ``(k_init, k_order, k_fisher, k_dropout)``, the first three
+  from ``split(key(seed), 3)`` and the dropout stream ``fold_in(k_order, DROPOUT_STREAM)``."""
+  k_init, k_order, k_fisher = jax.random.split(jax.random.key(seed), 3)
+  return k_init, k_order, k_fisher, jax.random.fold_in(k_order, DROPOUT_STREAM)
 
 
 def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> Callable:
@@ -407,7 +425,7 @@ def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> C
 
 
 def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
-                     train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array,
+                     train: train_lib.TaskData, test: train_lib.TaskData, key: jax.Array | None,
                      hyper: algorithms.Hyper, preprocess: Callable, batched: bool,
                      sharding=None, validation: train_lib.TaskData | None = None,
                      init: bool = True,
@@ -423,6 +441,9 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
   ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
 
+  ``key``: the init key (its shape and type; ``None``: a single run's, whose keys then come
+  from the compiled ``keys`` program, with ``fold`` for their ``fold_in``).
+
   ``executables``: a store and the key of these programs (:mod:`ewc_jax.executable_cache`):
   when the store holds them they are loaded (nothing is traced, lowered or compiled),
   otherwise they are compiled and saved there.
@@ -432,10 +453,13 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   names += ["init", "init_memory"] if init else []
   names += ["evaluate_validation"] if validation is not None else []
   names += ["consolidate"] if algo.importance is not None and num_tasks > 1 else []
+  names += ["keys", "fold"] if not batched else []
   loaded = executables.store.load(executables.key, names) if executables is not None else None
   if loaded is not None:
     return _compiled(loaded, _steps_per_epoch(cfg, train))
   progs = programs(cfg, net, algo, train, preprocess)
+  if key is None:  # a single run's key, for its shape (traced only when compiling)
+    key = jax.eval_shape(lambda: jax.random.key(0))
   tx = train_lib.make_optimizer(cfg.optimizer)
   jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
   if executables is not None:  # programs named after the key: see _named
@@ -461,6 +485,9 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
     lowered["consolidate"] = jit(progs.consolidate, (0, 0, 0, None, None, 0, 0),
                                  donate_argnums=0).lower(memory, params, model_state, train, zero,
                                                          key, hyper)
+  if not batched:  # the seed's keys and their fold_in, compiled (stored) like the rest
+    lowered["keys"] = jit(seed_keys, 0, out=None).lower(np.uint32(0))
+    lowered["fold"] = jit(jax.random.fold_in, (0, None), out=None).lower(key, zero)
   lowered = {name: lowered[name] for name in names}  # without init: its shapes only
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
   with executable_cache.persistent_cache_hits() as hits:
@@ -495,7 +522,8 @@ def _compiled(programs_: dict, steps_per_epoch: int) -> Compiled:
   return Compiled(programs_.get("init"), programs_.get("init_memory"), programs_["new_state"],
                   programs_["order"], programs_["chunk"], programs_["evaluate"],
                   programs_.get("consolidate"), steps_per_epoch,
-                  programs_.get("evaluate_validation"))
+                  programs_.get("evaluate_validation"), programs_.get("keys"),
+                  programs_.get("fold"))
 
 
 def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_lib.TaskData,
@@ -569,17 +597,21 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
       train, test, validation = jax.device_put((train, test, validation), replicated)
   else:
     hyper = hyper_of(cfg) if hyper is None else hyper
-    k_init, k_order, k_fisher = jax.random.split(jax.random.key(cfg.seed), 3)
+    k_init = None  # the keys come from c.keys below (compile_programs: its abstract shape)
   timings = {"compile": 0.0, "train": 0.0, "fisher": 0.0, "eval": 0.0}
-  fold = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if batched else jax.random.fold_in)
-  if sharding is not None:  # keep every config-axis array on the mesh, as compiled
-    fold = sweep_jit(jax.random.fold_in, (0, None), True, sharding)
-  k_dropout = fold(k_order, DROPOUT_STREAM)
+  if batched:
+    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+    if sharding is not None:  # keep every config-axis array on the mesh, as compiled
+      fold = sweep_jit(jax.random.fold_in, (0, None), True, sharding)
+    k_dropout = fold(k_order, DROPOUT_STREAM)
 
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
                        sharding, validation, init=resume is None, executables=executables)
   timings["compile"] = time.perf_counter() - t0
+  if not batched:  # compiled: nothing is traced or compiled for them at run time
+    k_init, k_order, k_fisher, k_dropout = c.keys(_seed_uint32(cfg.seed))
+    fold = lambda key, data: c.fold(key, _i32(data))  # noqa: E731
 
   lead = (len(seeds),) if batched else ()
   if resume is None:
