@@ -19,7 +19,8 @@ Saves are atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and r
 ``<step>`` once complete, so a process killed mid-save leaves the previous checkpoint as the
 newest one (the temporary folder is ignored, then removed by the next run). Run checkpoints are
 written in the background by default (``async_save=True``): :meth:`RunCheckpointer.save` copies
-the arrays (a device-side copy: the caller may donate or overwrite its buffers right away) and
+the arrays (a host copy, or a device-side one for sharded arrays: the caller may donate or
+overwrite its buffers right away) and
 returns while orbax writes them; the next save, :meth:`RunCheckpointer.wait` and
 :meth:`RunCheckpointer.close` wait for it. Training of the next task overlaps the write.
 

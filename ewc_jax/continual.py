@@ -127,7 +127,7 @@ class Config:
   validation_seed: int = _setting(
       0, "Which rows the validation split holds out (the same for every seed and sweep config).")
   chunk_steps: int = _setting(
-      64, "Train steps per compiled chunk (a lax.scan): progress, checkpoints and the NaN "
+      64, "Train steps per compiled chunk (a lax.fori_loop): progress, checkpoints and the NaN "
       "check act between chunks. Does not change the results.")
 
   @property
