@@ -93,10 +93,10 @@ def restore_anchors(path: str | os.PathLike, like=None):
         tree = None if target is None else ckptr.restore(
             path, args=ocp.args.Composite(anchors=target)).anchors
     except ValueError as err:
-      orbax_io.wait_for_failed_reads()
+      orbax_io.wait_for_failed_reads(err, str(path))
       raise ValueError(f"cannot restore anchors from {str(path)!r}: {err}") from err
     except Exception as err:  # noqa: BLE001 (tensorstore/orbax/json errors of a damaged folder)
-      orbax_io.wait_for_failed_reads()
+      orbax_io.wait_for_failed_reads(err, str(path))
       raise ValueError(f"cannot restore anchors from {str(path)!r} (corrupt or truncated?): "
                        f"{orbax_io.first_line(err)}") from err
   if tree is None:

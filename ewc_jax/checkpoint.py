@@ -303,7 +303,9 @@ class RunCheckpointer:
         self._quiet.close()
 
   def _save_failed(self, step: int | None, err: BaseException) -> CheckpointError:
-    """The one-line error of a save that failed (disk full, folder made read-only...)."""
+    """The one-line error of a save that failed (disk full, folder made read-only...), once the
+    failed writes' late messages settled."""
+    orbax_io.wait_for_failed_reads(err, str(self.directory))
     what = f"checkpoint {self.step_path(step)}" if step is not None else "a checkpoint"
     good = committed_steps(self.directory)
     kept = (f"the last complete checkpoint {self.step_path(good[-1])} is kept"
@@ -329,7 +331,7 @@ class RunCheckpointer:
 
   def _corrupt(self, step: int, err: BaseException) -> CheckpointError:
     """The one-line error of an unreadable checkpoint (once orbax's failed reads settled)."""
-    orbax_io.wait_for_failed_reads()
+    orbax_io.wait_for_failed_reads(err, str(self.step_path(step)))
     text = f"checkpoint {self.step_path(step)} is corrupt or truncated ({orbax_io.first_line(err)})"
     return CheckpointError(lambda n: f"{text}; {restart_hint(n)} (or delete that folder to fall "
                            "back on an older one).")

@@ -7,11 +7,13 @@ Shared by the run checkpoints (:mod:`ewc_jax.checkpoint`) and the anchor files
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
 import threading
 import time
+import traceback
 
 
 def ocp():
@@ -41,16 +43,37 @@ class _ClosedLoopFilter:
       return
     self.previous(unraisable)
 
+  def filter(self, record: logging.LogRecord) -> bool:
+    """The asyncio logger's filter: drops "Task/Future exception was never retrieved" of the
+    same failed reads (the tasks and futures orbax left behind on a failed restore log their
+    error again, with a traceback, when they are freed)."""
+    if self.active and str(record.msg).endswith("exception was never retrieved"):
+      self.last_drop = time.monotonic()
+      return False
+    return True
 
+
+class _LateFailures(logging.Filter):
+  """asyncio's "exception was never retrieved" records of the futures of a failed read or write,
+  logged after its scope closed (orbax keeps some until the interpreter exits): dropped when
+  they name a folder whose read or write failed, the only ones this filter knows. Installed on
+  the asyncio logger at the first such failure; a process without one never has it."""
+
+  def __init__(self):
+    super().__init__()
+    self.folders: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    return not (text.startswith(("Task exception was never retrieved",
+                                 "Future exception was never retrieved"))
+                and any(f in text for f in self.folders))
+
+
+_LATE = _LateFailures()
 _LOCK = threading.Lock()
 _scopes = 0                                # closed_loop_noise_dropped scopes open now
 _filter: _ClosedLoopFilter | None = None   # installed by the outermost of them
-
-
-def _never_retrieved(record: logging.LogRecord) -> bool:
-  """asyncio's "Task exception was never retrieved" of the same failed reads (the tasks orbax
-  left behind on a failed restore log their error again, with a traceback): dropped."""
-  return not str(record.msg).endswith("exception was never retrieved")
 
 
 @contextlib.contextmanager
@@ -73,35 +96,62 @@ def closed_loop_noise_dropped():
     if _scopes == 0:
       _filter = _ClosedLoopFilter(sys.unraisablehook)
       sys.unraisablehook = _filter
-      logging.getLogger("asyncio").addFilter(_never_retrieved)
+      logging.getLogger("asyncio").addFilter(_filter)
     _scopes += 1
   try:
     yield
   finally:
+    if _scopes == 1 and _filter is not None and _filter.last_drop is not None:
+      _settle(_filter)  # a read failed in the scope: its late messages come before it closes
     with _LOCK:
       _scopes -= 1
       if _scopes == 0:
-        _filter.active = False
+        previous_filter, _filter.active = _filter, False
         if sys.unraisablehook is _filter:
           sys.unraisablehook = _filter.previous
         _filter = None
-        logging.getLogger("asyncio").removeFilter(_never_retrieved)
+        logging.getLogger("asyncio").removeFilter(previous_filter)
 
 
-def wait_for_failed_reads(quiet: float = 0.25, limit: float = 2.0) -> None:
-  """After orbax failed to read: waits until the reads it left in flight stopped reporting on
-  its closed event loop (no message for ``quiet`` seconds; they come within milliseconds of the
-  failure), at most ``limit`` seconds. Outside a :func:`closed_loop_noise_dropped` scope it
+def wait_for_failed_reads(err: BaseException | None = None, where: str | None = None,
+                          quiet: float = 0.25, limit: float = 2.0) -> None:
+  """After orbax failed to read or write (``err``): waits until what it left in flight stopped
+  reporting on its closed event loop (no message for ``quiet`` seconds; they come within
+  milliseconds of the failure), at most ``limit`` seconds, then lets their asyncio tasks go.
+
+  Those tasks are held by the frames of ``err``'s traceback (and sit in reference cycles): when
+  they are finally freed, asyncio logs "Task exception was never retrieved" for each. Their
+  frames' locals are cleared and the cycles collected here, while the filter of the scope is in
+  place (the traceback keeps its lines). The futures that orbax keeps until the interpreter
+  exits log the same when they go: those whose error names ``where`` (the folder that failed)
+  are dropped by :class:`_LateFailures`. Outside a :func:`closed_loop_noise_dropped` scope it
   returns at once."""
   active = _filter
   if active is None:
     return
+  seen = set()
+  while err is not None and id(err) not in seen:  # the error and what it was raised from
+    seen.add(id(err))
+    traceback.clear_frames(err.__traceback__)
+    err = err.__cause__ or err.__context__
+  active.last_drop = active.last_drop or time.monotonic()  # a read failed: settle at the end
+  if where:
+    with _LOCK:
+      if not _LATE.folders:
+        logging.getLogger("asyncio").addFilter(_LATE)
+      _LATE.folders.add(str(where))
+  _settle(active, quiet, limit)
+
+
+def _settle(active: _ClosedLoopFilter, quiet: float = 0.25, limit: float = 2.0) -> None:
+  """Collects cycles and waits until no late message came for ``quiet`` s (at most ``limit``)."""
   start = time.monotonic()
   while True:
+    gc.collect()
     now = time.monotonic()
     idle = now - max(start, active.last_drop or start)
     if idle >= quiet or now - start >= limit:
-      return
+      break
     time.sleep(quiet - idle)
 
 
