@@ -430,8 +430,7 @@ class RunCheckpointer:
     previous = self._pending
     try:
       mgr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(arrays),
-          meta=ocp.args.JsonSave(_jsonable(meta))),
+          state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
                force=True)
     except Exception as err:  # noqa: BLE001 (this save, or the previous background one, failed)
       failed = previous if previous is not None and not self.step_path(previous).is_dir() \

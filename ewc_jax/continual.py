@@ -585,25 +585,21 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
     raise ValueError("`sharding` needs a sweep (`seeds` and `hyper` with a config axis).")
   if batched:
     hyper = algorithms.Hyper(*(jnp.asarray(v, jnp.float32) for v in hyper))
-    keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
-    splits = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
-    k_init, k_order, k_fisher = splits[:, 0], splits[:, 1], splits[:, 2]
+    k_init, k_order, k_fisher, k_dropout = jax.vmap(seed_keys)(
+        np.array([_seed_uint32(s) for s in seeds], np.uint32))
+    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
     if sharding is not None:  # placed from host (numpy) values: works on a multi-host mesh too
       replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
       hyper = jax.device_put(algorithms.Hyper(*(np.asarray(v) for v in hyper)), sharding)
-      k_init, k_order, k_fisher = (
+      k_init, k_order, k_fisher, k_dropout = (
           jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(k)), sharding))
-          for k in (k_init, k_order, k_fisher))
+          for k in (k_init, k_order, k_fisher, k_dropout))
       train, test, validation = jax.device_put((train, test, validation), replicated)
+      fold = sweep_jit(jax.random.fold_in, (0, None), True, sharding)  # keys stay on the mesh
   else:
     hyper = hyper_of(cfg) if hyper is None else hyper
     k_init = None  # the keys come from c.keys below (compile_programs: its abstract shape)
   timings = {"compile": 0.0, "train": 0.0, "fisher": 0.0, "eval": 0.0}
-  if batched:
-    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-    if sharding is not None:  # keep every config-axis array on the mesh, as compiled
-      fold = sweep_jit(jax.random.fold_in, (0, None), True, sharding)
-    k_dropout = fold(k_order, DROPOUT_STREAM)
 
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, k_init, hyper, preprocess, batched,
