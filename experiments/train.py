@@ -163,13 +163,14 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
     t0 = time.perf_counter()
     built = build_tasks(config, ds, run)
     data_seconds = start["load"] + time.perf_counter() - t0
-    if config.plots and not runs:  # matplotlib's import overlaps the training (after the
-      from experiments import plots  # pylint: disable=import-outside-toplevel
-      plots.prefetch()               # data: both hold the GIL)
     if not runs:  # checks and checkpoint preparation, before anything is trained or written
       check_batch_size(config.run.batch_size, built.train.counts)
       if config.checkpoint:
         prepare_checkpoints(config, workdir / "checkpoints", identity=identity)
+      if config.plots:
+        # matplotlib's import overlaps the training (not the data: both hold the GIL).
+        from experiments import plots  # pylint: disable=import-outside-toplevel
+        plots.prefetch()
     result, extra = _run_seed(config, run, built, preprocess, workdir, savers, identity)
     timings = {"import": start["import"], "data": data_seconds, **result.timings,
                "checkpoint": extra["checkpoint"]}
