@@ -324,7 +324,8 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
           lambda theta, xb: task_logits(theta, preprocess(xb)), theta, x,
           data.labels[task_index], kind=cfg.fisher,
           batch_size=cfg.fisher_batch_size, key=key, mask=mask,
-          normalize_by_num_params=cfg.fisher_normalize)
+          normalize_by_num_params=cfg.fisher_normalize,
+          runtime_checks=False)  # labels checked when the data are built; no host callback
     return algo.consolidate(memory, theta, importance, task_index, hyper)
 
   def evaluate(params, model_state, data, trained_task):

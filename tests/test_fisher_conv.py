@@ -84,6 +84,7 @@ FAST = {
     "mnist_cnn": {"['Conv_0']['kernel']": "conv", "['Conv_1']['kernel']": "conv",
                   "['Dense_0']['kernel']": "dense", "['Dense_1']['kernel']": "dense"},
     "exotic": {"['Conv_0']['kernel']": "conv", "['Conv_1']['kernel']": "conv",
+               "['Conv_2']['kernel']": "conv",
                "['Conv_3']['kernel']": "conv", "['Conv_4']['kernel']": "conv"},
     "nchw": {"['k']": "conv", "['w']": "dense"},
     "conv1d": {"['k']": "conv", "['w']": "dense"},
@@ -96,7 +97,9 @@ FAST["mnist_cnn_bf16"] = FAST["mnist_cnn"]
 def test_conv_fast_path_equals_vmap_grad(name):
   fn, params, x = _case(name)
   plan = fisher_plan(fn, params, x)
-  assert {leaf.path: leaf.method for leaf in plan if leaf.method != "vmap"} == FAST[name]
+  assert {leaf.path: leaf.method for leaf in plan
+          if leaf.method in ("conv", "dense")} == FAST[name]
+  assert "vmap" not in {leaf.method for leaf in plan}
   y = np.arange(x.shape[0]) % 3
   run = jax.jit(lambda p: {(m, k): fisher_diagonal(fn, p, x, y, batch_size=3, method=m, kind=k)
                            for m in ("auto", "vmap") for k in ("empirical", "true")},
@@ -118,13 +121,18 @@ def test_plan_explains_every_fallback():
   fn, params, x = _case("exotic")
   plan = {leaf.path: leaf for leaf in fisher_plan(fn, params, x)}
   grouped = plan["['Conv_2']['kernel']"]
-  assert grouped.method == "vmap" and "feature_group_count=2" in grouped.reason
-  assert plan["['Conv_0']['bias']"].method == "vmap" and "cheap" in plan["['Conv_0']['bias']"].reason
+  assert grouped.method == "conv" and "2 groups" in grouped.reason
+  bias = plan["['Conv_0']['bias']"]
+  assert bias.method == "elementwise" and "add" in bias.reason
   assert all(leaf.reason for leaf in plan.values())
   assert {leaf.method for leaf in fisher_plan(fn, params, x, method="vmap")} == {"vmap"}
   shared = fisher_plan(lambda p, xb: jnp.tanh(xb @ p["w"]) @ p["w"].T, {"w": np.ones((3, 3))},
                        np.ones((2, 3)))
-  assert shared[0].method == "vmap" and "shared" in shared[0].reason
+  assert shared[0].method == "tied" and "tied" in shared[0].reason
+  inside_scan = fisher_plan(
+      lambda p, xb: jax.lax.scan(lambda h, _: (jnp.tanh(h @ p["w"]), None), xb, None, 2)[0],
+      {"w": np.ones((3, 3))}, np.ones((2, 3)))
+  assert inside_scan[0].method == "vmap" and "scan" in inside_scan[0].reason
   masked = fisher_plan(fn, params, x, leaf_mask=lambda p: {k: k != "Conv_4" for k in p})
   assert {leaf.method for leaf in masked if "Conv_4" in leaf.path} == {"masked"}
 
