@@ -1,6 +1,8 @@
 """ewc_jax: Elastic Weight Consolidation for continual learning in JAX.
 
-Pure functions on pytrees: :func:`fisher_diagonal` (importance), :func:`ewc_loss` (penalty),
+Pure functions on pytrees: :func:`fisher_diagonal` (importance; :func:`fisher_from_batches`,
+:func:`fisher_accumulator` and :func:`fisher_from_nll` for streams and any likelihood),
+:func:`ewc_loss` (penalty),
 :class:`Anchor` (what is remembered of a task), plus the parity penalties of the reference;
 :func:`save_anchors` / :func:`restore_anchors` persist anchors (orbax); :func:`fisher_plan` shows
 how each leaf's importance is computed; :func:`add_ewc_gradient` is the p = 2 penalty as an optax
@@ -10,8 +12,13 @@ transformation; :func:`path_mask` builds leaf masks. Flax NNX ``State`` works ev
 from ewc_jax.anchor_io import restore_anchors
 from ewc_jax.anchor_io import save_anchors
 from ewc_jax.fisher import KINDS as FISHER_KINDS
+from ewc_jax.fisher import FisherAccumulator
+from ewc_jax.fisher import FisherState
 from ewc_jax.fisher import LeafPlan
+from ewc_jax.fisher import fisher_accumulator
 from ewc_jax.fisher import fisher_diagonal
+from ewc_jax.fisher import fisher_from_batches
+from ewc_jax.fisher import fisher_from_nll
 from ewc_jax.fisher import fisher_plan
 from ewc_jax.fisher import num_parameters
 from ewc_jax.masks import path_mask
@@ -32,8 +39,10 @@ from ewc_jax.transform import add_ewc_gradient
 __version__ = "0.1.0"
 
 __all__ = [
-    "Anchor", "FISHER_KINDS", "LeafPlan", "Merged", "add_ewc_gradient", "clarena_loss",
-    "empty_anchors", "empty_merged", "ewc_loss", "fisher_diagonal", "fisher_plan",
+    "Anchor", "FISHER_KINDS", "FisherAccumulator", "FisherState", "LeafPlan", "Merged",
+    "add_ewc_gradient", "clarena_loss", "empty_anchors", "empty_merged", "ewc_loss",
+    "fisher_accumulator", "fisher_diagonal", "fisher_from_batches", "fisher_from_nll",
+    "fisher_plan",
     "merge_anchor", "merged_distance", "num_parameters", "path_mask", "restore_anchors",
     "save_anchors", "seed_parity_loss", "set_anchor", "stack_anchors", "weighted_distance",
 ]
