@@ -82,6 +82,7 @@ def trace(fn: Callable, params: Any, example: Any, plain: Any, what: str) -> Tra
   abstract = [jax.ShapeDtypeStruct(jnp.shape(l), jnp.result_type(l)) for l in leaves]
   ex = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), example)
   closed = misuse.traced_call(lambda: jax.make_jaxpr(single)(abstract, ex), what)
+  misuse.check_deterministic(closed, what)
   out = closed.out_avals[0]
   return Traced(closed, _computation_key(closed), tuple(out.shape), out.dtype, leaves, treedef,
                 plain_treedef, paths, shapes)
@@ -184,6 +185,7 @@ def batch_program(traced: Traced, spec: Spec, sample_fn: Callable | None = None)
   loss = row_loss(spec.lik)
   sq, plan = per_example.make_sq_grad_sum(flat, spec.num_args, len(traced.leaves), loss,
                                           method=spec.method, active=spec.active)
+  misuse.check_uses_params(plan, "logits_fn" if spec.lik.categorical else "nll_fn")
 
   def single(args, leaves, x):
     return jax.core.eval_jaxpr(flat.jaxpr, flat.consts, *args, *leaves, *jax.tree.leaves(x))[0]

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -81,13 +82,54 @@ def traced_call(fn: Callable[[], Any], what: str) -> Any:
   try:
     return fn()
   except Exception as err:  # noqa: BLE001 - re-raised below, typed
-    if type(err).__name__ == "TraceContextError":
+    if type(err).__name__ != "TraceContextError":
+      raise
+    said = str(err).splitlines()[0]
+    if re.search(r"mutate (Param|Variable)\b", said):
       raise ValueError(
-          f"`{what}` changes state the Fisher cannot trace (an NNX Dropout, BatchNorm in "
-          f"training mode or an nnx.Rngs stream): call model.eval() before the Fisher and "
-          f"model.train() after (linen: train=False / deterministic=True). Flax said: "
-          f"{str(err).splitlines()[0]}") from err
-    raise
+          f"`{what}` writes the parameters it is given into a module made outside it (e.g. "
+          f"nnx.update(model, p)): build the model inside instead, `graphdef, p, rest = "
+          f"nnx.split(model, nnx.Param, ...)` and `lambda p, x: nnx.merge(graphdef, p, rest)(x)`. "
+          f"Flax said: {said}") from err
+    raise ValueError(
+        f"`{what}` changes state the Fisher cannot trace (an NNX Dropout, BatchNorm in "
+        f"training mode or an nnx.Rngs stream): call model.eval() before the Fisher and "
+        f"model.train() after (linen: train=False / deterministic=True). Flax said: "
+        f"{said}") from err
+
+
+_RANDOM = ("random_bits", "random_seed", "random_wrap", "threefry2x32", "random_fold_in",
+           "random_split", "rng_bit_generator", "rng_uniform")
+
+
+def check_deterministic(closed, what: str) -> None:
+  """A function that draws random numbers (dropout in training mode) is refused: its Fisher
+  would weigh another, noisy function than the one evaluated."""
+  stack = [closed.jaxpr]
+  while stack:
+    jaxpr = stack.pop()
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in _RANDOM:
+        raise ValueError(
+            f"`{what}` draws random numbers ({eqn.primitive.name}: dropout or another layer in "
+            f"training mode): the Fisher is taken in evaluation mode. Call model.eval() (NNX) "
+            f"or pass train=False / deterministic=True (linen), and close over no PRNG key.")
+      for value in eqn.params.values():
+        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            stack.append(inner)
+
+
+def check_uses_params(plan: list, what: str) -> None:
+  """Every weighed leaf unused: the function does not read the ``params`` it is given."""
+  methods = [m for m, _ in plan if m != "masked"]
+  if methods and all(m == "unused" for m in methods):
+    raise ValueError(
+        f"`{what}`'s output does not depend on the `params` it is given (every importance would "
+        f"be 0): it must compute with its first argument, e.g. `lambda p, x: model.apply("
+        f"{{'params': p}}, x)` or `lambda p, x: nnx.merge(graphdef, p, rest)(x)`, not a "
+        f"closure over the model's own parameters.")
 
 
 def is_ad_tracer(x: Any) -> bool:
@@ -114,7 +156,7 @@ def check_anchor_not_traced(params: Any) -> None:
 
 def check_not_self_anchored(params_leaves: list, anchor_leaves: list, name: str) -> None:
   """The same array objects in ``params`` and an anchor: a penalty of exactly 0."""
-  ids = {id(x) for x in params_leaves if isinstance(x, jax.core.Tracer)}
+  ids = {id(x) for x in params_leaves if is_ad_tracer(x)}
   if ids and any(id(x) in ids for x in anchor_leaves):
     raise ValueError(
         f"`{name}` holds the very parameters being penalised (an Anchor built inside the loss "

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ewc_jax import masks as masks_lib
+from ewc_jax import misuse
 from ewc_jax import validation
 from ewc_jax import variables
 
@@ -59,6 +60,9 @@ class Anchor(_AnchorFields):
   __slots__ = ()
 
   def __new__(cls, params: PyTree, importance: PyTree):
+    misuse.check_params(params, "Anchor.params")
+    misuse.check_params(importance, "Anchor.importance")
+    misuse.check_anchor_not_traced(params)
     params, importance = variables.as_arrays(params), variables.as_arrays(importance)
     validation.check_importance("Anchor.importance", importance)
     return super().__new__(cls, params, importance)
@@ -289,7 +293,9 @@ def ewc_loss(params: PyTree, anchors: Anchors, *, lam: Any, p: Any = 2.0,
   """
   validation.check_non_negative("lam", lam)
   validation.check_positive("p", p)
+  misuse.check_params(params, "params")
   params = variables.as_arrays(params)
+  misuse.check_not_self_anchored(jax.tree.leaves(params), jax.tree.leaves(anchors), "anchors")
   stacked = _as_stacked(params, anchors)
   if stacked is None:
     return jnp.zeros((), jnp.float32)

@@ -19,6 +19,9 @@ def is_concrete(x: Any) -> bool:
 
 
 def _scalar_values(name: str, value: Any) -> np.ndarray | None:
+  if isinstance(value, (str, bytes)):
+    raise ValueError(f"`{name}` must be a number, but got the string {value!r}: convert it, "
+                     f"e.g. {name}=float({value!r}).")
   if not is_concrete(value):
     return None
   try:
