@@ -82,6 +82,11 @@ def traced_call(fn: Callable[[], Any], what: str) -> Any:
   try:
     return fn()
   except Exception as err:  # noqa: BLE001 - re-raised below, typed
+    if type(err).__name__ == "ModifyScopeVariableError":
+      raise ValueError(
+          f"`{what}` updates BatchNorm statistics (a linen model applied with train=True): "
+          f"evaluate with train=False / use_running_average=True, the running statistics closed "
+          f"over. Flax said: {str(err).splitlines()[0]}") from err
     if type(err).__name__ != "TraceContextError":
       raise
     said = str(err).splitlines()[0]
