@@ -16,7 +16,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _library_blocks():
   text = README.read_text()
-  section = text[text.index("## The library\n"):text.index("## Performance\n")]
+  start = text.index("## The library")
+  section = text[start:text.index("\n## ", start + 1)]
   return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
