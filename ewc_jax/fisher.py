@@ -330,7 +330,8 @@ def fisher_diagonal(
   if kind == "sampled" and key is None:
     raise ValueError("`key` (a PRNG key) is required for kind='sampled'.")
   consts = traced.closed.consts
-  spec = prog.Spec(kind, method, setup.active, prog.Likelihood(True, reduction), len(consts))
+  spec = prog.Spec(kind, method, setup.active, prog.Likelihood(True, reduction), len(consts),
+                   prog.shardings_of(traced.leaves))
   settings = ("diagonal", spec, n, int(batch_size), weights is not None,
               bool(normalize_by_num_params))
 
@@ -424,7 +425,7 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "empirical", method: 
   def init(params):
     misuse.check_params(params, "params")
     plain = variables.as_arrays(params)
-    return FisherState(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), plain),
+    return FisherState(jax.tree.map(_zeros_like, plain),
                        jnp.zeros((), jnp.float32))
 
   def update(state, params, inputs, labels=None, label_mask=None, *, key=None, mask=None):
@@ -444,11 +445,18 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "empirical", method: 
   return FisherAccumulator(init, update, result)
 
 
+def _zeros_like(x):
+  """float32 zeros shaped (and, for a concrete array, sharded) like ``x``."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    return jnp.zeros_like(x, dtype=jnp.float32)
+  return jnp.zeros(jnp.shape(x), jnp.float32)
+
+
 def _update(traced, setup, lik, kind, method, state, labels, lmask, weights, key,
             runtime_checks, what, sample=None):
   consts = list(traced.closed.consts)
   extra = [] if sample is None else list(sample.closed.consts)
-  spec = prog.Spec(kind, method, setup.active, lik, len(consts))
+  spec = prog.Spec(kind, method, setup.active, lik, len(consts), prog.shardings_of(traced.leaves))
   settings = ("batch", spec, setup.n, None if sample is None else sample.key)
 
   def build():
@@ -601,7 +609,7 @@ def fisher_from_nll(nll_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   lik = prog.Likelihood(False)
   misuse.check_params(params, "params")
   plain = variables.as_arrays(params)
-  state = [FisherState(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), plain),
+  state = [FisherState(jax.tree.map(_zeros_like, plain),
                        jnp.zeros((), jnp.float32))]
 
   def update_one(batch, weights, i):

@@ -168,12 +168,35 @@ def row_scale(mask: jax.Array, reduction: str) -> jax.Array:
 
 
 class Spec(NamedTuple):
-  """Static settings of a program (part of its cache key)."""
+  """Static settings of a program (part of its cache key). ``shardings``: per leaf, the
+  ``NamedSharding`` of a parameter sharded over several devices (its importance keeps it: every
+  sum is constrained to it, never gathered whole), else None."""
   kind: str
   method: str
   active: tuple
   lik: Likelihood
   num_args: int
+  shardings: tuple = ()
+
+
+def shardings_of(leaves: list) -> tuple:
+  """Per leaf: its NamedSharding when it is a concrete array spread over several devices."""
+  out = []
+  for leaf in leaves:
+    sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) and not isinstance(
+        leaf, jax.core.Tracer) else None
+    named = isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1
+    out.append(sharding if named else None)
+  return tuple(out)
+
+
+def _constrain(values: list, spec: Spec, only_active: bool = True) -> list:
+  """``values`` (one per active leaf, or per leaf) constrained to the parameters' shardings."""
+  if not any(s is not None for s in spec.shardings):
+    return values
+  shardings = [s for s, on in zip(spec.shardings, spec.active) if on or not only_active]
+  return [v if s is None else jax.lax.with_sharding_constraint(v, s)
+          for v, s in zip(values, shardings)]
 
 
 def batch_program(traced: Traced, spec: Spec, sample_fn: Callable | None = None):
@@ -306,15 +329,16 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
       acc, flags = carry
       xb, yb, mb, wb, i = batch
       c, f = batch_fn(args, [], leaves, xb, yb, mb, wb, jax.random.fold_in(key, i))
+      c = _constrain(c, spec)
       return ([a + x for a, x in zip(acc, c)], [a | x for a, x in zip(flags, f)]), None
 
-    acc0 = [jnp.zeros(s, jnp.float32) for s in active_shapes]
+    acc0 = _constrain([jnp.zeros(s, jnp.float32) for s in active_shapes], spec)
     flags0 = [jnp.zeros((), bool)] * (2 if spec.lik.categorical else 0)
     (acc, flags), _ = lax.scan(body, (acc0, flags0), (xs, ys, ms, ws, jnp.arange(num_batches)))
     denom = jnp.maximum(jnp.sum(weights), 1.0)
     if normalize:
       denom = denom * sum(int(np.prod(s, dtype=np.int64)) for s in active_shapes)
-    values = [a / denom for a in acc]
+    values = _constrain([a / denom for a in acc], spec)
     return values, flags, [jnp.all(jnp.isfinite(v)) for v in values]
   return program
 
@@ -332,7 +356,7 @@ def update_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tupl
     xb = jax.tree.map(fill, xb)
     labels, lmask = fill(labels), fill(lmask)
     values, flags = batch_fn(args, extra, leaves, xb, labels, lmask, weights, key)
-    it = iter(values)
+    it = iter(_constrain(values, spec))
     sums = [s + next(it) if on else s for s, on in zip(sums, spec.active)]
     return sums, count + jnp.sum(weights), flags
   del shapes
