@@ -30,7 +30,9 @@ prepare-data: install
 	$(BIN)/python -m pip install --quiet -e '.[prepare,test]'
 	$(BIN)/python -m experiments.prepare_data $(if $(MANUAL_DIR),--manual_dir=$(MANUAL_DIR))
 
+# import_time first: it fails (exit 1, one line) when an import outgrows its budget.
 bench: install
+	$(BIN)/python -m benchmarks.import_time
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.fisher
 	$(BIN)/python -m benchmarks.fisher_conv

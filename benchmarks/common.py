@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: timing, the machine's matmul peak, JSON output."""
+"""Shared helpers of the benchmarks: timing, the machine's matmul peak, JSON output (with the
+machine and every dependency's version, ``benchmarks.versions``)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from benchmarks import versions
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
+  """The device, the platform, the load average and the versions of Python and of every
+  dependency (``versions``: ``benchmarks.versions.DISTRIBUTIONS``)."""
   import jax  # pylint: disable=import-outside-toplevel
   return {"python": platform.python_version(), "jax": jax.__version__,
           "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-          "cpu_count": os.cpu_count(), "platform": platform.platform()}
+          "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "loadavg_at_write": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+          "versions": versions.versions()}
 
 
 def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:

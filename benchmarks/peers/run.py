@@ -30,7 +30,9 @@ Output: JSON on stdout and in benchmarks/results/peers.json (peers_cnn.json with
 --backbone=cnn; --out): per contender the
 median whole-process wall time, median phase timings, the final average accuracy
 (AA) of every run, speedup_vs_<peer> = median wall(peer) / median wall(ours) and
-same_work_speedup[<peer>] = median wall(peer) / median wall(ours_same_work).
+same_work_speedup[<peer>] = median wall(peer) / median wall(ours_same_work); under "versions",
+Python's and every dependency's version in ours' and in the peers' interpreter
+(benchmarks/versions.py).
 """
 
 import argparse
@@ -60,6 +62,7 @@ PEERS = {
     "avalanche": "avalanche_ewc.py",
 }
 PEERS_PY = os.path.join(HERE, ".venv", "bin", "python")
+PEER_DISTRIBUTIONS = ("torch", "torchvision", "clarena", "avalanche-lib")
 BACKBONE_DESCRIPTIONS = {
     "mlp": "MLP 784-400-400 ReLU",
     "cnn": ("CNN of flax/examples/mnist without its classifier: [28,28,1] -> Conv 32 3x3 SAME "
@@ -242,6 +245,18 @@ def summarize(runs):
     return out
 
 
+def dependency_versions(python, extra=()):
+    """Python's and every dependency's version as seen by interpreter ``python``: one home,
+    benchmarks/versions.py (stdlib only), run by that interpreter; None when it cannot run."""
+    script = os.path.join(REPO, "benchmarks", "versions.py")
+    try:
+        out = subprocess.run([python, script] + list(extra), capture_output=True, text=True,
+                             timeout=60).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except Exception:
+        return None
+
+
 def git_commit(repo=REPO):
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
@@ -366,6 +381,9 @@ def main():
                      "peers": peers, "skip_ours": args.skip_ours,
                      "ours_repo": args.ours_repo, "ours_python": args.ours_python,
                      "ours_warmup": warmup},
+        "versions": {"ours": dependency_versions(args.ours_python) if with_ours else None,
+                     "peers": dependency_versions(PEERS_PY, PEER_DISTRIBUTIONS)
+                     if peers else None},
         "results": results,
     }
     if args.ours_repo != REPO:
