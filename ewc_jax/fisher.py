@@ -232,8 +232,8 @@ def _raise_flags(flags, finite, paths, runtime_checks: bool, what: str) -> None:
     for path, ok in zip(paths, finite):
       if not bool(np.all(np.asarray(ok))):
         raise ValueError(
-            f"the Fisher is not finite at leaf {path}: `{what}` gives non-finite outputs or "
-            f"gradients on these inputs (check the data and parameters).")
+            f"fisher_diagonal produced non-finite importance at leaf {path}: `{what}` gives "
+            f"non-finite outputs or gradients on these inputs (check the data and parameters).")
     return
   if runtime_checks and flags:
     def check(*values):

@@ -82,7 +82,6 @@ def trace(fn: Callable, params: Any, example: Any, plain: Any, what: str) -> Tra
   abstract = [jax.ShapeDtypeStruct(jnp.shape(l), jnp.result_type(l)) for l in leaves]
   ex = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), example)
   closed = misuse.traced_call(lambda: jax.make_jaxpr(single)(abstract, ex), what)
-  misuse.check_deterministic(closed, what)
   out = closed.out_avals[0]
   return Traced(closed, _computation_key(closed), tuple(out.shape), out.dtype, leaves, treedef,
                 plain_treedef, paths, shapes)
@@ -205,6 +204,7 @@ def batch_program(traced: Traced, spec: Spec, sample_fn: Callable | None = None)
   ``ewc_jax.fisher``); ``flags`` are ``[probabilities, labels out of range]`` seen in the batch
   (categorical only), and ``plan`` is ``(path, reason)`` per leaf."""
   flat = per_example.inline_calls(traced.closed)
+  misuse.check_deterministic(flat, "logits_fn" if spec.lik.categorical else "nll_fn")
   loss = row_loss(spec.lik)
   sq, plan = per_example.make_sq_grad_sum(flat, spec.num_args, len(traced.leaves), loss,
                                           method=spec.method, active=spec.active)

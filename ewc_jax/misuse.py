@@ -103,27 +103,47 @@ def traced_call(fn: Callable[[], Any], what: str) -> Any:
         f"{said}") from err
 
 
-_RANDOM = ("random_bits", "random_seed", "random_wrap", "threefry2x32", "random_fold_in",
-           "random_split", "rng_bit_generator", "rng_uniform")
+# Primitives that draw random values (making a key, folding or splitting it draws nothing).
+_RANDOM = ("random_bits", "threefry2x32", "rng_bit_generator", "rng_uniform")
 
 
 def check_deterministic(closed, what: str) -> None:
-  """A function that draws random numbers (dropout in training mode) is refused: its Fisher
-  would weigh another, noisy function than the one evaluated."""
-  stack = [closed.jaxpr]
+  """A function whose output depends on random draws (dropout in training mode) is refused: its
+  Fisher would weigh another, noisy function than the one evaluated. Keys made, split or drawn
+  from without reaching the output (e.g. an RNG stream set up in evaluation mode) are fine."""
+  jaxpr = closed.jaxpr
+  noisy: set = set()
+  for eqn in jaxpr.eqns:
+    draws = eqn.primitive.name in _RANDOM or _draws_inside(eqn)
+    if draws or any(not hasattr(v, "val") and v in noisy for v in eqn.invars):
+      noisy.update(eqn.outvars)
+  drawn = [v for v in jaxpr.outvars if not hasattr(v, "val") and v in noisy]
+  if drawn:
+    raise ValueError(
+        f"`{what}` draws random numbers that reach its output (dropout or another layer in "
+        f"training mode): the Fisher is taken in evaluation mode. Call model.eval() (NNX) or "
+        f"pass train=False / deterministic=True (linen).")
+
+
+def _draws_inside(eqn) -> bool:
+  """Whether a nested jaxpr of ``eqn`` (scan, cond, custom derivative, ...) draws."""
+  stack = []
+  for value in eqn.params.values():
+    for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+      inner = getattr(sub, "jaxpr", sub)
+      if hasattr(inner, "eqns"):
+        stack.append(inner)
   while stack:
     jaxpr = stack.pop()
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in _RANDOM:
-        raise ValueError(
-            f"`{what}` draws random numbers ({eqn.primitive.name}: dropout or another layer in "
-            f"training mode): the Fisher is taken in evaluation mode. Call model.eval() (NNX) "
-            f"or pass train=False / deterministic=True (linen), and close over no PRNG key.")
-      for value in eqn.params.values():
+    for e in jaxpr.eqns:
+      if e.primitive.name in _RANDOM:
+        return True
+      for value in e.params.values():
         for sub in (value if isinstance(value, (tuple, list)) else (value,)):
           inner = getattr(sub, "jaxpr", sub)
           if hasattr(inner, "eqns"):
             stack.append(inner)
+  return False
 
 
 def check_uses_params(plan: list, what: str) -> None:

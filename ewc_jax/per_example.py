@@ -400,7 +400,12 @@ def _dot(eqn, site, a, d, wb):
   d = jnp.transpose(d, (0,) + tuple(1 + k for k in tuple(range(nb)) + out_rows + out_wf))
   d = d.reshape(B, n_b, n_r, n_o)
   a, d = a.astype(jnp.float32), d.astype(jnp.float32)
-  if n_r == 1:
+  if n_b == 1 and n_r == 1:       # S = (w a²)ᵀ δ²: one matmul
+    a, d = a.reshape(B, n_c), d.reshape(B, n_o)
+    s = jnp.dot((a * a * wb[:, None]).T, d * d, precision=_HIGHEST)[None]
+  elif n_b == 1:
+    s = _bmm_square_sum(jnp.swapaxes(a[:, 0], 1, 2), d[:, 0], wb)[None]
+  elif n_r == 1:
     s = jnp.einsum("bnc,bno->nco", a[..., 0] * a[..., 0] * wb[:, None, None], d[:, :, 0] ** 2,
                    precision=_HIGHEST)
   else:
@@ -409,6 +414,13 @@ def _dot(eqn, site, a, d, wb):
   order = wb_ + wc + wf
   s = s.reshape(tuple(w_shape[k] for k in order))
   return jnp.transpose(s, np.argsort(order))
+
+
+def _bmm_square_sum(a, d, wb):
+  """Σ_b w_b (a_bᵀ δ_b)² for a ``[B, P, K]``, δ ``[B, P, O]``: a float32 ``[K, O]``."""
+  g = jnp.einsum("bpk,bpo->bko", a.astype(jnp.float32), d.astype(jnp.float32),
+                 precision=_HIGHEST)
+  return jnp.einsum("b,bko->ko", wb, g * g, precision=_HIGHEST)
 
 
 def _conv(eqn, site, a, d, wb):
@@ -442,11 +454,14 @@ def _conv(eqn, site, a, d, wb):
                              (1, *p["window_strides"], 1)))
   nf, cg, og = len(patches), c // groups, o // groups
   u = jnp.stack(patches, axis=-2)                               # [B*n, *out_sp, F, C]
-  u = u.reshape(b, -1, nf, groups, cg)                          # [B, P, F, G, Cg]
-  u = jnp.transpose(u, (0, 3, 1, 2, 4)).reshape(b, groups, -1, nf * cg)
-  d = jnp.transpose(d.reshape(b, -1, groups, og), (0, 2, 1, 3))   # [B, G, P, Og]
-  g = jnp.einsum("bgpk,bgpo->bgko", u, d, precision=_HIGHEST)
-  s = jnp.einsum("b,bgko->gko", wb, g * g, precision=_HIGHEST)  # [G, F*Cg, Og]
+  if groups == 1:
+    s = _bmm_square_sum(u.reshape(b, -1, nf * c), d.reshape(b, -1, o), wb)[None]
+  else:
+    u = u.reshape(b, -1, nf, groups, cg)                        # [B, P, F, G, Cg]
+    u = jnp.transpose(u, (0, 3, 1, 2, 4)).reshape(b, groups, -1, nf * cg)
+    d = jnp.transpose(d.reshape(b, -1, groups, og), (0, 2, 1, 3))   # [B, G, P, Og]
+    g = jnp.einsum("bgpk,bgpo->bgko", u, d, precision=_HIGHEST)
+    s = jnp.einsum("b,bgko->gko", wb, g * g, precision=_HIGHEST)  # [G, F*Cg, Og]
   s = s.reshape((groups,) + tuple(filt) + (cg, og))
   s = jnp.moveaxis(s, 0, -2).reshape(tuple(filt) + (cg, o))    # [*filt, I, O], O group-major
   perm = [0] * (n_sp + 2)

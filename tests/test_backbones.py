@@ -256,7 +256,8 @@ def test_user_module_resume_with_dropout_and_batch_stats_is_exact(user_checkpoin
 def test_readme_example_of_your_own_module_runs():
   """The README's "Backbones and BatchNorm" example, as written, on the tiny image tasks."""
   readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = readme[readme.index("## Backbones and BatchNorm\n"):readme.index("## The library\n")]
+  start = readme.index("## Backbones and BatchNorm\n")
+  section = readme[start:readme.index("\n## ", start + 1)]
   (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
   scope = {"train": image_tasks(40, 0), "test": image_tasks(20, 1)}
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used

@@ -178,7 +178,7 @@ CASES = {
     "integer_param_leaf": (lambda: fisher_diagonal(fn, {**P, "n": jnp.ones(3, jnp.int32)}, X, Y),
                            "only float leaves"),
     "non_finite_inputs": (lambda: fisher_diagonal(fn, P, X.at[0, 0].set(jnp.nan), Y),
-                          "not finite"),
+                          "non-finite importance"),
     "leaf_mask_wrong_keys": (lambda: fisher_diagonal(fn, P, X, Y, leaf_mask={"v": True}),
                              "leaf_mask"),
     "plan_of_nnx_module": (lambda: fisher_plan(fn, _nnx_model(False), X), "nnx.Module"),
