@@ -15,8 +15,8 @@ into training and held-out ones. Every random choice derives from ``--seed``. (T
 the Python running it: another Python version gives somewhat different numbers.)
 
 Run it from the repository root, with the package installed (``pip install -e .``; ``make install``
-does it); no accelerator needed. The defaults took 2 min 29 s on a 2-core CPU that other jobs
-loaded to a load average of ~11 (59 % of the two cores for this run; 68 s user time)::
+does it); no accelerator needed. The defaults took 137-149 s on a 2-core CPU that other jobs
+kept at a load average of 10.5-12 (this run got ~60 % of the two cores; 68 s user time)::
 
   python examples/continual_finetune_transformer.py
   python examples/continual_finetune_transformer.py --quick   # the tests' run: 20-50 s here
