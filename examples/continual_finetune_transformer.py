@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ewc_jax import Anchor, ewc_loss
+from ewc_jax import Anchor, ewc_loss, fisher_diagonal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,53 +257,15 @@ def train(model, windows: np.ndarray, steps: int, lr: float, batch_size: int, ke
 # The Fisher of sequences (one row = one window, its log-likelihood summed over positions).
 
 
-def _values(tree):
-  """``tree`` (e.g. an nnx.State) with each nnx.Variable replaced by its array."""
-  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-  return jax.tree.map(lambda v: v.get_value() if is_var(v) else v, tree, is_leaf=is_var)
-
-
-def _sequence_fisher(logits_fn, params, inputs, labels, label_mask, batch_size):
-  """(1/N) Σ_rows (∂ℓ_row/∂θ)², ℓ_row = Σ_t mask[t] · log softmax(logits_fn(θ, x_row))[t, y_t].
-
-  Brute force: per-row gradients with ``jax.vmap(jax.grad(...))``, ``batch_size`` rows at a time
-  (the last batch padded with mask-0 rows, whose gradient is exactly 0). ``logits_fn(params, x)``
-  maps ``x [B, T]`` to logits ``[B, T, V]``; ``labels`` and ``label_mask`` are ``[N, T]``.
-  Returns a pytree like ``params`` of float32 arrays (an nnx.State of arrays for an nnx.State).
-  """
-  params = _values(params)
-  inputs, labels, label_mask = (np.asarray(a) for a in (inputs, labels, label_mask))
-
-  def row_nll(p, x, y, m):
-    logits = logits_fn(p, x[None])[0]
-    return jnp.sum(m * optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-  @jax.jit
-  def batch_sum(p, x, y, m):
-    grads = jax.vmap(jax.grad(row_nll), in_axes=(None, 0, 0, 0))(p, x, y, m)
-    return jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=0), grads)
-
-  n = len(inputs)
-  pad = -n % batch_size
-  def padded(a):
-    return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-  inputs, labels, label_mask = padded(inputs), padded(labels), padded(label_mask)
-  total = jax.tree.map(jnp.zeros_like, params)
-  for start in range(0, n + pad, batch_size):
-    rows = slice(start, start + batch_size)
-    part = batch_sum(params, inputs[rows], labels[rows], label_mask[rows].astype(np.float32))
-    total = jax.tree.map(jnp.add, total, part)
-  return jax.tree.map(lambda t: t / n, total)
-
-
 def first_domain_anchor(model, windows: np.ndarray, batch_size: int) -> Anchor:
   """θ* (the model's current parameters) and their Fisher on ``windows``."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   def logits_fn(p, x):
     return nnx.merge(graphdef, p, rest)(x)
   x, y = windows[:, :-1], windows[:, 1:]
-  # TODO(fisher-api): replace by ewc_jax.fisher_diagonal(..., label_mask=...)
-  fisher = _sequence_fisher(logits_fn, params, x, y, np.ones_like(y), batch_size)
+  # Token-level Fisher: logits [B, T, V], labels [N, T]; one row's log-likelihood is the sum
+  # over its positions (windows are never padded here; a label_mask= would mark padding).
+  fisher = fisher_diagonal(logits_fn, params, x, y, batch_size=batch_size)
   return Anchor(params=params, importance=fisher)
 
 
