@@ -335,12 +335,16 @@ def fisher_diagonal(
   settings = ("diagonal", spec, n, int(batch_size), weights is not None,
               bool(normalize_by_num_params))
 
+  host_loop = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(
+      (consts, traced.leaves, setup.inputs, labels, label_mask, weights, key)))
+
   def build():
     batch_fn, _ = prog.batch_program(traced, spec)
-    return jax.jit(prog.data_program(batch_fn, spec, traced.shapes, traced.out_shape, n,
-                                     int(batch_size), weights is not None,
-                                     bool(normalize_by_num_params)))
-  program = prog.PROGRAMS.get(None if traced.key is None else (traced.key, settings), build)
+    return prog.data_program(batch_fn, spec, traced.shapes, traced.out_shape, n,
+                             int(batch_size), weights is not None,
+                             bool(normalize_by_num_params), host_loop)
+  program = prog.PROGRAMS.get(
+      None if traced.key is None else (traced.key, settings, host_loop), build)
   values, flags, finite = program(list(consts), traced.leaves, setup.inputs, labels, label_mask,
                                   weights, key)
   _raise_flags(flags, finite, _active_paths(traced, setup.active), runtime_checks, "logits_fn")

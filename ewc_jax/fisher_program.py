@@ -298,15 +298,22 @@ def _defaults(out_shape, n, labels, lmask, weights, key, categorical: bool):
 
 
 def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple, n: int,
-                 batch_size: int, has_mask: bool, normalize: bool):
+                 batch_size: int, has_mask: bool, normalize: bool, host_loop: bool = False):
   """``f(args, leaves, inputs, labels, lmask, weights, key) -> ([F per active leaf], flags,
-  [finite per active leaf])`` over ``n`` rows in ``lax.scan`` batches of ``batch_size`` (the
-  last one padded and masked)."""
+  [finite per active leaf])`` over ``n`` rows in batches of ``batch_size`` (the last one padded
+  and masked).
+
+  The batches run in a ``lax.scan`` (``f`` is then one jittable function), or, with
+  ``host_loop`` (eager calls), in a Python loop over one compiled step per batch: XLA:CPU runs
+  convolutions inside a while loop ~3x slower than the same step alone (ResNet-18, 128 examples:
+  2.2 s against 0.77 s), and the host loop costs one dispatch per batch.
+  """
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
   active_shapes = [s for s, on in zip(shapes, spec.active) if on]
+  num_flags = 2 if spec.lik.categorical else 0
 
-  def program(args, leaves, inputs, labels, lmask, weights, key):
+  def prepare(labels, lmask, weights, key, inputs):
     labels, lmask, weights, key = _defaults(out_shape, n, labels, lmask, weights, key,
                                             spec.lik.categorical)
     if has_mask:
@@ -322,25 +329,51 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
       a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode=mode)
       return a.reshape((num_batches, batch_size) + a.shape[1:])
     xs = jax.tree.map(lambda a: batched(a, "edge"), inputs)
-    ys, ms = batched(labels, "edge"), batched(lmask, "edge")
-    ws = batched(weights, "constant")
+    return (xs, batched(labels, "edge"), batched(lmask, "edge"), batched(weights, "constant"),
+            key, jnp.sum(weights))
 
-    def body(carry, batch):
-      acc, flags = carry
-      xb, yb, mb, wb, i = batch
-      c, f = batch_fn(args, [], leaves, xb, yb, mb, wb, jax.random.fold_in(key, i))
-      c = _constrain(c, spec)
-      return ([a + x for a, x in zip(acc, c)], [a | x for a, x in zip(flags, f)]), None
+  def add(args, leaves, carry, batch, key):
+    acc, flags = carry
+    xb, yb, mb, wb, i = batch
+    c, f = batch_fn(args, [], leaves, xb, yb, mb, wb, jax.random.fold_in(key, i))
+    c = _constrain(c, spec)
+    return [a + x for a, x in zip(acc, c)], [a | x for a, x in zip(flags, f)]
 
+  def start():
     acc0 = _constrain([jnp.zeros(s, jnp.float32) for s in active_shapes], spec)
-    flags0 = [jnp.zeros((), bool)] * (2 if spec.lik.categorical else 0)
-    (acc, flags), _ = lax.scan(body, (acc0, flags0), (xs, ys, ms, ws, jnp.arange(num_batches)))
-    denom = jnp.maximum(jnp.sum(weights), 1.0)
+    return acc0, [jnp.zeros((), bool)] * num_flags
+
+  def finish(acc, flags, total):
+    denom = jnp.maximum(total, 1.0)
     if normalize:
       denom = denom * sum(int(np.prod(s, dtype=np.int64)) for s in active_shapes)
     values = _constrain([a / denom for a in acc], spec)
     return values, flags, [jnp.all(jnp.isfinite(v)) for v in values]
-  return program
+
+  if host_loop:
+    prepare_jit = jax.jit(prepare)
+
+    def step(args, leaves, carry, batch, key):
+      return add(args, leaves, carry, batch, key)
+    step_jit = jax.jit(step, donate_argnums=(2,))
+    start_jit, finish_jit = jax.jit(start), jax.jit(finish)
+
+    def run(args, leaves, inputs, labels, lmask, weights, key):
+      xs, ys, ms, ws, key, total = prepare_jit(labels, lmask, weights, key, inputs)
+      carry = start_jit()
+      for i in range(num_batches):
+        batch = (jax.tree.map(lambda a, i=i: a[i], xs), ys[i], ms[i], ws[i], np.int32(i))
+        carry = step_jit(args, leaves, carry, batch, key)
+      return finish_jit(*carry, total)
+    return run
+
+  def program(args, leaves, inputs, labels, lmask, weights, key):
+    xs, ys, ms, ws, key, total = prepare(labels, lmask, weights, key, inputs)
+    def body(carry, batch):
+      return add(args, leaves, carry, batch, key), None
+    (acc, flags), _ = lax.scan(body, start(), (xs, ys, ms, ws, jnp.arange(num_batches)))
+    return finish(acc, flags, total)
+  return jax.jit(program)
 
 
 def update_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple, n: int):
