@@ -191,6 +191,17 @@ def _categorical_targets(traced: prog.Traced, n: int, labels, label_mask, kind: 
   return labels, label_mask, c
 
 
+def _checked_targets(setup: _Setup, labels, label_mask, mask, kind: str, key):
+  """``(labels, label_mask, row weights)`` of a categorical call, checked (see the callers)."""
+  labels, label_mask, c = _categorical_targets(setup.traced, setup.n, labels, label_mask, kind)
+  weights = _row_weights(mask, setup.n)
+  if kind in LABELLED_KINDS:
+    _check_labels(labels, weights, label_mask, c)
+  if kind == "sampled" and key is None:
+    raise ValueError("`key` (a PRNG key) is required for kind='sampled'.")
+  return labels, label_mask, weights
+
+
 def _row_weights(mask, n: int):
   if mask is None:
     return None
@@ -323,12 +334,7 @@ def fisher_diagonal(
   _check_settings(kind, method, reduction, batch_size)
   setup = _setup(logits_fn, params, inputs, leaf_mask, "logits_fn")
   traced, n = setup.traced, setup.n
-  labels, label_mask, c = _categorical_targets(traced, n, labels, label_mask, kind)
-  weights = _row_weights(mask, n)
-  if kind in LABELLED_KINDS:
-    _check_labels(labels, weights, label_mask, c)
-  if kind == "sampled" and key is None:
-    raise ValueError("`key` (a PRNG key) is required for kind='sampled'.")
+  labels, label_mask, weights = _checked_targets(setup, labels, label_mask, mask, kind, key)
   consts = traced.closed.consts
   spec = prog.Spec(kind, method, setup.active, prog.Likelihood(True, reduction), len(consts),
                    prog.shardings_of(traced.leaves))
@@ -434,14 +440,8 @@ def fisher_accumulator(logits_fn: LogitsFn, *, kind: str = "empirical", method: 
 
   def update(state, params, inputs, labels=None, label_mask=None, *, key=None, mask=None):
     setup = _setup(logits_fn, params, inputs, leaf_mask, "logits_fn")
-    traced, n = setup.traced, setup.n
-    labels, lmask, c = _categorical_targets(traced, n, labels, label_mask, kind)
-    weights = _row_weights(mask, n)
-    if kind in LABELLED_KINDS:
-      _check_labels(labels, weights, lmask, c)
-    if kind == "sampled" and key is None:
-      raise ValueError("`key` (a PRNG key) is required for kind='sampled'.")
-    return _update(traced, setup, lik, kind, method, state, labels, lmask, weights, key,
+    labels, lmask, weights = _checked_targets(setup, labels, label_mask, mask, kind, key)
+    return _update(setup.traced, setup, lik, kind, method, state, labels, lmask, weights, key,
                    runtime_checks, "logits_fn")
 
   def result(state):

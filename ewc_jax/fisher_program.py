@@ -303,6 +303,16 @@ def _defaults(out_shape, n, labels, lmask, weights, key, categorical: bool):
   return labels, lmask, weights, key
 
 
+def _fill_masked(weights, n: int, *trees):
+  """Masked-out rows take the values of a counted row: their weight is 0, but 0 * NaN = NaN (so
+  garbage in padding, NaN or inf, would otherwise poison every sum)."""
+  keep = weights > 0
+  first = jnp.argmax(keep)
+  def fill(a):
+    return jnp.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, a[first])
+  return tuple(jax.tree.map(fill, t) for t in trees)
+
+
 def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple, n: int,
                  batch_size: int, has_mask: bool, normalize: bool, host_loop: bool = False):
   """``f(args, leaves, inputs, labels, lmask, weights, key) -> ([F per active leaf], flags,
@@ -310,9 +320,10 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
   and masked).
 
   The batches run in a ``lax.scan`` (``f`` is then one jittable function), or, with
-  ``host_loop`` (eager calls), in a Python loop over one compiled step per batch: XLA:CPU runs
-  convolutions inside a while loop ~3x slower than the same step alone (ResNet-18, 128 examples:
-  2.2 s against 0.77 s), and the host loop costs one dispatch per batch.
+  ``host_loop`` (eager calls) for a model with convolutions, in a Python loop over one compiled
+  step per batch: XLA:CPU runs convolutions inside a while loop ~3x slower than the same step
+  alone (ResNet-18, 128 examples: 2.2 s against 0.77 s); the host loop costs one dispatch per
+  batch.
   """
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
@@ -323,13 +334,7 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
     labels, lmask, weights, key = _defaults(out_shape, n, labels, lmask, weights, key,
                                             spec.lik.categorical)
     if has_mask:
-      # Masked-out rows take the values of a counted row: their weight is 0, but 0 * NaN = NaN.
-      keep = weights > 0
-      first = jnp.argmax(keep)
-      def fill(a):
-        return jnp.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, a[first])
-      inputs = jax.tree.map(fill, inputs)
-      labels, lmask = fill(labels), fill(lmask)
+      inputs, labels, lmask = _fill_masked(weights, n, inputs, labels, lmask)
 
     def batched(a, mode):
       a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode=mode)
@@ -356,7 +361,7 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
     values = _constrain([a / denom for a in acc], spec)
     return values, flags, [jnp.all(jnp.isfinite(v)) for v in values]
 
-  if host_loop:
+  if host_loop and getattr(batch_fn, "convolutions", False):
     prepare_jit = jax.jit(prepare)
 
     def step(args, leaves, carry, batch, key):
@@ -391,12 +396,7 @@ def update_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tupl
   def program(args, extra, leaves, xb, labels, lmask, weights, key, sums, count):
     labels, lmask, weights, key = _defaults(out_shape, n, labels, lmask, weights, key,
                                             spec.lik.categorical)
-    keep = weights > 0
-    first = jnp.argmax(keep)
-    def fill(a):
-      return jnp.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, a[first])
-    xb = jax.tree.map(fill, xb)
-    labels, lmask = fill(labels), fill(lmask)
+    xb, labels, lmask = _fill_masked(weights, n, xb, labels, lmask)
     values, flags = batch_fn(args, extra, leaves, xb, labels, lmask, weights, key)
     it = iter(_constrain(values, spec))
     sums = [s + next(it) if on else s for s, on in zip(sums, spec.active)]

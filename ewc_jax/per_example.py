@@ -15,8 +15,9 @@ The rules (:data:`PATHS`; ``fisher_plan`` names the one each leaf takes):
   :math:`\partial_W\ell_b = \sum_r a_{br} \otimes \delta_{br}`: one batched matmul.
 * ``"conv"``: ``z = conv(a, W)`` (any strides, padding, dilation, layout, feature groups:
   depthwise and grouped convolutions, several images per example): :math:`\partial_W\ell_b =
-  U(a_b)^\top\delta_b` with U the unfold (im2col) of the example's input, one batched matmul per
-  group (BackPACK's method, Dangel, Kunstner & Hennig, 2020).
+  U(a_b)^\top\delta_b` with U the unfold (im2col) of the example's input (BackPACK's method,
+  Dangel, Kunstner & Hennig, 2020), computed one filter offset at a time: a batched matmul of a
+  shifted slice of the input with δ, so at most 1/F of the per-example gradients are held.
 * ``"embed"``: a table lookup ``z = W[i]`` (``jnp.take``, ``nnx.Embed``, ``nn.Embed``), a token
   repeated within an example included: the rows of δ that share a token are summed per example
   (a sort and a segment sum), squared and scattered into the table: O(B·T·D), never ``[B, V, D]``.
@@ -114,13 +115,7 @@ def inline_calls(closed):
   become arguments), so that the result depends only on the structure of the computation.
   """
   def run(jaxpr, consts, *args):
-    env: dict[Any, Any] = {}
-    def read(v):
-      return v.val if isinstance(v, jex_core.Literal) else env[v]
-    for v, c in zip(jaxpr.constvars, consts):
-      env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-      env[v] = a
+    env, read = _environment(jaxpr, consts, args)
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
       sub = eqn.params.get("jaxpr") if eqn.primitive.name in _CALLS else None
@@ -137,6 +132,15 @@ def inline_calls(closed):
   const_avals = [jax.ShapeDtypeStruct(np.shape(c), jnp.result_type(c)) for c in closed.consts]
   in_avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
   return jax.make_jaxpr(lambda c, a: run(closed.jaxpr, c, *a))(const_avals, in_avals)
+
+
+def _environment(jaxpr, consts, args):
+  """``(env, read)`` of an evaluation of ``jaxpr``: its constvars and invars bound."""
+  env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  def read(v):
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
+  return env, read
 
 
 def _bind(eqn, invals):
@@ -342,13 +346,7 @@ def make_sq_grad_sum(closed, num_args: int, num_leaves: int, loss: LossFn, *,
 def _eval_with_taps(jaxpr, consts, args, sites, taps):
   """Evaluates ``jaxpr``; adds ``taps[i]`` to the output of each site eqn and records the site's
   other operand."""
-  env: dict[Any, Any] = {}
-  def read(v):
-    return v.val if isinstance(v, jex_core.Literal) else env[v]
-  for v, c in zip(jaxpr.constvars, consts):
-    env[v] = c
-  for v, a in zip(jaxpr.invars, args):
-    env[v] = a
+  env, read = _environment(jaxpr, consts, args)
   recorded = {}
   for i, eqn in enumerate(jaxpr.eqns):
     invals = [read(v) for v in eqn.invars]
@@ -425,7 +423,13 @@ def _bmm_square_sum(a, d, wb):
 
 def _conv(eqn, site, a, d, wb):
   """Per-example kernel gradient U(a_b)ᵀ δ_b of a convolution (any feature groups), squared and
-  summed, in the kernel's layout."""
+  summed, in the kernel's layout.
+
+  One filter offset at a time: the gradient of the kernel's taps at offset f is
+  Σ_p a_b[p + f]ᵀ δ_b[p], a ``[B, C, O]`` batched matmul of a shifted slice of the input with
+  the output gradient, squared and summed over b at once; no unfolded input and no more than
+  1/F of the per-example kernel gradients are ever held.
+  """
   del site
   p = eqn.params
   dn = p["dimension_numbers"]
@@ -442,28 +446,22 @@ def _conv(eqn, site, a, d, wb):
   a = channels_last(a, lhs_spec).astype(jnp.float32)
   d = channels_last(d, out_spec).astype(jnp.float32)
   bn, c, out_sp, o = a.shape[0], a.shape[-1], d.shape[1:-1], d.shape[-1]
+  cg, og = c // groups, o // groups
   zero = jnp.zeros((), a.dtype)
   config = [(0, 0, 0)] + [(lo, hi, dil - 1) for (lo, hi), dil in
                           zip(p["padding"], p["lhs_dilation"])] + [(0, 0, 0)]
   a = lax.pad(a, zero, config)
-  patches = []
+  d = jnp.transpose(d.reshape(b, -1, groups, og), (0, 2, 1, 3))   # [B, G, P, Og]
+  per_offset = []
   for offset in itertools.product(*(range(f) for f in filt)):
     start = [q * r for q, r in zip(offset, p["rhs_dilation"])]
     limit = [s + (n - 1) * st + 1 for s, n, st in zip(start, out_sp, p["window_strides"])]
-    patches.append(lax.slice(a, (0, *start, 0), (bn, *limit, c),
-                             (1, *p["window_strides"], 1)))
-  nf, cg, og = len(patches), c // groups, o // groups
-  u = jnp.stack(patches, axis=-2)                               # [B*n, *out_sp, F, C]
-  if groups == 1:
-    s = _bmm_square_sum(u.reshape(b, -1, nf * c), d.reshape(b, -1, o), wb)[None]
-  else:
-    u = u.reshape(b, -1, nf, groups, cg)                        # [B, P, F, G, Cg]
-    u = jnp.transpose(u, (0, 3, 1, 2, 4)).reshape(b, groups, -1, nf * cg)
-    d = jnp.transpose(d.reshape(b, -1, groups, og), (0, 2, 1, 3))   # [B, G, P, Og]
-    g = jnp.einsum("bgpk,bgpo->bgko", u, d, precision=_HIGHEST)
-    s = jnp.einsum("b,bgko->gko", wb, g * g, precision=_HIGHEST)  # [G, F*Cg, Og]
-  s = s.reshape((groups,) + tuple(filt) + (cg, og))
-  s = jnp.moveaxis(s, 0, -2).reshape(tuple(filt) + (cg, o))    # [*filt, I, O], O group-major
+    u = lax.slice(a, (0, *start, 0), (bn, *limit, c), (1, *p["window_strides"], 1))
+    u = jnp.transpose(u.reshape(b, -1, groups, cg), (0, 2, 1, 3))  # [B, G, P, Cg]
+    g = jnp.einsum("bgpc,bgpo->bgco", u, d, precision=_HIGHEST)
+    per_offset.append(jnp.einsum("b,bgco->gco", wb, g * g, precision=_HIGHEST))
+  s = jnp.stack(per_offset)                                     # [F, G, Cg, Og]
+  s = jnp.transpose(s, (0, 2, 1, 3)).reshape(tuple(filt) + (cg, o))  # [*filt, I, O]
   perm = [0] * (n_sp + 2)
   perm[rhs_spec[0]] = n_sp + 1
   perm[rhs_spec[1]] = n_sp
