@@ -149,3 +149,12 @@ def test_accumulator_inside_a_users_jit():
                             (xs.reshape(N, 1, T, D), ys.reshape(N, 1, T), ms.reshape(N, 1, T)))
     return acc.result(state)
   _close(loop(p, x, y, m), fisher_diagonal(fn, p, x, y, m))
+
+
+def test_fisher_from_nll_sequence_equals_token_level_fisher_diagonal():
+  fn, p, x, y, m = _seq_model()
+  def nll(q, b):              # a row's summed token loss over its unmasked positions
+    ce = optax.softmax_cross_entropy_with_integer_labels(fn(q, b["x"]), b["y"])
+    return jnp.sum(b["m"] * ce, axis=-1)
+  batches = [{"x": x[i:i + 4], "y": y[i:i + 4], "m": m[i:i + 4]} for i in range(0, N, 4)]
+  _close(fisher_from_nll(nll, p, batches), fisher_diagonal(fn, p, x, y, m))
