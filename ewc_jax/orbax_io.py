@@ -171,10 +171,16 @@ def quiet_orbax_errors() -> None:
     logger.addFilter(_DropOrbaxErrors())
 
 
-def first_line(err: BaseException) -> str:
-  """``"Type: first line of the message"``: an orbax/tensorstore error within one line."""
+def first_line(err: BaseException, limit: int = 400) -> str:
+  """``"Type: first line of the message"``: an orbax/tensorstore error within one line (without
+  tensorstore's ``[source locations=...]`` / ``[tensorstore_spec=...]`` annotations, at most
+  ``limit`` characters)."""
   text = str(err).strip()
-  return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+  line = text.splitlines()[0] if text else ""
+  for mark in (" [source locations=", " [tensorstore_spec=", " [os_error_code="):
+    line = line.split(mark)[0]
+  line = f"{type(err).__name__}: {line}".rstrip(": ")
+  return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 __all__ = ["closed_loop_noise_dropped", "first_line", "ocp", "quiet_orbax_errors",
