@@ -246,11 +246,15 @@ class NumericalError(ArithmeticError):
 
 def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start: int,
                  steps: int) -> None:
-  """Raises :class:`NumericalError` at the first step of a chunk whose loss is not finite."""
+  """Raises :class:`NumericalError` at the first step of a chunk whose loss is not finite, or
+  at the chunk's end when its parameters or optimizer state are not (``metrics`` of
+  :func:`ewc_jax.train.train_chunk`, with a leading config axis in a sweep)."""
   parts = [np.asarray(metrics[k]) for k in ("loss_cls", "loss_reg", "loss")]
   bad = [~np.isfinite(a) for a in parts]
   any_bad = bad[0] | bad[1] | bad[2]
   if not np.any(any_bad):
+    _check_state_finite(metrics, task=task, num_tasks=num_tasks, epoch=epoch, start=start,
+                        steps=steps)
     return
   config, i = (None, int(np.argmax(any_bad))) if any_bad.ndim == 1 else (
       tuple(int(v) for v in np.argwhere(any_bad.T)[0][::-1]))
@@ -270,6 +274,29 @@ def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start:
       lambda n: f"{text}; try a smaller {n('lr')} or {n('lam')}.",
       task=task, epoch=epoch, step=step, task_step=epoch * steps + step, part=part,
       value=value, config=config)
+
+
+def _check_state_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start: int,
+                        steps: int) -> None:
+  """The state part of :func:`check_finite`: the parameters, then the optimizer state."""
+  for key, part in (("params_finite", "parameters"), ("opt_state_finite", "optimizer state")):
+    if key not in metrics:
+      continue
+    bad = ~np.asarray(metrics[key], bool)
+    if not np.any(bad):
+      continue
+    config = None if bad.ndim == 0 else int(np.argmax(bad))
+    done = np.asarray(metrics["count"]) > 0
+    active = int(done.sum(-1) if config is None else done[config].sum(-1))
+    last = start + max(active, 1)
+    where = f" of sweep config {config}" if config is not None else ""
+    text = (f"the {part} became non-finite at task {task + 1}/{num_tasks}, epoch {epoch + 1}, "
+            f"steps {start + 1}-{last}/{steps}{where}, while the training loss stayed finite "
+            "(e.g. the optimizer's second moment overflowed). Stopped before keeping that state")
+    raise NumericalError(
+        lambda n, text=text: f"{text}; try a smaller {n('lr')} or {n('lam')}.",
+        task=task, epoch=epoch, step=last - 1, task_step=epoch * steps + last - 1, part=part,
+        value=float("nan"), config=config)
 
 
 class Result(NamedTuple):

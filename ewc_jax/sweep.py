@@ -241,7 +241,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
       if resume is not None and checkpointer.log is not None:
         where = checkpoint_lib.describe_position(resume, part[0], np.asarray(train.counts))
         checkpointer.log(f"chunk {i + 1}/{layout.num_chunks}: resuming from "
-                         f"{ckpt.step_path(ckpt.latest_step())} ({where})")
+                         f"{ckpt.step_path(ckpt.restored_step)} ({where})")
     with ckpt if ckpt is not None else contextlib.nullcontext():
       result = continual.run(part[0], net, train, test, preprocess=preprocess,
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],

@@ -116,13 +116,14 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
   prefix = f"seed {run.seed} " if len(seeds) > 1 else ""
   ckpt = savers.enter_context(checkpoint.RunCheckpointer(
       workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,
-      every=config.checkpoint_every, chunk_steps=run.chunk_steps)) if config.checkpoint else None
+      every=config.checkpoint_every, chunk_steps=run.chunk_steps,
+      warn=report.warning)) if config.checkpoint else None
   resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(run, net, train,
                                                                preprocess=preprocess))
             if ckpt is not None else None)
   resumed_from = None
   if resume is not None:
-    resumed_from = str(ckpt.step_path(ckpt.latest_step()))
+    resumed_from = str(ckpt.step_path(ckpt.restored_step))
     where = checkpoint.describe_position(resume, run, np.asarray(train.counts))
     print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
   hook = ckpt if ckpt is not None else interrupt.check

@@ -20,6 +20,7 @@ from experiments import environment
 from experiments import files
 from experiments import input_norm
 from experiments import progress as progress_lib
+from experiments import report
 from experiments import train as train_lib
 
 
@@ -77,7 +78,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
       saver = checkpoint.SweepCheckpointer(
           root / f"group_{g}", {**ident, "group": g, "members": members}, keep=exp.keep,
           every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
-          log=lambda line, prefix=prefix: print(prefix + line, flush=True))
+          log=lambda line, prefix=prefix: print(prefix + line, flush=True),
+          warn=lambda line, prefix=prefix: report.warning(prefix + line))
     executables = None
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
       from experiments import compile_cache  # pylint: disable=import-outside-toplevel
