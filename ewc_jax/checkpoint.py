@@ -280,6 +280,15 @@ def _verify(meta: dict, state: PyTree) -> None:
     raise ValueError(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
 
 
+def _num_configs(tree: PyTree) -> int:
+  return int(np.shape(jax.tree.leaves(tree)[0])[0])
+
+
+def _rows(tree: PyTree, rows: np.ndarray) -> PyTree:
+  """The configs ``rows`` (a boolean mask of the leading axis) of every array of ``tree``."""
+  return jax.tree.map(lambda a: np.asarray(a)[rows], tree)
+
+
 def _non_finite_part(rs: continual.RunState) -> str:
   """Which part of a run state whose parameters are finite is not: its name in messages."""
   parts = (("optimizer state", rs.train_state.opt_state),
@@ -512,7 +521,9 @@ class RunCheckpointer:
           acc=np.asarray(meta["acc"], np.float64), curves=meta["curves"],
           epoch_sums={k: np.asarray(v, np.float64) for k, v in meta["epoch_sums"].items()},
           val_acc=(None if meta.get("val_acc") is None else
-                   np.asarray(meta["val_acc"], np.float64)))
+                   np.asarray(meta["val_acc"], np.float64)),
+          diverged=(None if meta.get("diverged") is None else
+                    {int(k): v for k, v in meta["diverged"].items()}))
     except CheckpointError:
       raise
     except Exception as err:  # noqa: BLE001 (truncated array files, missing items, bad JSON)
@@ -527,6 +538,10 @@ class RunCheckpointer:
     t0 = time.perf_counter()
     arrays, params_ok, all_ok = _saved_copy(rs.train_state.params,
                                             _on_disk(rs.train_state, rs.memory))
+    if not all_ok and rs.diverged:  # a sweep: its diverged configs are NaN, the others must not
+      healthy = np.array([k not in rs.diverged for k in range(_num_configs(arrays))])
+      params_ok = _host_finite(_rows(jax.device_get(rs.train_state.params), healthy))
+      all_ok = _host_finite(_rows(jax.device_get(arrays), healthy))
     if not all_ok:
       what = "parameters" if not params_ok else _non_finite_part(rs)
       task = rs.task - 1 if reason == "task" else rs.task
@@ -552,6 +567,8 @@ class RunCheckpointer:
             "epoch_sums": {k: np.asarray(v, np.float64).tolist()
                            for k, v in rs.epoch_sums.items()},
             "config": self.config}
+    if rs.diverged is not None:
+      meta["diverged"] = {str(k): v for k, v in rs.diverged.items()}
     meta = _jsonable(meta)
     meta["checksums"] = {"arrays": array_checksums(arrays), "meta": meta_checksum(meta)}
     # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax

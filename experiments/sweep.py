@@ -37,6 +37,7 @@ if __name__ == "__main__":  # first thing: Ctrl-C / SIGTERM during the imports e
 
 # pylint: disable=wrong-import-position
 import contextlib  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -88,8 +89,13 @@ def _main(held: contextlib.ExitStack, import_seconds: float) -> None:
   if config.experiment.compile_cache:
     compile_cache.enable()
   with interrupt.catch():
-    train_sweep.train_and_evaluate_sweep(config, workdir, writer=writer, checkpoints=checkpoints,
-                                         import_seconds=import_seconds, start_time=_START)
+    record = train_sweep.train_and_evaluate_sweep(
+        config, workdir, writer=writer, checkpoints=checkpoints, import_seconds=import_seconds,
+        start_time=_START)
+  line = train_sweep.divergence_line(record) if record is not None else None
+  if line is not None:  # the healthy configs' results are written; the status says some diverged
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   configs = config.configs()
   groups = _groups(config, configs)
   acc, val_acc, curves = [None] * len(configs), [None] * len(configs), [None] * len(configs)
+  diverged: dict = {}
   timings: dict = {"data": 0.0}
   layouts, built, result = [], None, None
   preprocess = input_norm.make(exp.input_norm_name, ds.train_images)
@@ -94,6 +95,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                        checkpointer=saver)
     for j, k in enumerate(members):
       acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
+      if j in (result.diverged or {}):
+        diverged[k] = result.diverged[j]
       if result.val_acc_matrix is not None:
         val_acc[k] = result.val_acc_matrix[j]
     for name, sec in result.timings.items():
@@ -106,9 +109,32 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                           curves=curves, timings=timings, layout=result.layout,
                           val_acc_matrix=val,
                           val_summaries=None if val is None else [metrics.summarize(a)
-                                                                  for a in val])
+                                                                  for a in val],
+                          diverged=diverged)
   return res, layouts, built._replace(info={
       **built.info, **train_lib.benchmark_info(ds, getattr(preprocess, "stats", None))})
+
+
+def diverged_entry(result, k: int) -> dict:
+  """results.json's record of diverged config ``k``: its swept values and where it diverged."""
+  cfg = result.configs[k]
+  return {"index": k, **{n: getattr(cfg, n) for n in result.swept}, **result.diverged[k]}
+
+
+def divergence_line(record: dict) -> str | None:
+  """One line naming the diverged configs of a sweep's ``record`` (None when none did)."""
+  bad = record.get("diverged") or []
+  if not bad:
+    return None
+  swept = [n for n in record["swept"]]
+
+  def name(d):
+    return f"config {d['index']} (" + ", ".join(f"{n}={d[n]:g}" for n in swept) + ")"
+
+  first = bad[0]["flags_message"].split(". Stopped before keeping")[0]
+  return (f"{len(bad)} of {record['num_configs']} sweep configs diverged: "
+          f"{', '.join(name(d) for d in bad)} (the first: {first}); the other configs' results "
+          "are complete in results.json.")
 
 
 def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: Path,
@@ -174,7 +200,8 @@ def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, wo
   for k, (cfg, acc, summ, curves) in enumerate(zip(result.configs, result.acc_matrix,
                                                     result.summaries, result.curves)):
     entry = {"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
-             "acc_matrix": acc.tolist(), **summ, "curves": curves}
+             "acc_matrix": acc.tolist(), **summ, "curves": curves,
+             "diverged": (result.diverged or {}).get(k)}
     if result.val_acc_matrix is not None:
       entry["val_acc_matrix"] = result.val_acc_matrix[k].tolist()
       entry["validation"] = result.val_summaries[k]
@@ -189,6 +216,7 @@ def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, wo
       "num_configs": len(result.configs),
       "acc_matrix_shape": list(result.acc_matrix.shape),
       "table": rows,
+      "diverged": [diverged_entry(result, k) for k in sorted(result.diverged or {})],
       "configs": configs,
       "base_config": dataclasses.asdict(base),
       "experiment": {k: v for k, v in dataclasses.asdict(exp).items() if k != "run"},
@@ -205,6 +233,9 @@ def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, wo
             "average accuracy (no validation split: --validation_fraction)")
   print(f"\n{title}, sorted by {ranked} (mean ± std over seeds):")
   print(sweep.format_table(rows, keys))
+  if result.diverged:
+    print(f"{len(result.diverged)} of {len(result.configs)} configs diverged: their results are "
+          "NaN (see \"diverged\" in results.json); the others are complete")
   print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
   print(f"wrote {workdir}/results.json" + (", average_accuracy.png" if exp.plots else ""))
   return record

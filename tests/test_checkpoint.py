@@ -178,20 +178,64 @@ def test_other_config_is_refused_naming_the_keys(saved_run):
   assert checkpoint.config_diff(IDENTITY, dict(IDENTITY, hidden=[16])) == []  # tuple == list
 
 
+def _flip_bits(folder, count, seed=0):
+  """Flips one bit in each of ``count`` random bytes of the largest array data file."""
+  import random  # pylint: disable=import-outside-toplevel
+  files = [p for p in (folder / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  big = max(files, key=lambda p: p.stat().st_size)
+  data, rng = bytearray(big.read_bytes()), random.Random(seed)
+  for _ in range(count):
+    i = rng.randrange(len(data))
+    data[i] ^= 1 << rng.randrange(8)
+  big.write_bytes(bytes(data))
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_corrupt_checkpoint_names_its_path_and_force_restart(saved_run, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_and_none_left_is_refused(saved_run, tmp_path):
+  """Truncated array files, one flipped bit, many flipped bytes, a flipped digit in the metadata:
+  the newest checkpoint is skipped for the previous one with one warning; with none left, the
+  restore is refused naming the newest (never restored silently)."""
   folder = _copy(saved_run[0], tmp_path)
-  like = saved_run[2]
-  newest = folder / str(checkpoint.RunCheckpointer(folder, IDENTITY).latest_step())
+  like, steps = saved_run[2], sorted(saved_run[3])
+  newest = folder / str(steps[-1])
   for path in (newest / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d":
       path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-  with pytest.raises(checkpoint.CheckpointError) as err:
-    checkpoint.RunCheckpointer(folder, IDENTITY).restore(like)
+  lines = []
+  with checkpoint.RunCheckpointer(folder, IDENTITY, warn=lines.append) as ckpt:
+    rs = ckpt.restore(like)
+    assert ckpt.restored_step == steps[-2] and rs is not None
+  (line,) = lines
+  assert str(newest) in line and f"previous one, {folder / str(steps[-2])}" in line
+  expected = checkpoint.RunCheckpointer(folder, IDENTITY).restore(like, step=steps[-2])
+  _assert_tree_equal(rs.train_state.params, expected.train_state.params)
+  # One flipped bit (float data are stored raw: only the checksum sees it), then 64 bytes.
+  for count, step in ((1, steps[-2]), (64, steps[-3])):
+    _flip_bits(folder / str(step), count, seed=count)
+    lines = []
+    with checkpoint.RunCheckpointer(folder, IDENTITY, warn=lines.append) as ckpt:
+      ckpt.restore(like)
+      assert ckpt.restored_step == steps[steps.index(step) - 1]
+    assert any(str(folder / str(step)) in l for l in lines), lines
+  # A changed digit in the metadata (the accuracy matrix): its checksum.
+  meta_file = folder / str(steps[-4]) / "meta" / "metadata"
+  text = meta_file.read_text()
+  i = text.index('"acc": [[') + len('"acc": [[')
+  meta_file.write_text(text[:i] + ("1" if text[i] != "1" else "2") + text[i + 1:])
+  lines = []
+  with checkpoint.RunCheckpointer(folder, IDENTITY, warn=lines.append) as ckpt:
+    ckpt.restore(like)
+    assert ckpt.restored_step == steps[-5]
+  assert "metadata do not match their checksum" in lines[-1]
+  # Nothing intact left: refused, naming the newest and --force_restart.
+  for step in steps[:-4]:
+    (folder / str(step) / "meta" / "metadata").write_text("{not json")
+  with pytest.raises(checkpoint.CorruptCheckpoint) as err:
+    checkpoint.RunCheckpointer(folder, IDENTITY, warn=lambda line: None).restore(like)
   assert str(newest) in str(err.value) and "--force_restart" in err.value.for_flags()
   (newest / "meta" / "metadata").write_text("{not json")
   with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
-    checkpoint.RunCheckpointer(folder, IDENTITY).check_config()
+    checkpoint.RunCheckpointer(folder, IDENTITY).restore(like, step=steps[-1])
   gc.collect()  # see above
 
 
@@ -314,7 +358,7 @@ out["closed"] = hooks() == before
 # A corrupt checkpoint: the read fails, its late callbacks are dropped while the checkpointer is
 # open; after it closes the hooks are the process's again and none of that noise reached them.
 bad = Path(shutil.copytree(root / "ok", root / "bad"))
-for path in (bad / str(checkpoint.committed_steps(bad)[-1]) / "state").rglob("*"):
+for path in bad.rglob("*"):  # every step (a corrupt newest one alone falls back on the previous)
   if path.is_file() and path.parent.name == "d":
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 like = checkpoint.abstract_run_state(tc.CFG, net, tc.tasks(90, 0))
