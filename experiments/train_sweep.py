@@ -59,7 +59,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
     built = train_lib.build_tasks(exp, ds, first)
     train, test = tasks.to_device(built.train), tasks.to_device(built.test)
     timings["data"] += time.perf_counter() - t0
-    train_lib.check_batch_size(first.batch_size, built.train.counts)
+    train_lib.check_batch_size(first.batch_size, built.train.counts,
+                               first.validation_fraction, exp.max_examples)
     net = continual.make_network(first, built.class_groups)
     bar = {"prefix": ""}
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import corrupt
 import ewc_jax
 from ewc_jax import Anchor, checkpoint, continual, heads
 
@@ -178,21 +179,9 @@ def test_other_config_is_refused_naming_the_keys(saved_run):
   assert checkpoint.config_diff(IDENTITY, dict(IDENTITY, hidden=[16])) == []  # tuple == list
 
 
-def _flip_bits(folder, count, seed=0):
-  """Flips one bit in each of ``count`` random bytes of the largest array data file."""
-  import random  # pylint: disable=import-outside-toplevel
-  files = [p for p in (folder / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-  big = max(files, key=lambda p: p.stat().st_size)
-  data, rng = bytearray(big.read_bytes()), random.Random(seed)
-  for _ in range(count):
-    i = rng.randrange(len(data))
-    data[i] ^= 1 << rng.randrange(8)
-  big.write_bytes(bytes(data))
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_newest_checkpoint_falls_back_and_none_left_is_refused(saved_run, tmp_path):
-  """Truncated array files, one flipped bit, many flipped bytes, a flipped digit in the metadata:
+  """Truncated array files, one flipped bit, bits in 8 arrays, a changed digit in the metadata:
   the newest checkpoint is skipped for the previous one with one warning; with none left, the
   restore is refused naming the newest (never restored silently)."""
   folder = _copy(saved_run[0], tmp_path)
@@ -209,9 +198,12 @@ def test_corrupt_newest_checkpoint_falls_back_and_none_left_is_refused(saved_run
   assert str(newest) in line and f"previous one, {folder / str(steps[-2])}" in line
   expected = checkpoint.RunCheckpointer(folder, IDENTITY).restore(like, step=steps[-2])
   _assert_tree_equal(rs.train_state.params, expected.train_state.params)
-  # One flipped bit (float data are stored raw: only the checksum sees it), then 64 bytes.
-  for count, step in ((1, steps[-2]), (64, steps[-3])):
-    _flip_bits(folder / str(step), count, seed=count)
+  # One flipped bit inside an array (float data are stored raw: only the checksum sees it),
+  # then a bit in each of 8 arrays.
+  for count, step in ((1, steps[-2]), (8, steps[-3])):
+    state = checkpoint.RunCheckpointer(folder, IDENTITY).restore(like, step=step)
+    corrupt.flip_bits_in_arrays(folder / str(step), jax.tree.leaves(jax.device_get(
+        (state.train_state, state.memory))), count)
     lines = []
     with checkpoint.RunCheckpointer(folder, IDENTITY, warn=lines.append) as ckpt:
       ckpt.restore(like)
