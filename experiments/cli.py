@@ -12,6 +12,7 @@ values, missing data, an unwritable workdir) print one line naming the flag and 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,8 @@ def sweep_config_from_flags() -> config_lib.SweepConfig:
 
 def quiet_logging() -> None:
   """No log lines from TFDS/orbax/JAX (INFO, WARNING) unless --verbosity or --debug asks for
-  them: the command line's own lines (and one ``error:`` line) are what stdout/stderr show."""
+  them (or ``JAX_LOG_COMPILES`` JAX's): the command line's own lines (and one ``error:`` line)
+  are what stdout/stderr show."""
   import logging  # pylint: disable=import-outside-toplevel
 
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
@@ -88,6 +90,8 @@ def quiet_logging() -> None:
   if not FLAGS["verbosity"].present and not FLAGS.debug:
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
+    if os.environ.get("JAX_LOG_COMPILES", "").lower() in ("1", "true"):  # asked for: kept
+      logging.getLogger("jax").setLevel(logging.WARNING)
     checkpoint.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
 
 

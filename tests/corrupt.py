@@ -37,3 +37,41 @@ def flip_bits_in_arrays(step_folder, arrays, count: int = 1, bit: int = 3) -> in
       done += 1
   assert done == count, f"only {done} of {count} arrays are stored raw in {step_folder}"
   return done
+
+
+def restored_arrays(step_folder) -> list[np.ndarray]:
+  """Every array of a run checkpoint as orbax restores it (no checksum verified)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  step_folder = Path(step_folder)
+  with ocp.CheckpointManager(step_folder.parent, item_names=("state", "meta")) as mgr:
+    out = mgr.restore(int(step_folder.name), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  return [np.asarray(a) for a in jax.tree.leaves(out.state)]
+
+
+def silent_bit_flip(step_folder, seed: int = 0, tries: int = 300) -> str:
+  """Flips one bit of the checkpoint ``step_folder``'s array data such that orbax still restores
+  it, with other values: the silent case checksums must catch (a flip orbax detects itself, or
+  in bytes it never reads, is undone and another drawn). Returns what was flipped."""
+  import random  # pylint: disable=import-outside-toplevel
+  rng = random.Random(seed)
+  before = restored_arrays(step_folder)
+  files = sorted(p for p in (Path(step_folder) / "state").rglob("*")
+                 if p.is_file() and p.parent.name == "d")
+  for _ in range(tries):
+    path = rng.choice(files)
+    data = bytearray(path.read_bytes())
+    i, bit = rng.randrange(len(data)), rng.randrange(8)
+    data[i] ^= 1 << bit
+    path.write_bytes(bytes(data))
+    try:
+      after = restored_arrays(step_folder)
+      changed = any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after))
+    except Exception:  # noqa: BLE001 (orbax/tensorstore saw it: not the silent case)
+      changed = False
+    if changed:
+      return f"{path.name} byte {i} bit {bit}"
+    data[i] ^= 1 << bit
+    path.write_bytes(bytes(data))
+  raise AssertionError(f"no silent bit flip found in {tries} tries in {step_folder}")

@@ -24,7 +24,7 @@ import pytest
 import corrupt
 import pause
 
-from tests.test_resume_cli import PROTOCOL, ROOT, cli, final_state, numbers, run_ok, steps_on_disk
+from tests.test_resume_cli import PROTOCOL, ROOT, cli, numbers, run_ok, steps_on_disk
 
 
 # Runs the CLI with files limited to 4 KiB (RLIMIT_FSIZE; SIGXFSZ ignored: writes past the
@@ -161,8 +161,13 @@ def test_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
       with lock.hold(tmp_path):
         pass
     assert err.value.pid == os.getpid() and f"--workdir='{tmp_path}'" in str(err.value)
-  with lock.hold(tmp_path):  # released at the end of the block
+  with lock.hold(tmp_path):  # released at the end of the block, and its file removed
     pass
+  assert not (tmp_path / ".lock").exists()
+  with pytest.raises(RuntimeError):  # also when the block fails
+    with lock.hold(tmp_path):
+      raise RuntimeError
+  assert not (tmp_path / ".lock").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,15 +225,15 @@ def test_a_failed_save_never_leaves_the_process_alive_20_times(tiny_mnist_dir, t
 
 def test_a_flipped_bit_falls_back_on_the_previous_checkpoint_and_none_left_is_refused(
     reference, tiny_mnist_dir, tmp_path):
-  """(2) A finished run's newest checkpoint gets one flipped bit inside its largest array's
-  stored bytes: the rerun warns once, resumes from the previous one and gives the reference's
-  numbers (before checksums: restored silently, another accuracy matrix); with every checkpoint
-  damaged: one error line, exit 2, nothing written."""
+  """(2) A finished run's newest checkpoint gets one flipped bit that orbax restores silently
+  (other values, no error): the rerun warns once, resumes from the previous one and gives the
+  reference's numbers (before checksums: exit 0, another accuracy matrix); with every
+  checkpoint damaged: one error line, exit 2, nothing written."""
   w = tmp_path / "run"
   run_ok(w, tiny_mnist_dir, "--checkpoint_every=16", "--keep=2")
   folder = w / "checkpoints" / "seed_0"
   older, newest = steps_on_disk(w)
-  corrupt.flip_bits_in_arrays(folder / newest, final_state(w)[1].values(), 1)
+  corrupt.silent_bit_flip(folder / newest)  # orbax alone restores it, with other values
   (w / "results.json").unlink()
   proc = run_ok(w, tiny_mnist_dir, "--checkpoint_every=16", "--keep=2")
   (warning,) = [l for l in proc.stderr.splitlines() if l.strip()]
