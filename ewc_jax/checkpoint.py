@@ -210,12 +210,6 @@ def describe_position(rs: continual.RunState, cfg: continual.Config, counts) -> 
   return f"task {rs.task + 1}, epoch {rs.epoch + 1}, step {rs.step}"
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
-
-
 def _on_disk(train_state: train_lib.TrainState, memory: PyTree) -> dict:
   """The saved layout: ``train_state`` as ``{params, opt_state}`` (as before model state existed)
   and ``model_state`` as an item of its own, present only when it holds arrays."""
@@ -236,7 +230,8 @@ def _from_disk(state: dict, model_state_like: PyTree) -> train_lib.TrainState:
 def _snapshot(params: PyTree, arrays: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
   """A device-side copy of ``arrays`` (safe from later donation) and whether ``params`` and
   ``arrays`` are finite: one compiled call instead of a dispatch per leaf."""
-  return jax.tree.map(jnp.copy, arrays), _all_finite(params), _all_finite(arrays)
+  return (jax.tree.map(jnp.copy, arrays), train_lib.all_finite(params),
+          train_lib.all_finite(arrays))
 
 
 def _whole_here(tree: PyTree) -> bool:
