@@ -43,10 +43,17 @@ def restored_arrays(step_folder) -> list[np.ndarray]:
   """Every array of a run checkpoint as orbax restores it (no checksum verified)."""
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from ewc_jax import orbax_io  # pylint: disable=import-outside-toplevel
   step_folder = Path(step_folder)
-  with ocp.CheckpointManager(step_folder.parent, item_names=("state", "meta")) as mgr:
-    out = mgr.restore(int(step_folder.name), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  with orbax_io.closed_loop_noise_dropped():  # a failed read's late messages: dropped
+    try:
+      with ocp.CheckpointManager(step_folder.parent, item_names=("state", "meta")) as mgr:
+        out = mgr.restore(int(step_folder.name), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as err:
+      orbax_io.wait_for_failed_reads(err, str(step_folder))
+      raise
   return [np.asarray(a) for a in jax.tree.leaves(out.state)]
 
 
