@@ -208,19 +208,14 @@ def check_failed_save(proc, workdir):
   assert not (workdir / ".lock").exists() and not (workdir / "results.json").exists()
 
 
-def test_a_failed_save_never_leaves_the_process_alive(tiny_mnist_dir, tmp_path):
-  """(1) The run ends with its one line within seconds, however many threads orbax left."""
-  for i in range(3):
-    proc, seconds = failed_save_once(tmp_path / f"run{i}", tiny_mnist_dir)
-    check_failed_save(proc, tmp_path / f"run{i}")
-    assert seconds < 100, seconds  # a hang is 120 s (the timeout): the run itself takes ~5-20
-
-
 @pytest.mark.slow
 def test_a_failed_save_never_leaves_the_process_alive_20_times(tiny_mnist_dir, tmp_path):
+  """(1) 20 times: the run ends with its one line within seconds, however many threads orbax
+  left (before: it printed the line, then waited forever in ``threading._shutdown``)."""
   for i in range(20):
-    proc, _ = failed_save_once(tmp_path / f"run{i}", tiny_mnist_dir)
+    proc, seconds = failed_save_once(tmp_path / f"run{i}", tiny_mnist_dir)
     check_failed_save(proc, tmp_path / f"run{i}")
+    assert seconds < 100, seconds  # a hang is 120 s (the timeout): the run takes ~2-20 s
 
 
 def test_a_flipped_bit_falls_back_on_the_previous_checkpoint_and_none_left_is_refused(
