@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -93,6 +94,14 @@ def quiet_logging() -> None:
     if os.environ.get("JAX_LOG_COMPILES", "").lower() in ("1", "true"):  # asked for: kept
       logging.getLogger("jax").setLevel(logging.WARNING)
     checkpoint.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
+    warnings.showwarning = _one_line_warning  # Python warnings: "warning: ..." (no source line)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  """``warnings.showwarning`` of the command lines: one ``warning:`` line on stderr."""
+  del category, filename, lineno, line
+  text = " ".join(str(message).split())
+  print(f"warning: {text}", file=file or sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
