@@ -38,6 +38,8 @@ import os
 import shutil
 import sys
 import time
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,7 +58,7 @@ from ewc_jax import train as train_lib
 
 PyTree = Any
 FORMAT = "ewc_jax.run_state"
-VERSION = 1
+VERSION = 2  # 2: checksums of every array and of the metadata (1: none; still restored)
 
 
 def restart_hint(name: Callable[..., str]) -> str:
@@ -74,6 +76,51 @@ class CheckpointError(errors.SettingError):
 
   def __init__(self, message: str | Callable[..., str]):
     super().__init__(message if callable(message) else (lambda name: message))
+
+
+class CorruptCheckpoint(CheckpointError):
+  """A checkpoint that cannot be read back as it was written: unreadable, truncated, or its
+  arrays or metadata do not match the checksums saved with them (a flipped bit). A restore falls
+  back on the previous complete checkpoint; this is raised when none is left. ``detail``: what
+  is wrong, without the advice."""
+
+  def __init__(self, detail: str):
+    self.detail = detail
+    super().__init__(lambda n: f"{detail}; no older complete checkpoint is left to fall back on: "
+                     f"{restart_hint(n)}.")
+
+
+class CheckpointFallback(UserWarning):
+  """The newest checkpoint was corrupt: the run resumed from an older one."""
+
+
+def _crc(data: bytes | memoryview, tag: str) -> str:
+  return f"{zlib.crc32(data, zlib.crc32(tag.encode())) & 0xFFFFFFFF:08x}"
+
+
+def array_checksums(tree: PyTree) -> dict[str, str] | None:
+  """``{leaf path: CRC-32 of its dtype, shape and bytes}`` of every array of ``tree`` (None when
+  an array is not whole in this process: nothing to check it against here)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return None
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    out[_path_name(path)] = _crc(a.reshape(-1).view(np.uint8).data,
+                                           f"{a.dtype.str}{a.shape}")
+  return out
+
+
+def _path_name(path) -> str:
+  """``train_state/opt_state/0/mu/...``: a leaf's path whatever containers hold it (a restored
+  named tuple may come back as a dict)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def meta_checksum(meta: dict) -> str:
+  """CRC-32 of the metadata (without its ``checksums`` entry) as canonical JSON."""
+  body = {k: v for k, v in meta.items() if k != "checksums"}
+  return _crc(json.dumps(body, sort_keys=True).encode(), "meta")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -163,12 +210,6 @@ def describe_position(rs: continual.RunState, cfg: continual.Config, counts) -> 
   return f"task {rs.task + 1}, epoch {rs.epoch + 1}, step {rs.step}"
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
-
-
 def _on_disk(train_state: train_lib.TrainState, memory: PyTree) -> dict:
   """The saved layout: ``train_state`` as ``{params, opt_state}`` (as before model state existed)
   and ``model_state`` as an item of its own, present only when it holds arrays."""
@@ -189,7 +230,8 @@ def _from_disk(state: dict, model_state_like: PyTree) -> train_lib.TrainState:
 def _snapshot(params: PyTree, arrays: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
   """A device-side copy of ``arrays`` (safe from later donation) and whether ``params`` and
   ``arrays`` are finite: one compiled call instead of a dispatch per leaf."""
-  return jax.tree.map(jnp.copy, arrays), _all_finite(params), _all_finite(arrays)
+  return (jax.tree.map(jnp.copy, arrays), train_lib.all_finite(params),
+          train_lib.all_finite(arrays))
 
 
 def _whole_here(tree: PyTree) -> bool:
@@ -216,6 +258,42 @@ def _saved_copy(params: PyTree, arrays: PyTree) -> tuple[PyTree, bool, bool]:
   return copy, bool(params_ok), bool(all_ok)
 
 
+def _verify(meta: dict, state: PyTree) -> None:
+  """Raises ``ValueError`` when restored arrays differ from the checksums saved with them
+  (checkpoints written before checksums existed: when any array is not finite, which no saved
+  state ever was)."""
+  sums = (meta.get("checksums") or {}).get("arrays")
+  if sums is None:
+    if not _host_finite(jax.device_get(state)):
+      raise ValueError("its arrays are not finite (no checksums to check them against)")
+    return
+  got = array_checksums(state)
+  if got is None:
+    return
+  bad = sorted(k for k in set(sums) | set(got) if sums.get(k) != got.get(k))
+  if bad:
+    raise ValueError(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
+
+
+def _num_configs(tree: PyTree) -> int:
+  return int(np.shape(jax.tree.leaves(tree)[0])[0])
+
+
+def _rows(tree: PyTree, rows: np.ndarray) -> PyTree:
+  """The configs ``rows`` (a boolean mask of the leading axis) of every array of ``tree``."""
+  return jax.tree.map(lambda a: np.asarray(a)[rows], tree)
+
+
+def _non_finite_part(rs: continual.RunState) -> str:
+  """Which part of a run state whose parameters are finite is not: its name in messages."""
+  parts = (("optimizer state", rs.train_state.opt_state),
+           ("model state", rs.train_state.model_state), ("importance/memory", rs.memory))
+  for name, tree in parts:
+    if not _host_finite(jax.device_get(tree)):
+      return name
+  return "importance/memory"
+
+
 class RunCheckpointer:
   """Saves and restores a continual run under ``directory`` with an orbax ``CheckpointManager``.
 
@@ -232,11 +310,18 @@ class RunCheckpointer:
     chunk_steps: the runner's ``Config.chunk_steps`` (steps between two ``"chunk"`` calls).
     async_save: write in the background (see the module docstring); False: each
       :meth:`save` returns once its checkpoint is committed.
+    warn: called with one line when :meth:`restore` skips a corrupt checkpoint for an older
+      one (default: ``warnings.warn`` with :class:`CheckpointFallback`).
+
+  Integrity: every checkpoint carries a CRC-32 of each array (dtype, shape, bytes) and of its
+  metadata; :meth:`restore` verifies them, and a checkpoint that does not match (or cannot be
+  read) is skipped for the previous complete one, or refused with :class:`CorruptCheckpoint`
+  when none is left: a damaged checkpoint is never restored.
   """
 
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
-               async_save: bool = True):
+               async_save: bool = True, warn: Callable[[str], Any] | None = None):
     if not isinstance(keep, (int, np.integer)) or keep < 1:
       raise errors.SettingError.invalid("keep", keep, "an integer >= 1")
     if not isinstance(every, (int, np.integer)) or every < 0:
@@ -251,6 +336,8 @@ class RunCheckpointer:
     self._prefetch = None
     self._pending: int | None = None  # the step of a save that may still be in flight
     self._quiet = contextlib.ExitStack()  # the closed-loop filter's scope, open with _manager
+    self.warn = warn or (lambda line: warnings.warn(line, CheckpointFallback, stacklevel=3))
+    self.restored_step: int | None = None  # the step restore() gave back (after any fallback)
     self.saved_steps: list[int] = []
     self.save_seconds = 0.0  # wall time the caller waited for saves (blocking part and waits)
 
@@ -332,9 +419,8 @@ class RunCheckpointer:
   def _corrupt(self, step: int, err: BaseException) -> CheckpointError:
     """The one-line error of an unreadable checkpoint (once orbax's failed reads settled)."""
     orbax_io.wait_for_failed_reads(err, str(self.step_path(step)))
-    text = f"checkpoint {self.step_path(step)} is corrupt or truncated ({orbax_io.first_line(err)})"
-    return CheckpointError(lambda n: f"{text}; {restart_hint(n)} (or delete that folder to fall "
-                           "back on an older one).")
+    return CorruptCheckpoint(f"checkpoint {self.step_path(step)} is corrupt or truncated "
+                             f"({orbax_io.first_line(err)})")
 
   def read_meta(self, step: int | None = None) -> dict:
     """The JSON part of a checkpoint (position, accuracy matrix, curves, config)."""
@@ -346,14 +432,38 @@ class RunCheckpointer:
       raise self._corrupt(step, err) from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
       raise self._corrupt(step, ValueError(f"not an {FORMAT} checkpoint"))
+    sums = meta.get("checksums")
+    if sums is not None and (not isinstance(sums, dict) or sums.get("meta") != meta_checksum(meta)):
+      raise self._corrupt(step, ValueError("its metadata do not match their checksum"))
     return meta
 
+  def _readable_steps(self) -> list[int]:
+    """The complete checkpoints, newest first."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(self._mgr().all_steps(), reverse=True)
+
   def check_config(self, step: int | None = None) -> None:
-    """Raises :class:`CheckpointError` when the checkpoint was written by another config."""
-    step = self.latest_step() if step is None else step
+    """Raises :class:`CheckpointError` when the checkpoint (default: the newest whose metadata
+    are intact) was written by another config, :class:`CorruptCheckpoint` when none is."""
     if step is None:
-      return
-    diff = config_diff(self.read_meta(step)["config"], self.config)
+      steps = self._readable_steps()
+      if not steps:
+        return
+      first_error = None
+      for candidate in steps:
+        try:
+          meta = self.read_meta(candidate)
+        except CorruptCheckpoint as err:
+          first_error = first_error or err
+          continue
+        step = candidate
+        break
+      else:
+        raise first_error
+    else:
+      meta = self.read_meta(step)
+    diff = config_diff(meta["config"], self.config)
     if diff:
       text = (f"checkpoint {self.step_path(step)} was written by a different configuration: "
               + "; ".join(diff))
@@ -367,11 +477,31 @@ class RunCheckpointer:
 
     ``like``: :func:`abstract_run_state` (shapes, dtypes, placement of the arrays), or a
     function of no argument returning it, called only when there is a checkpoint to restore.
+    Without ``step``, a corrupt checkpoint (unreadable, or not matching its checksums) is
+    skipped for the previous one with one ``warn`` line; :class:`CorruptCheckpoint` when none
+    is left. :attr:`restored_step` is the step given back.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    steps = self._readable_steps() if step is None else [step]
+    if not steps:
       return None
     like = like() if callable(like) else like
+    first_error = None
+    for i, candidate in enumerate(steps):
+      try:
+        rs = self._restore_step(candidate, like)
+      except CorruptCheckpoint as err:
+        if step is not None:
+          raise
+        first_error = first_error or err
+        older = steps[i + 1] if i + 1 < len(steps) else None
+        if older is not None:
+          self.warn(f"{err.detail}; falling back on the previous one, {self.step_path(older)}")
+        continue
+      self.restored_step = candidate
+      return rs
+    raise first_error
+
+  def _restore_step(self, step: int, like: dict) -> continual.RunState:
     self.check_config(step)
     ocp = orbax_io.ocp()
     try:
@@ -379,13 +509,16 @@ class RunCheckpointer:
           state=ocp.args.StandardRestore(_on_disk(like["train_state"], like["memory"])),
           meta=ocp.args.JsonRestore()))
       meta, state = out.meta, out.state
+      _verify(meta, state)
       rs = continual.RunState(
           task=int(meta["task"]), epoch=int(meta["epoch"]), step=int(meta["step"]),
           train_state=_from_disk(state, like["train_state"].model_state), memory=state["memory"],
           acc=np.asarray(meta["acc"], np.float64), curves=meta["curves"],
           epoch_sums={k: np.asarray(v, np.float64) for k, v in meta["epoch_sums"].items()},
           val_acc=(None if meta.get("val_acc") is None else
-                   np.asarray(meta["val_acc"], np.float64)))
+                   np.asarray(meta["val_acc"], np.float64)),
+          diverged=(None if meta.get("diverged") is None else
+                    {int(k): v for k, v in meta["diverged"].items()}))
     except CheckpointError:
       raise
     except Exception as err:  # noqa: BLE001 (truncated array files, missing items, bad JSON)
@@ -400,8 +533,12 @@ class RunCheckpointer:
     t0 = time.perf_counter()
     arrays, params_ok, all_ok = _saved_copy(rs.train_state.params,
                                             _on_disk(rs.train_state, rs.memory))
+    if not all_ok and rs.diverged:  # a sweep: its diverged configs are NaN, the others must not
+      healthy = np.array([k not in rs.diverged for k in range(_num_configs(arrays))])
+      params_ok = _host_finite(_rows(jax.device_get(rs.train_state.params), healthy))
+      all_ok = _host_finite(_rows(jax.device_get(arrays), healthy))
     if not all_ok:
-      what = "parameters" if not params_ok else "importance/memory"
+      what = "parameters" if not params_ok else _non_finite_part(rs)
       task = rs.task - 1 if reason == "task" else rs.task
       where = (f"after task {task + 1}" if reason == "task" else
                f"at task {task + 1}, epoch {rs.epoch + 1}, step {rs.step}")
@@ -425,12 +562,16 @@ class RunCheckpointer:
             "epoch_sums": {k: np.asarray(v, np.float64).tolist()
                            for k, v in rs.epoch_sums.items()},
             "config": self.config}
+    if rs.diverged is not None:
+      meta["diverged"] = {str(k): v for k, v in rs.diverged.items()}
+    meta = _jsonable(meta)
+    meta["checksums"] = {"arrays": array_checksums(arrays), "meta": meta_checksum(meta)}
     # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax
     # still writes them in the background.
     previous = self._pending
     try:
       mgr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(_jsonable(meta))),
+          state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
                force=True)
     except Exception as err:  # noqa: BLE001 (this save, or the previous background one, failed)
       failed = previous if previous is not None and not self.step_path(previous).is_dir() \
@@ -475,17 +616,18 @@ class SweepCheckpointer:
 
   Args:
     directory: the sweep's checkpoint folder.
-    config, keep, every, chunk_steps, async_save: as for :class:`RunCheckpointer`.
+    config, keep, every, chunk_steps, async_save, warn: as for :class:`RunCheckpointer`.
     log: called with one line when a chunk resumes from a checkpoint (e.g. ``print``).
   """
 
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
-               async_save: bool = True, log: Callable[[str], Any] | None = None):
+               async_save: bool = True, log: Callable[[str], Any] | None = None,
+               warn: Callable[[str], Any] | None = None):
     self.directory = Path(directory).absolute()
     self.config = _jsonable(config)
     self.kwargs = {"keep": keep, "every": every, "chunk_steps": chunk_steps,
-                   "async_save": async_save}
+                   "async_save": async_save, "warn": warn}
     RunCheckpointer(self.directory, {}, **self.kwargs)  # checks keep/every now
     self.log = log
 
@@ -532,6 +674,7 @@ def discard(root: str | os.PathLike) -> bool:
   return True
 
 
-__all__ = ["CheckpointError", "RunCheckpointer", "SweepCheckpointer", "abstract_run_state",
-           "checkpoint_dirs", "committed_steps", "config_diff", "describe_position", "discard",
+__all__ = ["CheckpointError", "CheckpointFallback", "CorruptCheckpoint", "RunCheckpointer", "SweepCheckpointer", "abstract_run_state",
+           "array_checksums", "checkpoint_dirs", "committed_steps", "config_diff",
+           "describe_position", "discard",
            "quiet_orbax_errors", "restore_anchors", "save_anchors"]

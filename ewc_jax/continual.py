@@ -246,11 +246,15 @@ class NumericalError(ArithmeticError):
 
 def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start: int,
                  steps: int) -> None:
-  """Raises :class:`NumericalError` at the first step of a chunk whose loss is not finite."""
+  """Raises :class:`NumericalError` at the first step of a chunk whose loss is not finite, or
+  at the chunk's end when its parameters or optimizer state are not (``metrics`` of
+  :func:`ewc_jax.train.train_chunk`, with a leading config axis in a sweep)."""
   parts = [np.asarray(metrics[k]) for k in ("loss_cls", "loss_reg", "loss")]
   bad = [~np.isfinite(a) for a in parts]
   any_bad = bad[0] | bad[1] | bad[2]
   if not np.any(any_bad):
+    _check_state_finite(metrics, task=task, num_tasks=num_tasks, epoch=epoch, start=start,
+                        steps=steps)
     return
   config, i = (None, int(np.argmax(any_bad))) if any_bad.ndim == 1 else (
       tuple(int(v) for v in np.argwhere(any_bad.T)[0][::-1]))
@@ -272,6 +276,52 @@ def check_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start:
       value=value, config=config)
 
 
+def _check_state_finite(metrics: dict, *, task: int, num_tasks: int, epoch: int, start: int,
+                        steps: int) -> None:
+  """The state part of :func:`check_finite`: the parameters, then the optimizer state."""
+  for key, part in (("params_finite", "parameters"), ("opt_state_finite", "optimizer state")):
+    if key not in metrics:
+      continue
+    bad = ~np.asarray(metrics[key], bool)
+    if not np.any(bad):
+      continue
+    config = None if bad.ndim == 0 else int(np.argmax(bad))
+    done = np.asarray(metrics["count"]) > 0
+    active = int(done.sum(-1) if config is None else done[config].sum(-1))
+    last = start + max(active, 1)
+    where = f" of sweep config {config}" if config is not None else ""
+    text = (f"the {part} became non-finite at task {task + 1}/{num_tasks}, epoch {epoch + 1}, "
+            f"steps {start + 1}-{last}/{steps}{where}, while the training loss stayed finite "
+            "(e.g. the optimizer's second moment overflowed). Stopped before keeping that state")
+    raise NumericalError(
+        lambda n, text=text: f"{text}; try a smaller {n('lr')} or {n('lam')}.",
+        task=task, epoch=epoch, step=last - 1, task_step=epoch * steps + last - 1, part=part,
+        value=float("nan"), config=config)
+
+
+def divergence_record(err: NumericalError) -> dict:
+  """A sweep config's divergence as plain data (saved in checkpoints, returned in results)."""
+  return {"task": err.task, "epoch": err.epoch, "step": err.step, "part": err.part,
+          "value": err.value, "message": str(err), "flags_message": err.for_flags()}
+
+
+def new_divergences(metrics: dict, diverged: dict, *, task: int, num_tasks: int, epoch: int,
+                    start: int, steps: int) -> dict[int, NumericalError]:
+  """Sweeps: ``{config: NumericalError}`` of the configs of a chunk's ``metrics`` (leading
+  config axis) that diverged in it, those already in ``diverged`` left out."""
+  out = {}
+  for k in range(int(np.asarray(metrics["loss"]).shape[0])):
+    if k in diverged:
+      continue
+    try:
+      check_finite({name: np.asarray(v)[k] for name, v in metrics.items()}, task=task,
+                   num_tasks=num_tasks, epoch=epoch, start=start, steps=steps)
+    except NumericalError as err:
+      err.config = k
+      out[k] = err
+  return out
+
+
 class Result(NamedTuple):
   acc_matrix: np.ndarray          # [T, T]: R[i, j] after task i on task j (test sets)
   curves: list[dict[str, list[float]]]  # per task: per-epoch mean of each train metric
@@ -280,6 +330,7 @@ class Result(NamedTuple):
   memory: PyTree
   val_acc_matrix: np.ndarray | None = None  # [T, T] on the validation split (None: no split)
   model_state: PyTree = None      # the backbone's final model state (e.g. batch_stats; {}: none)
+  diverged: dict | None = None    # sweeps: {config index: divergence_record} (their rows: NaN)
 
 
 def make_algorithm(cfg: Config, dynamic_p: bool = False) -> algorithms.Algorithm:
@@ -372,7 +423,9 @@ class RunState(NamedTuple):
   ``epoch`` equal to the task's number of epochs (:meth:`Config.schedule`) means task ``task``
   is trained but not yet evaluated/consolidated. ``epoch == 0 and step == 0`` means task
   ``task`` starts now (with ``reset_optimizer`` a fresh optimizer is created from
-  ``train_state.params``). With a sweep every array has a leading config axis.
+  ``train_state.params``). With a sweep every array has a leading config axis, and
+  ``diverged`` maps each config that diverged to its :func:`divergence_record` (it trains on,
+  its results are NaN; the other configs are unaffected).
   """
   task: int
   epoch: int
@@ -383,6 +436,7 @@ class RunState(NamedTuple):
   curves: list                          # per task: {metric: [per-epoch mean]} (per config)
   epoch_sums: dict                      # running sums of the current epoch's metrics
   val_acc: np.ndarray | None = None     # [(K,) T, T] on the validation split, when held out
+  diverged: dict | None = None          # sweeps: {config index: divergence_record(...)}
 
 
 class Compiled(NamedTuple):
@@ -618,9 +672,10 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
                   memory=c.init_memory(heads.consolidated(net, params, cfg.consolidated)),
                   acc=np.zeros(lead + (num_tasks, num_tasks)), curves=[], epoch_sums={},
                   val_acc=(None if validation is None else
-                           np.zeros(lead + (num_tasks, num_tasks))))
+                           np.zeros(lead + (num_tasks, num_tasks))),
+                  diverged={} if batched else None)
   else:
-    rs = resume
+    rs = resume if not batched or resume.diverged is not None else resume._replace(diverged={})
   loop = _Loop(cfg, c, train, test, validation, hyper, k_order, k_fisher, k_dropout, fold,
                lead, progress, on_checkpoint, timings)
   while rs.task < num_tasks:
@@ -630,7 +685,7 @@ def run(cfg: Config, net: heads.Network, train: train_lib.TaskData, test: train_
       on_checkpoint(rs, "task")
   return Result(acc_matrix=rs.acc, curves=rs.curves, timings=timings,
                 params=rs.train_state.params, memory=rs.memory, val_acc_matrix=rs.val_acc,
-                model_state=rs.train_state.model_state)
+                model_state=rs.train_state.model_state, diverged=rs.diverged)
 
 
 class _Loop(NamedTuple):
@@ -682,7 +737,8 @@ def _train_task(loop: _Loop, rs: RunState) -> RunState:
                          _i32(stop), k_dropout)
       m = jax.device_get(m)
       try:  # before anything of this chunk is kept (sums, RunState, checkpoint)
-        check_finite(m, task=t, num_tasks=num_tasks, epoch=epoch, start=start, steps=stop)
+        rs = _check_chunk(m, rs, task=t, num_tasks=num_tasks, epoch=epoch, start=start,
+                          steps=stop)
       except NumericalError:
         if bar is not None:
           bar.close()
@@ -715,6 +771,19 @@ def _train_task(loop: _Loop, rs: RunState) -> RunState:
   return rs._replace(train_state=state)
 
 
+def _check_chunk(m: dict, rs: RunState, **where) -> RunState:
+  """A chunk's finiteness check: a single run stops (:class:`NumericalError`); a sweep records
+  the configs that diverged in ``rs.diverged`` and goes on (under ``vmap`` a config's NaN never
+  reaches another; the caller reports them)."""
+  if rs.diverged is None:
+    check_finite(m, **where)
+    return rs
+  new = new_divergences(m, rs.diverged, **where)
+  if not new:
+    return rs
+  return rs._replace(diverged={**rs.diverged, **{k: divergence_record(e) for k, e in new.items()}})
+
+
 def _epoch_means(sums: dict) -> dict:
   total = np.maximum(sums["count"], 1.0)
   return {k: sums[k] / total for k in train_lib.METRIC_NAMES}
@@ -735,6 +804,10 @@ def _evaluate_and_consolidate(loop: _Loop, rs: RunState) -> RunState:
     val_acc[..., t, :] = np.asarray(c.evaluate_validation(
         state.params, state.model_state, loop.validation, _i32(t)))
   loop.timings["eval"] += time.perf_counter() - t0
+  for k in rs.diverged or {}:  # a diverged config's accuracy is not a result
+    acc[k, t, :] = np.nan
+    if val_acc is not None:
+      val_acc[k, t, :] = np.nan
   memory = rs.memory
   if c.consolidate is not None and t < num_tasks - 1:
     t0 = time.perf_counter()
@@ -743,4 +816,4 @@ def _evaluate_and_consolidate(loop: _Loop, rs: RunState) -> RunState:
         loop.fold(loop.k_fisher, t), loop.hyper))
     loop.timings["fisher"] += time.perf_counter() - t0
   return RunState(task=t + 1, epoch=0, step=0, train_state=state, memory=memory, acc=acc,
-                  curves=rs.curves, epoch_sums={}, val_acc=val_acc)
+                  curves=rs.curves, epoch_sums={}, val_acc=val_acc, diverged=rs.diverged)

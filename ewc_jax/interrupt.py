@@ -64,13 +64,11 @@ def _handler(signum: int, frame: Any) -> None:  # pylint: disable=unused-argumen
   global _requested  # pylint: disable=global-statement
   if _requested is not None:  # the second one: leave now
     try:
-      os.write(2, f"\ninterrupted again ({_name(signum)}): exiting now without saving "
+      os.write(2, f"interrupted again ({_name(signum)}): exiting now without saving "
                   "(the last complete checkpoint is kept)\n".encode())
     finally:
       os._exit(exit_code(signum))  # pylint: disable=protected-access
-  _requested = signum
-  os.write(2, f"\n{_name(signum)} received: stopping at the next chunk boundary to save "
-              "(send it again to exit at once)\n".encode())
+  _requested = signum  # the run's one line comes when it stops (Interrupted)
 
 
 @contextlib.contextmanager

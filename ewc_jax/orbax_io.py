@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -171,10 +172,15 @@ def quiet_orbax_errors() -> None:
     logger.addFilter(_DropOrbaxErrors())
 
 
-def first_line(err: BaseException) -> str:
-  """``"Type: first line of the message"``: an orbax/tensorstore error within one line."""
+def first_line(err: BaseException, limit: int = 400) -> str:
+  """``"Type: first line of the message"``: an orbax/tensorstore error within one line (without
+  tensorstore's ``[source locations=...]`` / ``[tensorstore_spec=...]`` annotations; longer
+  than ``limit`` characters: its start and its end, where the OS's reason is)."""
   text = str(err).strip()
-  return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+  line = re.sub(r"\s*\[(source locations|tensorstore_spec)='.*?'\]", "",
+                text.splitlines()[0] if text else "")
+  line = f"{type(err).__name__}: {line}".rstrip(": ")
+  return line if len(line) <= limit else f"{line[:limit // 2 - 2]} ... {line[-(limit // 2 - 3):]}"
 
 
 __all__ = ["closed_loop_noise_dropped", "first_line", "ocp", "quiet_orbax_errors",

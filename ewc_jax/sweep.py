@@ -160,6 +160,7 @@ class SweepResult(NamedTuple):
   layout: Layout
   val_acc_matrix: np.ndarray | None = None  # [K, T, T] on the validation split (if held out)
   val_summaries: list[dict] | None = None   # per config, on the validation split
+  diverged: dict | None = None      # {config index: continual.divergence_record}: NaN results
 
 
 def _per_config(curves: list, k: int) -> list[dict]:
@@ -225,7 +226,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
         ckpt.check_config()
 
   t_start = time.perf_counter()
-  mats, val_mats, curves, timings = [], [], [], {}
+  mats, val_mats, curves, timings, diverged = [], [], [], {}, {}
   for i, idx in enumerate(chunks):
     part = [padded[k] for k in idx]
     if chunk_progress is not None:
@@ -241,16 +242,22 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
       if resume is not None and checkpointer.log is not None:
         where = checkpoint_lib.describe_position(resume, part[0], np.asarray(train.counts))
         checkpointer.log(f"chunk {i + 1}/{layout.num_chunks}: resuming from "
-                         f"{ckpt.step_path(ckpt.latest_step())} ({where})")
+                         f"{ckpt.step_path(ckpt.restored_step)} ({where})")
     with ckpt if ckpt is not None else contextlib.nullcontext():
       result = continual.run(part[0], net, train, test, preprocess=preprocess,
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
                              on_checkpoint=ckpt if ckpt is not None else interrupt.check,
                              executables=executables)
-    mats.append(np.asarray(result.acc_matrix))
+    mats.append(np.array(result.acc_matrix))
     if result.val_acc_matrix is not None:
-      val_mats.append(np.asarray(result.val_acc_matrix))
+      val_mats.append(np.array(result.val_acc_matrix))
+    for k, record in (result.diverged or {}).items():  # its whole matrix: not a result
+      if idx.start + k < len(configs):
+        diverged[idx.start + k] = record
+      mats[-1][k] = np.nan
+      if val_mats:
+        val_mats[-1][k] = np.nan
     curves += [_per_config(result.curves, k) for k in range(len(part))]
     for name, sec in result.timings.items():
       timings[name] = timings.get(name, 0.0) + sec
@@ -262,7 +269,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
                      curves=curves[:len(configs)], timings=timings, layout=layout,
                      val_acc_matrix=val,
                      val_summaries=None if val is None else [metrics_lib.summarize(a)
-                                                             for a in val])
+                                                             for a in val],
+                     diverged=dict(sorted(diverged.items())))
 
 
 def table(result: SweepResult) -> list[dict]:
@@ -280,6 +288,8 @@ def table(result: SweepResult) -> list[dict]:
   for values, members in groups.items():
     row = dict(zip(keys, values))
     row["seeds"] = [result.configs[k].seed for k in members]
+    row["diverged_seeds"] = [result.configs[k].seed for k in members
+                             if k in (result.diverged or {})]
     for metric in ("average_accuracy", "bwt", "mean_forgetting"):
       vals = np.array([result.summaries[k][metric] for k in members])
       row[metric] = float(vals.mean())
@@ -290,7 +300,7 @@ def table(result: SweepResult) -> list[dict]:
       row["val_average_accuracy_std"] = float(vals.std())
     rows.append(row)
   rank = "val_average_accuracy" if result.val_summaries is not None else "average_accuracy"
-  rows.sort(key=lambda r: -r[rank])
+  rows.sort(key=lambda r: (np.isnan(r[rank]), -r[rank] if not np.isnan(r[rank]) else 0.0))
   return rows
 
 
@@ -301,6 +311,11 @@ def format_table(rows: list[dict], keys: Sequence[str]) -> str:
           + f"{'AA (%)':>16}{'BWT (%)':>16}{'forget (%)':>12}{'seeds':>7}")
   lines = [head, "-" * len(head)]
   for r in rows:
+    if r.get("diverged_seeds"):
+      seeds = ",".join(map(str, r["diverged_seeds"]))
+      lines.append("".join(f"{r[k]:>10g}" for k in keys)
+                   + f"   diverged (seed {seeds}): no result")
+      continue
     lines.append("".join(f"{r[k]:>10g}" for k in keys)
                  + (f"{100 * r['val_average_accuracy']:>9.2f} ± "
                     f"{100 * r['val_average_accuracy_std']:<4.2f}" if val else "")

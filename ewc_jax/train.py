@@ -179,8 +179,10 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
   what the masked rows hold). Step ``s`` draws dropout from ``fold_in(key, s)`` (``key=None``:
   no dropout key) and, with ``augment(key, x)`` (:mod:`ewc_jax.augment`), its batch's
   augmentation from ``fold_in(fold_in(key, s), AUGMENT_STREAM)``. Returns ``(state, metrics)``
-  with ``metrics[name]`` of shape ``[num_steps]`` and ``metrics["count"]`` the number of examples
-  of each step (0 for a skipped step).
+  with ``metrics[name]`` of shape ``[num_steps]``, ``metrics["count"]`` the number of examples
+  of each step (0 for a skipped step), and ``metrics["params_finite"]`` /
+  ``metrics["opt_state_finite"]`` whether the returned state's parameters / optimizer state are
+  finite.
   """
   count = data.counts[task_index]
   inputs, labels = data.inputs[task_index], data.labels[task_index]
@@ -218,7 +220,19 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
     return state, {k: out[k].at[i].set(v.astype(jnp.float32)) for k, v in metrics.items()}
 
   out = {k: jnp.zeros((num_steps,), jnp.float32) for k in METRIC_NAMES + ("count",)}
-  return lax.fori_loop(0, active, loop_body, (state, out))
+  state, out = lax.fori_loop(0, active, loop_body, (state, out))
+  # The state's finiteness at the chunk's end: an optimizer state that overflowed (Adam's second
+  # moment at inf freezes the parameters while the loss stays finite) is seen at once.
+  out["params_finite"] = all_finite(state.params)
+  out["opt_state_finite"] = all_finite(state.opt_state)
+  return state, out
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every floating-point array of ``tree`` is finite (a scalar bool; True if none)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def evaluate(net, preprocess, params: PyTree, data: TaskData, trained_task=None,

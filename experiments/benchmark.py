@@ -80,7 +80,11 @@ class Benchmark(NamedTuple):
     dataset."""
     if not self.split:
       return self.default_tasks, None
-    most = num_classes // self.classes_per_task_for(num_classes, classes_per_task)
+    per = self.classes_per_task_for(num_classes, classes_per_task)
+    if isinstance(per, bool) or not isinstance(per, int) or not 1 <= per <= num_classes:
+      raise errors.SettingError.invalid("classes_per_task", per,
+                                        f"an integer in 1..{num_classes}")
+    most = num_classes // per
     return (most if self.default_tasks is None else min(self.default_tasks, most)), most
 
 

@@ -15,7 +15,9 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
 
 from absl import flags
 
@@ -24,6 +26,7 @@ from ewc_jax import interrupt
 from experiments import config as config_lib
 from experiments import config_flags
 from experiments import defaults
+from experiments import signals
 
 FLAGS = flags.FLAGS
 
@@ -48,83 +51,150 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def check_conflicts() -> None:
+  """Flags that cannot be given together, or given empty, are refused (never one silently
+  ignored): ``--seed`` with ``--seeds``; ``--dataset=`` (empty: not the benchmark's)."""
+  if FLAGS["seed"].present and FLAGS["seeds"].present:
+    raise errors.SettingError(lambda n: (
+        f"{n('seed')}={FLAGS.seed} and {n('seeds')}={','.join(FLAGS.seeds)} are invalid "
+        f"together: expected one of them ({n('seeds')} runs each of its seeds)."))
+  for name in ("dataset", "data_dir", "manual_dir", "input_norm"):
+    if name in FLAGS and FLAGS[name].present and not str(FLAGS[name].value or "").strip():
+      raise errors.SettingError(lambda n, name=name: (
+          f"{n(name)}='' is invalid: expected a value (leave the flag out for its default)."))
+
+
 def config_from_flags(benchmark: str | None) -> config_lib.ExperimentConfig:
   """The run's config from the flags given (:func:`experiments.config.make` fills the rest).
   ``benchmark`` None: the ``--benchmark`` flag's (default ``split_mnist``)."""
+  check_conflicts()
   given = config_flags.read(config_lib.ExperimentConfig, skip=("benchmark",))
   return config_lib.make(benchmark or FLAGS.benchmark or "split_mnist", **given)
 
 
 def sweep_config_from_flags() -> config_lib.SweepConfig:
   """The sweep's config from the flags given (``--benchmark``, the swept lists, the rest)."""
+  check_conflicts()
   given = config_flags.read(config_lib.SweepConfig, skip=("benchmark",))
   return config_lib.make_sweep(FLAGS.benchmark or "split_mnist", **given)
 
 
 def quiet_logging() -> None:
-  """No INFO lines from TFDS/orbax unless --verbosity or --debug asks for them."""
+  """No log lines from TFDS/orbax/JAX (INFO, WARNING) unless --verbosity or --debug asks for
+  them (or ``JAX_LOG_COMPILES`` JAX's): the command line's own lines (and one ``error:`` line)
+  are what stdout/stderr show."""
+  import logging  # pylint: disable=import-outside-toplevel
+
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
   from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
   if not FLAGS["verbosity"].present and not FLAGS.debug:
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    if os.environ.get("JAX_LOG_COMPILES", "").lower() in ("1", "true"):  # asked for: kept
+      logging.getLogger("jax").setLevel(logging.WARNING)
     checkpoint.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
+    warnings.showwarning = _one_line_warning  # Python warnings: "warning: ..." (no source line)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  """``warnings.showwarning`` of the command lines: one ``warning:`` line on stderr."""
+  del category, filename, lineno, line
+  text = " ".join(str(message).split())
+  print(f"warning: {text}", file=file or sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def user_errors():
-  """User errors become one line and exit status 2 (a diverged run: 3); ``--debug`` re-raises.
+  """Every error becomes one ``error:`` line (``--debug``: re-raised, with its traceback).
 
-  Faults of ours or of the machine (``JaxRuntimeError``) keep their traceback.
+  Exit status: 2 for bad input and OS errors (a full disk, a read-only folder, a file where a
+  folder is expected), 3 for a diverged run, 130 / 143 for SIGINT / SIGTERM (saved or not: the
+  :class:`ewc_jax.interrupt.Interrupted` line), 1 for anything else (a bug or a fault of the
+  machine, e.g. a ``JaxRuntimeError``: its first line; ``--debug`` shows the traceback).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-
   from ewc_jax import continual  # pylint: disable=import-outside-toplevel
   from experiments import data  # pylint: disable=import-outside-toplevel
   try:
     yield
-  except interrupt.Interrupted as err:  # SIGINT/SIGTERM, saved: one line, exit 130/143
-    print(f"\n{err}", file=sys.stderr, flush=True)
+  except interrupt.Interrupted as err:  # SIGINT/SIGTERM at a chunk boundary: one line
+    print(str(err), file=sys.stderr, flush=True)
     sys.exit(err.exit_code)
-  except jax.errors.JaxRuntimeError:
-    raise
-  except (ValueError, data.DataError, continual.NumericalError) as err:
+  except (ValueError, data.DataError, continual.NumericalError, OSError) as err:
     if FLAGS.debug:
       raise
     print(f"error: {user_message(err)}", file=sys.stderr)
     sys.exit(3 if isinstance(err, continual.NumericalError) else 2)
+  except Exception as err:  # noqa: BLE001 (ours or the machine's: one line, --debug shows more)
+    if FLAGS.debug:
+      raise
+    text = str(err).strip()
+    print(f"error: {type(err).__name__}: {text.splitlines()[0] if text else ''} (an internal "
+          "error or a fault of the machine; --debug shows the traceback)", file=sys.stderr)
+    sys.exit(1)
+
+
+def check_arguments(argv) -> None:
+  """No positional argument: every setting is a flag (a stray word is refused, not ignored)."""
+  extra = list(argv[1:]) if argv else []
+  if extra:
+    raise ValueError(f"unexpected argument {extra[0]!r}: every setting is a flag, written "
+                     "--name=value (see --help).")
+
+
+@contextlib.contextmanager
+def workdir_locked(workdir: str) -> Iterator[Path]:
+  """``workdir`` checked (created if needed) and locked for the block (another run on it exits
+  2 at once); on an error inside, the lock file and the folders created here are removed again
+  when nothing was written into them."""
+  from experiments import files  # pylint: disable=import-outside-toplevel
+  from experiments import lock  # pylint: disable=import-outside-toplevel
+  with files.workdir_claimed(workdir) as path, lock.hold(path):
+    yield path
 
 
 def run_main(benchmark: str, argv, start_time: float) -> None:
-  """absl ``main`` body of a benchmark's script: flags -> config -> ``train_and_evaluate``."""
-  del argv
+  """absl ``main`` body of a benchmark's script: flags -> config -> ``train_and_evaluate``.
+
+  The workdir is checked and locked first, then the settings are checked, then the run (with
+  :func:`ewc_jax.interrupt.catch`'s stop requests; before it, a signal ends the process at
+  once: :mod:`experiments.signals`)."""
   from experiments import compile_cache  # pylint: disable=import-outside-toplevel
-  from experiments import files  # pylint: disable=import-outside-toplevel
-  from experiments import lock  # pylint: disable=import-outside-toplevel
   from experiments import train  # pylint: disable=import-outside-toplevel
   import_seconds = time.perf_counter() - start_time
   quiet_logging()
-  with user_errors(), interrupt.catch():
-    config = config_from_flags(benchmark)
-    config.validate()
-    workdir = files.check_workdir(FLAGS.workdir)
-    with lock.hold(workdir):  # the whole run: another run on this workdir exits 2 at once
+  with user_errors():
+    check_arguments(argv)
+    with workdir_locked(FLAGS.workdir) as workdir:
+      config = config_from_flags(benchmark)
+      config.validate()
       if config.compile_cache:
         compile_cache.enable()
-      train.train_and_evaluate(config, workdir, import_seconds=import_seconds,
-                               start_time=start_time)
+      with interrupt.catch():
+        train.train_and_evaluate(config, workdir, import_seconds=import_seconds,
+                                 start_time=start_time)
 
 
 def main_and_exit(main: Callable) -> Callable:
-  """``main`` for ``app.run`` in a script's ``__main__``: after a successful run (everything
-  written, closed and flushed), the process ends with ``os._exit(0)``, skipping the
-  interpreter's teardown of JAX's runtime and thread pools (0.2-0.3 s here, ~4% of a default
-  run). Errors take the normal path. Not for in-process callers (tests call ``main``)."""
+  """``main`` for ``app.run`` in a script's ``__main__``: however ``main`` ends (success, an
+  error's ``sys.exit``, an uncaught exception), the process ends right after it through
+  :func:`experiments.signals.exit_now` (streams flushed, ``os._exit``): no thread left behind
+  (orbax's, after a failed save) can keep it, and the workdir's lock, alive, and the
+  interpreter's teardown of JAX's runtime is skipped (0.2-0.3 s). Not for in-process callers
+  (tests call ``main``)."""
   def wrapped(argv):
-    main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # pylint: disable=protected-access
+    code = 0
+    try:
+      main(argv)
+    except SystemExit as err:
+      code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+      if not isinstance(err.code, (int, type(None))):
+        print(err.code, file=sys.stderr)
+    except BaseException:  # pylint: disable=broad-except
+      import traceback  # pylint: disable=import-outside-toplevel
+      traceback.print_exc()
+      code = 1
+    signals.exit_now(code)
   return wrapped
 
 

@@ -116,7 +116,7 @@ def _parse_list(name: str, raw: list[str], item: type) -> tuple:
 def read(cls: type, *, skip: tuple[str, ...] = (),
          flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
   """``{field: value}`` of the flags given on the command line (lists parsed to tuples of the
-  field's item type: a bad item raises :class:`ewc_jax.errors.SettingError`)."""
+  field's item type: a bad item or an empty list raises :class:`ewc_jax.errors.SettingError`)."""
   out = {}
   for f, kind in leaves(cls):
     if f.name in skip or flag_values[f.name].value is None:
@@ -124,6 +124,9 @@ def read(cls: type, *, skip: tuple[str, ...] = (),
     value = flag_values[f.name].value
     kind = _base(kind)
     if (typing.get_origin(kind) or kind) is tuple:
+      if not value:  # "--seeds=": refused, not read as "no value" (the default)
+        raise errors.SettingError(lambda n, name=f.name: f"{n(name)}= is invalid: expected at "
+                                  "least one value (a comma-separated list).")
       item = (typing.get_args(kind) or (str,))[0]
       value = _parse_list(f.name, value, item)
     out[f.name] = value

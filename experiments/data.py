@@ -564,7 +564,19 @@ def load_dataset(
         cached = None
     if cached is None:
       from_cache = False
-      cached = _decode_split(source, name, split, image_key, label_key, shape)
+      try:
+        cached = _decode_split(source, name, split, image_key, label_key, shape)
+      except DataError:
+        raise
+      except Exception as err:  # noqa: BLE001 (array_record/Riegeli: truncated or corrupt files)
+        text = str(err).strip()
+        raise DataError(
+          f"data_dir {str(data_dir or prepared_dir)!r}: the {split} split of dataset {name!r} in "
+          f"{prepared_dir} "
+          f"cannot be read ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
+          "its files are truncated or corrupt: prepare the dataset again (see `make "
+          "prepare-data`)"
+        ) from err
       digests = [content_hash(a) for a in cached]
       try:
         _write_cache(paths, *cached)

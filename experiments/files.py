@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 
 def _read_umask() -> int:
@@ -56,8 +56,12 @@ def write_json(path: Path, obj) -> None:
 
 def check_workdir(workdir: str | os.PathLike) -> Path:
   """Creates ``workdir`` and checks it is writable, before any work is done
-  (:class:`ewc_jax.errors.SettingError` naming ``workdir`` otherwise)."""
+  (:class:`ewc_jax.errors.SettingError` naming ``workdir`` otherwise; an empty path too: it
+  would mean the current folder)."""
   from ewc_jax import errors  # pylint: disable=import-outside-toplevel
+  if not str(workdir).strip():
+    raise errors.SettingError(lambda n: f"{n('workdir')}={str(workdir)!r} is invalid: expected "
+                              "a folder path (use --workdir=. for the current folder).")
   path = Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -68,3 +72,39 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     raise errors.SettingError(lambda n: f"{n('workdir')}={str(workdir)!r} is not a writable "
                               f"directory ({reason}).") from err
   return path
+
+
+def _missing_folders(path: Path) -> list[Path]:
+  """``path`` and its ancestors that do not exist yet, deepest first."""
+  out = []
+  for p in [path, *path.parents]:
+    if p.exists() or p == p.parent:
+      break
+    out.append(p)
+  return out
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+  for p in folders:  # deepest first; stops at the first one holding anything
+    try:
+      p.rmdir()
+    except OSError:
+      return
+
+
+@contextlib.contextmanager
+def workdir_claimed(workdir: str | os.PathLike) -> Iterator[Path]:
+  """:func:`check_workdir` for the ``with`` block: if the block fails (or the process ends in
+  it, :mod:`experiments.signals`), the folders it created are removed again when nothing was
+  written into them, so a refused or interrupted run leaves nothing behind."""
+  from experiments import signals  # pylint: disable=import-outside-toplevel
+  created = _missing_folders(Path(os.path.abspath(workdir))) if str(workdir).strip() else []
+  path = check_workdir(workdir)
+  ok = False
+  try:
+    with signals.cleanup(lambda: _remove_if_empty(created)):
+      yield path
+    ok = True
+  finally:
+    if not ok:
+      _remove_if_empty(created)

@@ -12,6 +12,10 @@ import time
 
 _START = time.perf_counter()
 
+if __name__ == "__main__":  # first thing: Ctrl-C / SIGTERM during the imports exit at once
+  from experiments import signals
+  signals.install()
+
 # pylint: disable=wrong-import-position
 from absl import app  # noqa: E402
 

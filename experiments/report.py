@@ -35,3 +35,9 @@ def matrix_csv(acc_matrix) -> str:
   for i, row in enumerate(acc_matrix):
     writer.writerow([i + 1] + [f"{v:.6f}" for v in row])
   return out.getvalue()
+
+
+def warning(line: str) -> None:
+  """One ``warning:`` line on stderr (a checkpoint skipped for an older one, ...)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  print(f"warning: {' '.join(line.split())}", file=sys.stderr, flush=True)

@@ -30,6 +30,10 @@ from pathlib import Path
 
 _START = time.perf_counter()
 
+if __name__ == "__main__":  # first thing: Ctrl-C / SIGTERM during the imports exit at once
+  from experiments import signals
+  signals.install()
+
 # pylint: disable=wrong-import-position
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -184,16 +188,17 @@ def main(argv):
       print(f"total {time.perf_counter() - t0:.0f} s (startup {t0 - _START:.1f} s); "
             f"wrote {opts.out} and {opts.json_path}")
   except interrupt.Interrupted as err:
-    print(f"\n{err}", file=sys.stderr, flush=True)
+    print(str(err), file=sys.stderr, flush=True)
     sys.exit(err.exit_code)
   except jax.errors.JaxRuntimeError:
     raise
-  except (ValueError, data.DataError) as err:
+  except (ValueError, data.DataError, OSError) as err:
     if FLAGS.debug:
       raise
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli  # pylint: disable=ungrouped-imports
+  app.run(cli.main_and_exit(main))

@@ -31,8 +31,13 @@ import time
 
 _START = time.perf_counter()
 
+if __name__ == "__main__":  # first thing: Ctrl-C / SIGTERM during the imports exit at once
+  from experiments import signals
+  signals.install()
+
 # pylint: disable=wrong-import-position
 import contextlib  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -47,37 +52,51 @@ cli.define_flags(config_cls=config_lib.SweepConfig, shown_defaults=config_lib.SW
 
 
 def main(argv):
-  del argv
   import_seconds = time.perf_counter() - _START
   cli.quiet_logging()
+  with cli.user_errors():
+    cli.check_arguments(argv)
+    with contextlib.ExitStack() as held:
+      _main(held, import_seconds)
+
+
+def _main(held: contextlib.ExitStack, import_seconds: float) -> None:
   import jax  # pylint: disable=import-outside-toplevel
 
   from experiments import compile_cache  # pylint: disable=import-outside-toplevel
-  from experiments import files  # pylint: disable=import-outside-toplevel
-  from experiments import lock  # pylint: disable=import-outside-toplevel
   from experiments import train_sweep  # pylint: disable=import-outside-toplevel
-  with cli.user_errors(), interrupt.catch(), contextlib.ExitStack() as held:
-    config = cli.sweep_config_from_flags()
-    config.validate()
-    checkpoints = True
-    if config.distributed and config.experiment.checkpoint:
-      if FLAGS["checkpoint"].present:
-        raise ValueError("--checkpoint is not supported with --distributed (yet): pass "
-                         "--nocheckpoint.")
-      checkpoints = False
-    if config.distributed:
-      jax.distributed.initialize(coordinator_address=config.coordinator_address,
-                                 num_processes=config.num_processes,
-                                 process_id=config.process_id)
-    writer = jax.process_index() == 0
-    workdir = files.check_workdir(FLAGS.workdir) if writer else Path(FLAGS.workdir)
-    if writer:  # the whole run: another run on this workdir exits 2 at once
-      held.enter_context(lock.hold(workdir))
-    if config.experiment.compile_cache:
-      compile_cache.enable()
-    train_sweep.train_and_evaluate_sweep(config, workdir, writer=writer, checkpoints=checkpoints,
-                                         import_seconds=import_seconds, start_time=_START)
+  # The workdir is locked first, unless the sweep spans hosts (then process 0 locks it once
+  # jax.distributed is up); a bad flag after the lock leaves nothing behind.
+  distributed = bool(FLAGS["distributed"].value)
+  workdir = Path(FLAGS.workdir)
+  if not distributed:
+    workdir = held.enter_context(cli.workdir_locked(FLAGS.workdir))
+  config = cli.sweep_config_from_flags()
+  config.validate()
+  checkpoints = True
+  if config.distributed and config.experiment.checkpoint:
+    if FLAGS["checkpoint"].present:
+      raise ValueError("--checkpoint is not supported with --distributed (yet): pass "
+                       "--nocheckpoint.")
+    checkpoints = False
+  if config.distributed:
+    jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                               num_processes=config.num_processes,
+                               process_id=config.process_id)
+  writer = jax.process_index() == 0
+  if distributed and writer:  # the whole run: another run on this workdir exits 2 at once
+    workdir = held.enter_context(cli.workdir_locked(FLAGS.workdir))
+  if config.experiment.compile_cache:
+    compile_cache.enable()
+  with interrupt.catch():
+    record = train_sweep.train_and_evaluate_sweep(
+        config, workdir, writer=writer, checkpoints=checkpoints, import_seconds=import_seconds,
+        start_time=_START)
+  line = train_sweep.divergence_line(record) if record is not None else None
+  if line is not None:  # the healthy configs' results are written; the status says some diverged
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(3)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(cli.main_and_exit(main), flags_parser=cli.parse_flags)

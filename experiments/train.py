@@ -51,15 +51,35 @@ def for_dataset(config: config_lib.ExperimentConfig, ds) -> config_lib.Experimen
   return config
 
 
-def check_batch_size(batch_size: int, counts) -> None:
-  """The batch must fit in the smallest task's training set."""
+def check_batch_size(batch_size: int, counts, validation_fraction: float = 0.0,
+                     max_examples: int | None = None) -> None:
+  """The batch must fit in the smallest task's training set (after the validation split is held
+  out); the message blames the setting that made the task that small (``max_examples``,
+  ``validation_fraction``) when one did."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
   counts = np.asarray(counts)
-  smallest, task = int(counts.min()), int(counts.argmin()) + 1
-  if batch_size > smallest:
+  trained = np.array([c - holdout.num_held_out(int(c), validation_fraction) for c in counts])
+  smallest, task = int(trained.min()), int(trained.argmin()) + 1
+  if batch_size <= smallest:
+    return
+  count = int(counts[task - 1])
+  held = count - smallest
+  if held and smallest <= count // 2:  # the split took most of the task
     raise errors.SettingError(lambda n: (
-        f"{n('batch_size')}={batch_size} is invalid: expected at most {smallest}, the number of "
-        f"training examples of the smallest task (task {task})."))
+        f"{n('validation_fraction')}={validation_fraction!r} is invalid here: it holds out "
+        f"{held} of task {task}'s {count} training examples, leaving {smallest}, fewer than "
+        f"{n('batch_size')}={batch_size}; expected a smaller fraction (or a smaller batch)."))
+  if max_examples is not None and count >= max_examples:
+    raise errors.SettingError(lambda n: (
+        f"{n('max_examples')}={max_examples!r} is too small for {n('batch_size')}={batch_size}: "
+        f"task {task} keeps {smallest} training examples"
+        + (" after the validation split" if held else "")
+        + f"; expected {n('max_examples')} large enough for one batch (or a smaller batch)."))
+  raise errors.SettingError(lambda n: (
+      f"{n('batch_size')}={batch_size} is invalid: expected at most {smallest}, the number of "
+      f"training examples of the smallest task (task {task}"
+      + (", after holding out the validation split" if held else "") + ")."))
 
 
 def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern: str = "seed_*",
@@ -116,13 +136,14 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
   prefix = f"seed {run.seed} " if len(seeds) > 1 else ""
   ckpt = savers.enter_context(checkpoint.RunCheckpointer(
       workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,
-      every=config.checkpoint_every, chunk_steps=run.chunk_steps)) if config.checkpoint else None
+      every=config.checkpoint_every, chunk_steps=run.chunk_steps,
+      warn=report.warning)) if config.checkpoint else None
   resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(run, net, train,
                                                                preprocess=preprocess))
             if ckpt is not None else None)
   resumed_from = None
   if resume is not None:
-    resumed_from = str(ckpt.step_path(ckpt.latest_step()))
+    resumed_from = str(ckpt.step_path(ckpt.restored_step))
     where = checkpoint.describe_position(resume, run, np.asarray(train.counts))
     print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
   hook = ckpt if ckpt is not None else interrupt.check
@@ -164,7 +185,8 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
     built = build_tasks(config, ds, run)
     data_seconds = start["load"] + time.perf_counter() - t0
     if not runs:  # checks and checkpoint preparation, before anything is trained or written
-      check_batch_size(config.run.batch_size, built.train.counts)
+      check_batch_size(config.run.batch_size, built.train.counts,
+                       config.run.validation_fraction, config.max_examples)
       if config.checkpoint:
         prepare_checkpoints(config, workdir / "checkpoints", identity=identity)
       if config.plots:

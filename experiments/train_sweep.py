@@ -20,6 +20,7 @@ from experiments import environment
 from experiments import files
 from experiments import input_norm
 from experiments import progress as progress_lib
+from experiments import report
 from experiments import train as train_lib
 
 
@@ -48,6 +49,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   configs = config.configs()
   groups = _groups(config, configs)
   acc, val_acc, curves = [None] * len(configs), [None] * len(configs), [None] * len(configs)
+  diverged: dict = {}
   timings: dict = {"data": 0.0}
   layouts, built, result = [], None, None
   preprocess = input_norm.make(exp.input_norm_name, ds.train_images)
@@ -57,7 +59,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
     built = train_lib.build_tasks(exp, ds, first)
     train, test = tasks.to_device(built.train), tasks.to_device(built.test)
     timings["data"] += time.perf_counter() - t0
-    train_lib.check_batch_size(first.batch_size, built.train.counts)
+    train_lib.check_batch_size(first.batch_size, built.train.counts,
+                               first.validation_fraction, exp.max_examples)
     net = continual.make_network(first, built.class_groups)
     bar = {"prefix": ""}
 
@@ -77,7 +80,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
       saver = checkpoint.SweepCheckpointer(
           root / f"group_{g}", {**ident, "group": g, "members": members}, keep=exp.keep,
           every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
-          log=lambda line, prefix=prefix: print(prefix + line, flush=True))
+          log=lambda line, prefix=prefix: print(prefix + line, flush=True),
+          warn=lambda line, prefix=prefix: report.warning(prefix + line))
     executables = None
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
       from experiments import compile_cache  # pylint: disable=import-outside-toplevel
@@ -92,6 +96,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                        checkpointer=saver)
     for j, k in enumerate(members):
       acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
+      if j in (result.diverged or {}):
+        diverged[k] = result.diverged[j]
       if result.val_acc_matrix is not None:
         val_acc[k] = result.val_acc_matrix[j]
     for name, sec in result.timings.items():
@@ -104,9 +110,32 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                           curves=curves, timings=timings, layout=result.layout,
                           val_acc_matrix=val,
                           val_summaries=None if val is None else [metrics.summarize(a)
-                                                                  for a in val])
+                                                                  for a in val],
+                          diverged=diverged)
   return res, layouts, built._replace(info={
       **built.info, **train_lib.benchmark_info(ds, getattr(preprocess, "stats", None))})
+
+
+def diverged_entry(result, k: int) -> dict:
+  """results.json's record of diverged config ``k``: its swept values and where it diverged."""
+  cfg = result.configs[k]
+  return {"index": k, **{n: getattr(cfg, n) for n in result.swept}, **result.diverged[k]}
+
+
+def divergence_line(record: dict) -> str | None:
+  """One line naming the diverged configs of a sweep's ``record`` (None when none did)."""
+  bad = record.get("diverged") or []
+  if not bad:
+    return None
+  swept = [n for n in record["swept"]]
+
+  def name(d):
+    return f"config {d['index']} (" + ", ".join(f"{n}={d[n]:g}" for n in swept) + ")"
+
+  first = bad[0]["flags_message"].split(". Stopped before keeping")[0]
+  return (f"{len(bad)} of {record['num_configs']} sweep configs diverged: "
+          f"{', '.join(name(d) for d in bad)} (the first: {first}); the other configs' results "
+          "are complete in results.json.")
 
 
 def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: Path,
@@ -172,7 +201,8 @@ def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, wo
   for k, (cfg, acc, summ, curves) in enumerate(zip(result.configs, result.acc_matrix,
                                                     result.summaries, result.curves)):
     entry = {"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
-             "acc_matrix": acc.tolist(), **summ, "curves": curves}
+             "acc_matrix": acc.tolist(), **summ, "curves": curves,
+             "diverged": (result.diverged or {}).get(k)}
     if result.val_acc_matrix is not None:
       entry["val_acc_matrix"] = result.val_acc_matrix[k].tolist()
       entry["validation"] = result.val_summaries[k]
@@ -187,6 +217,7 @@ def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, wo
       "num_configs": len(result.configs),
       "acc_matrix_shape": list(result.acc_matrix.shape),
       "table": rows,
+      "diverged": [diverged_entry(result, k) for k in sorted(result.diverged or {})],
       "configs": configs,
       "base_config": dataclasses.asdict(base),
       "experiment": {k: v for k, v in dataclasses.asdict(exp).items() if k != "run"},
@@ -203,6 +234,9 @@ def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, wo
             "average accuracy (no validation split: --validation_fraction)")
   print(f"\n{title}, sorted by {ranked} (mean ± std over seeds):")
   print(sweep.format_table(rows, keys))
+  if result.diverged:
+    print(f"{len(result.diverged)} of {len(result.configs)} configs diverged: their results are "
+          "NaN (see \"diverged\" in results.json); the others are complete")
   print("seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
   print(f"wrote {workdir}/results.json" + (", average_accuracy.png" if exp.plots else ""))
   return record

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import corrupt
 import ewc_jax
 from ewc_jax import Anchor, checkpoint, continual, heads
 
@@ -179,19 +180,54 @@ def test_other_config_is_refused_naming_the_keys(saved_run):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_corrupt_checkpoint_names_its_path_and_force_restart(saved_run, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_and_none_left_is_refused(saved_run, tmp_path):
+  """Truncated array files, one flipped bit, bits in 8 arrays, a changed digit in the metadata:
+  the newest checkpoint is skipped for the previous one with one warning; with none left, the
+  restore is refused naming the newest (never restored silently)."""
   folder = _copy(saved_run[0], tmp_path)
-  like = saved_run[2]
-  newest = folder / str(checkpoint.RunCheckpointer(folder, IDENTITY).latest_step())
+  like, steps = saved_run[2], sorted(saved_run[3])
+  newest = folder / str(steps[-1])
   for path in (newest / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d":
       path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-  with pytest.raises(checkpoint.CheckpointError) as err:
-    checkpoint.RunCheckpointer(folder, IDENTITY).restore(like)
+  lines = []
+  with checkpoint.RunCheckpointer(folder, IDENTITY, warn=lines.append) as ckpt:
+    rs = ckpt.restore(like)
+    assert ckpt.restored_step == steps[-2] and rs is not None
+  (line,) = lines
+  assert str(newest) in line and f"previous one, {folder / str(steps[-2])}" in line
+  expected = checkpoint.RunCheckpointer(folder, IDENTITY).restore(like, step=steps[-2])
+  _assert_tree_equal(rs.train_state.params, expected.train_state.params)
+  # One flipped bit inside an array (float data are stored raw: only the checksum sees it),
+  # then a bit in each of 8 arrays.
+  for count, step in ((1, steps[-2]), (8, steps[-3])):
+    state = checkpoint.RunCheckpointer(folder, IDENTITY).restore(like, step=step)
+    corrupt.flip_bits_in_arrays(folder / str(step), jax.tree.leaves(jax.device_get(
+        (state.train_state, state.memory))), count)
+    lines = []
+    with checkpoint.RunCheckpointer(folder, IDENTITY, warn=lines.append) as ckpt:
+      ckpt.restore(like)
+      assert ckpt.restored_step == steps[steps.index(step) - 1]
+    assert any(str(folder / str(step)) in l for l in lines), lines
+  # A changed digit in the metadata (the accuracy matrix): its checksum.
+  meta_file = folder / str(steps[-4]) / "meta" / "metadata"
+  text = meta_file.read_text()
+  i = text.index('"acc": [[') + len('"acc": [[')
+  meta_file.write_text(text[:i] + ("1" if text[i] != "1" else "2") + text[i + 1:])
+  lines = []
+  with checkpoint.RunCheckpointer(folder, IDENTITY, warn=lines.append) as ckpt:
+    ckpt.restore(like)
+    assert ckpt.restored_step == steps[-5]
+  assert "metadata do not match their checksum" in lines[-1]
+  # Nothing intact left: refused, naming the newest and --force_restart.
+  for step in steps[:-4]:
+    (folder / str(step) / "meta" / "metadata").write_text("{not json")
+  with pytest.raises(checkpoint.CorruptCheckpoint) as err:
+    checkpoint.RunCheckpointer(folder, IDENTITY, warn=lambda line: None).restore(like)
   assert str(newest) in str(err.value) and "--force_restart" in err.value.for_flags()
   (newest / "meta" / "metadata").write_text("{not json")
   with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
-    checkpoint.RunCheckpointer(folder, IDENTITY).check_config()
+    checkpoint.RunCheckpointer(folder, IDENTITY).restore(like, step=steps[-1])
   gc.collect()  # see above
 
 
@@ -314,7 +350,7 @@ out["closed"] = hooks() == before
 # A corrupt checkpoint: the read fails, its late callbacks are dropped while the checkpointer is
 # open; after it closes the hooks are the process's again and none of that noise reached them.
 bad = Path(shutil.copytree(root / "ok", root / "bad"))
-for path in (bad / str(checkpoint.committed_steps(bad)[-1]) / "state").rglob("*"):
+for path in bad.rglob("*"):  # every step (a corrupt newest one alone falls back on the previous)
   if path.is_file() and path.parent.name == "d":
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 like = checkpoint.abstract_run_state(tc.CFG, net, tc.tasks(90, 0))

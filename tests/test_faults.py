@@ -15,13 +15,16 @@ Positions are reached deterministically through the test-only EWC_JAX_TEST_HANG_
 import os
 import signal
 import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 
+import corrupt
 import pause
 
-from tests.test_resume_cli import ROOT, cli, numbers, run_ok, steps_on_disk
+from tests.test_resume_cli import PROTOCOL, ROOT, cli, numbers, run_ok, steps_on_disk
 
 
 # Runs the CLI with files limited to 4 KiB (RLIMIT_FSIZE; SIGXFSZ ignored: writes past the
@@ -158,5 +161,200 @@ def test_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
       with lock.hold(tmp_path):
         pass
     assert err.value.pid == os.getpid() and f"--workdir='{tmp_path}'" in str(err.value)
-  with lock.hold(tmp_path):  # released at the end of the block
+  with lock.hold(tmp_path):  # released at the end of the block, and its file removed
     pass
+  assert not (tmp_path / ".lock").exists()
+  with pytest.raises(RuntimeError):  # also when the block fails
+    with lock.hold(tmp_path):
+      raise RuntimeError
+  assert not (tmp_path / ".lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 24: nothing silent, nothing hangs.
+
+# The second checkpoint's folder turns read-only as orbax writes its metadata (the Python OSError
+# of a read-only bind mount), and a non-daemon thread is left waiting for an event that never
+# comes, as orbax's signalling threads were: the process must still end at once.
+FAILED_SAVE_LEAVES_A_THREAD = r"""
+import errno, os, runpy, sys, threading
+import orbax.checkpoint._src.metadata.checkpoint as mc
+orig = mc._MetadataStoreImpl.write
+def write(self, file_path, metadata):
+  if os.path.basename(os.path.dirname(str(file_path))).startswith("1.orbax-checkpoint-tmp"):
+    threading.Thread(target=threading.Event().wait, daemon=False).start()
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file_path))
+  return orig(self, file_path, metadata)
+mc._MetadataStoreImpl.write = write
+sys.argv = ["split_mnist"] + sys.argv[1:]
+runpy.run_module("experiments.split_mnist", run_name="__main__")
+"""
+
+
+def failed_save_once(workdir, data_dir):
+  """One run whose second save fails (see above): ``(process, seconds)``."""
+  cmd, env = cli(workdir, data_dir, wrapper=FAILED_SAVE_LEAVES_A_THREAD)
+  t0 = time.monotonic()
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  return proc, time.monotonic() - t0
+
+
+def check_failed_save(proc, workdir):
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  (line,) = error_lines(proc.stderr)
+  assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert line.startswith(f"error: could not save checkpoint {workdir / 'checkpoints' / 'seed_0' / '1'}")
+  assert "Read-only file system" in line and "seed_0/0 is kept" in line
+  assert not (workdir / ".lock").exists() and not (workdir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_save_never_leaves_the_process_alive_20_times(tiny_mnist_dir, tmp_path):
+  """(1) 20 times: the run ends with its one line within seconds, however many threads orbax
+  left (before: it printed the line, then waited forever in ``threading._shutdown``)."""
+  for i in range(20):
+    proc, seconds = failed_save_once(tmp_path / f"run{i}", tiny_mnist_dir)
+    check_failed_save(proc, tmp_path / f"run{i}")
+    assert seconds < 100, seconds  # a hang is 120 s (the timeout): the run takes ~2-20 s
+
+
+def test_a_flipped_bit_falls_back_on_the_previous_checkpoint_and_none_left_is_refused(
+    reference, tiny_mnist_dir, tmp_path):
+  """(2) A finished run's newest checkpoint gets one flipped bit that orbax restores silently
+  (other values, no error): the rerun warns once, resumes from the previous one and gives the
+  reference's numbers (before checksums: exit 0, another accuracy matrix); with every
+  checkpoint damaged: one error line, exit 2, nothing written."""
+  w = tmp_path / "run"
+  run_ok(w, tiny_mnist_dir, "--checkpoint_every=16", "--keep=2")
+  folder = w / "checkpoints" / "seed_0"
+  older, newest = steps_on_disk(w)
+  corrupt.silent_bit_flip(folder / newest)  # orbax alone restores it, with other values
+  (w / "results.json").unlink()
+  proc = run_ok(w, tiny_mnist_dir, "--checkpoint_every=16", "--keep=2")
+  (warning,) = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert warning.startswith(f"warning: checkpoint {folder / newest} is corrupt"), proc.stderr
+  assert f"previous one, {folder / older}" in warning
+  assert f"resuming from {folder / older}" in proc.stdout
+  assert numbers(w) == numbers(reference)
+  for step in steps_on_disk(w):  # now every checkpoint: the metadata of each one
+    meta = folder / step / "meta" / "metadata"
+    meta.write_text(meta.read_text().replace('"task": ', '"task": 1', 1))
+  (w / "results.json").unlink()
+  (w / "acc_matrix.csv").unlink()
+  failed = run_cmd(w, tiny_mnist_dir, "--checkpoint_every=16", "--keep=2")
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  (line,) = error_lines(failed.stderr)
+  assert "corrupt" in line and "--force_restart" in line and "Traceback" not in failed.stderr
+  assert not (w / "results.json").exists() and not (w / ".lock").exists()
+
+
+def test_divergence_without_checkpoints_is_status_3(tiny_mnist_dir, tmp_path):
+  """(3) Adam's second moment overflows at --lam=1e38 while the loss stays finite: the chunk
+  check sees it without any save; nothing is written."""
+  w = tmp_path / "run"
+  proc = run_cmd(w, tiny_mnist_dir, "--lam=1e38", "--nocheckpoint")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  (line,) = error_lines(proc.stderr)
+  assert "the optimizer state became non-finite at task 2/3" in line and "--lam" in line
+  assert len(proc.stderr.strip().splitlines()) == 1 and not w.exists()
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.5, 1.0, 2.0, 3.0])
+def test_sigint_at_any_moment_is_one_line_and_exit_130(reference, tiny_mnist_dir, tmp_path,
+                                                         delay):
+  """(4) SIGINT from 0.2 s on (imports, flag parsing, data, compile or training): exit 130 with
+  one line; nothing written, or (once training started) a checkpoint the rerun resumes from,
+  bit-identical to the reference."""
+  w = tmp_path / "run"
+  cmd, env = cli(w, tiny_mnist_dir)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  lines = [l for l in err.splitlines() if l.strip()]
+  if proc.returncode == 0:  # finished before the signal (a fast machine): nothing to check
+    assert numbers(w) == numbers(reference)
+    return
+  assert proc.returncode == 130, err[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("interrupted (SIGINT)"), err[-3000:]
+  assert not (w / ".lock").exists() and not (w / "results.json").exists()
+  if "saved; run the same command to resume" in lines[0]:
+    proc = run_ok(w, tiny_mnist_dir)
+    assert "resuming from" in proc.stdout and numbers(w) == numbers(reference)
+  else:
+    assert not w.exists() or not any(w.iterdir()), list(w.iterdir())
+
+
+def corrupt_data_dir(data_dir, target):
+  """A copy of the tiny MNIST with its first train record file truncated."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(data_dir, target)
+  record = sorted(p for p in target.rglob("*train.array_record*"))[0]
+  record.write_bytes(record.read_bytes()[: record.stat().st_size // 3])
+  return target
+
+
+def test_every_bad_input_is_one_line_exit_2_nothing_written(tiny_mnist_dir, tmp_path):
+  """(5)-(8) Each bad input: exit 2, one error: line naming the flag, nothing written (the
+  workdir is not even created), no lock file."""
+  bad_data = corrupt_data_dir(tiny_mnist_dir, tmp_path / "bad_data")
+  cases = [
+      (["--classes_per_task=0"], "--classes_per_task=0"),
+      ([f"--data_dir={bad_data}"], "cannot be read"),
+      (["--seed=1", "--seeds=2,3"], "--seed=1 and --seeds=2,3"),
+      (["--dataset="], "--dataset=''"),
+      (["--seeds="], "--seeds="),
+      (["--hidden="], "--hidden="),
+      (["stray"], "unexpected argument 'stray'"),
+      (["--validation_fraction=0.9999"], "--validation_fraction=0.9999"),
+      (["--max_examples=1", "--batch_size=16"], "--max_examples=1"),
+      (["--workdir="], "--workdir=''"),
+  ]
+  for i, (args, needle) in enumerate(cases):
+    w = tmp_path / f"w{i}" / "run"
+    data = [] if any(a.startswith("--data_dir") for a in args) else [f"--data_dir={tiny_mnist_dir}"]
+    workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={w}"]
+    cmd = [sys.executable, "-m", "experiments.split_mnist", "--noprogress", "--noplots",
+           "--hidden=8", "--num_tasks=2", "--max_examples=64", *data, *workdir, *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, (args, proc.stderr[-3000:])
+    assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr[-3000:])
+    (line,) = error_lines(proc.stderr)
+    assert needle in line, (args, line)
+    assert not (tmp_path / f"w{i}").exists(), args  # not even the workdir's parent
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / ".lock").exists()
+
+
+def test_an_os_error_writing_the_outputs_is_one_line(tiny_mnist_dir, tmp_path):
+  """(5) results.json replaced by a folder: IsADirectoryError is one line, exit 2."""
+  w = tmp_path / "run"
+  (w / "results.json").mkdir(parents=True)
+  proc = run_cmd(w, tiny_mnist_dir, "--nocheckpoint")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  (line,) = error_lines(proc.stderr)
+  assert "Is a directory" in line and "results.json" in line and "Traceback" not in proc.stderr
+  assert not (w / ".lock").exists()
+
+
+def test_a_sweep_keeps_going_when_one_config_diverges(tiny_mnist_dir, tmp_path):
+  """(8) --lam=1,1e38: config 1 diverges, config 0 finishes; the table and one line name the
+  diverged one; exit 3; the rerun (resumed from the final checkpoints) says the same."""
+  import json  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "experiments.sweep", *PROTOCOL, f"--data_dir={tiny_mnist_dir}",
+         f"--workdir={w}", "--lam=1,1e38"]
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  for _ in range(2):
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith("error: 1 of 2 sweep configs diverged: config 1 (lam=1e+38)"), line
+    assert "diverged (seed 0): no result" in proc.stdout
+    res = json.loads((w / "results.json").read_text(), parse_constant=float)
+    healthy, bad = res["configs"]
+    assert np.isfinite(healthy["acc_matrix"]).all() and healthy["diverged"] is None
+    assert np.isnan(bad["acc_matrix"]).all() and bad["diverged"]["part"] == "optimizer state"
+    assert res["table"][0]["lam"] == 1 and [d["index"] for d in res["diverged"]] == [1]
+  assert not (w / ".lock").exists()

@@ -99,3 +99,23 @@ def test_fisher_is_finite_for_logits_of_1e4(kind):
     assert np.all(np.isfinite(np.asarray(leaf))) and np.all(np.asarray(leaf) >= 0), kind
   loss, acc = train.masked_cross_entropy(logits_fn(params, x), y, jnp.ones(20))
   assert np.isfinite(float(loss)) and float(loss) > 1e3 and 0 <= float(acc) <= 1
+
+
+def test_check_finite_names_a_non_finite_optimizer_state_and_sweeps_record_it():
+  """The loss finite, the optimizer state not (Adam's second moment overflowed): a single run
+  stops naming it; a sweep's chunk check records the config and goes on."""
+  ok = np.ones((4,), np.float32)
+  m = {"loss_cls": ok, "loss_reg": ok, "loss": ok, "count": ok * 16,
+       "params_finite": np.bool_(True), "opt_state_finite": np.bool_(False)}
+  with pytest.raises(continual.NumericalError) as err:
+    continual.check_finite(m, task=1, num_tasks=3, epoch=0, start=8, steps=20)
+  assert err.value.part == "optimizer state" and "steps 9-12/20" in str(err.value)
+  assert "--lam" in err.value.for_flags()
+  batched = {k: np.stack([v, v, v]) for k, v in m.items()}
+  batched["opt_state_finite"] = np.array([True, False, True])
+  batched["loss"] = batched["loss"].copy()
+  batched["loss"][2, 1] = np.nan
+  new = continual.new_divergences(batched, {}, task=1, num_tasks=3, epoch=0, start=8, steps=20)
+  assert sorted(new) == [1, 2] and new[1].part == "optimizer state" and new[2].part == "sum"
+  assert continual.new_divergences(batched, {1: {}, 2: {}}, task=1, num_tasks=3, epoch=0,
+                                   start=8, steps=20) == {}

@@ -160,15 +160,18 @@ def test_killed_without_chunk_checkpoints_resumes_from_the_last_task(reference, 
 
 def test_checkpoint_errors_are_one_line_exit_2_and_force_restart_recovers(
     reference, tiny_mnist_dir, tmp_path):
-  """Another config, --noresume, a truncated checkpoint: refused; then --force_restart. All four
+  """Another config, --noresume, truncated checkpoints (all of them: a corrupt newest one alone
+  falls back on the previous one, tests/test_faults.py): refused; then --force_restart. All four
   command lines run in one process (tests/cli_batch.py)."""
   a, b = tmp_path / "a", tmp_path / "b"
   shutil.copytree(reference, a)
   shutil.copytree(reference, b)
   before = (a / "results.json").read_bytes()
-  newest = b / "checkpoints" / "seed_0" / steps_on_disk(b)[-1]
-  for path in (newest / "state" / "d").iterdir():  # truncate every array file of the newest
-    path.write_bytes(path.read_bytes()[:10])
+  steps = [b / "checkpoints" / "seed_0" / s for s in steps_on_disk(b)]
+  newest = steps[-1]
+  for step in steps:  # truncate every array file of every checkpoint (none to fall back on)
+    for path in (step / "state" / "d").iterdir():
+      path.write_bytes(path.read_bytes()[:10])
   common = [*PROTOCOL, f"--data_dir={tiny_mnist_dir}"]
   jobs = [[*common, f"--workdir={a}", "--lam=10", "--fisher=true"],
           [*common, f"--workdir={a}", "--noresume"],
