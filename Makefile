@@ -36,6 +36,8 @@ bench: install
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.fisher
 	$(BIN)/python -m benchmarks.fisher_conv
+	$(BIN)/python -m benchmarks.fisher_models
+	$(BIN)/python -m benchmarks.fisher_scale --quick
 	$(BIN)/python -m benchmarks.end_to_end
 	$(BIN)/python -m benchmarks.memory
 
