@@ -22,7 +22,10 @@ def test_every_benchmarked_model_has_a_tiny_size():
   assert all(n % fm.BATCH == 0 for n in list(fm.SIZES.values()) + list(fm.QUICK_SIZES.values()))
 
 
-@pytest.mark.parametrize("name", fm.MODELS)
+# The ResNet-18 and the transformer (30 s and 16 s here) are checked by the benchmark itself
+# (max_rel_error) and, as layer families, by tests/test_fisher_conv.py and the NNX language model
+# of tests/test_per_example.py; the default suite keeps to its time budget.
+@pytest.mark.parametrize("name", [m for m in fm.MODELS if m not in ("resnet18", "transformer")])
 def test_fisher_of_each_model_equals_vmap_grad(name):
   model = fm.BUILDERS[name](**fm.TINY[name])
   x, y = model.data(jax.random.key(1), 12)
@@ -34,7 +37,7 @@ def test_fisher_of_each_model_equals_vmap_grad(name):
 
   plan = fm.plan_summary(model, x)
   assert plan["parameters"] == num_parameters(model.params) > 0
-  assert 0.0 <= plan["fast_path_share"] <= 1.0
+  assert plan["fast_path_share"] == 1.0, plan
   assert len(plan["vmap_leaves"]) == plan["leaves_by_method"].get("vmap", 0)
 
   # The train-mode loss the benchmark's train step differentiates (BatchNorm batch statistics,
