@@ -466,8 +466,7 @@ def _update(traced, setup, lik, kind, method, state, labels, lmask, weights, key
   def build():
     sample_fn = None if sample is None else prog.as_function(sample)
     batch_fn, _ = prog.batch_program(traced, spec, sample_fn)
-    return jax.jit(prog.update_program(batch_fn, spec, traced.shapes, traced.out_shape,
-                                       setup.n))
+    return jax.jit(prog.update_program(batch_fn, spec, traced.out_shape, setup.n))
   uncached = traced.key is None or (sample is not None and sample.key is None)
   program = prog.PROGRAMS.get(None if uncached else (traced.key, settings), build)
   sums = jax.tree.leaves(state.sums)

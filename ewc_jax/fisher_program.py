@@ -390,7 +390,7 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
   return jax.jit(program)
 
 
-def update_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple, n: int):
+def update_program(batch_fn: Callable, spec: Spec, out_shape: tuple, n: int):
   """``f(args, extra, leaves, xb, labels, lmask, weights, key, sums, count) -> (sums, count,
   flags)``: one batch of ``n`` rows added to a running Fisher (every leaf's sum, in order)."""
   def program(args, extra, leaves, xb, labels, lmask, weights, key, sums, count):
@@ -401,7 +401,6 @@ def update_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tupl
     it = iter(_constrain(values, spec))
     sums = [s + next(it) if on else s for s, on in zip(sums, spec.active)]
     return sums, count + jnp.sum(weights), flags
-  del shapes
   return program
 
 

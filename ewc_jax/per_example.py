@@ -75,7 +75,7 @@ _ENTRYWISE = ("convert_element_type", "reshape", "transpose", "squeeze", "expand
               "copy_p", "reduce_precision")
 # Shape maps that are linear but may sum or drop entries (followed for the elementwise rule).
 _STRUCTURAL = _ENTRYWISE + ("broadcast_in_dim", "slice", "dynamic_slice", "rev", "pad",
-                            "concatenate", "select_n", "stop_gradient")
+                            "concatenate", "stop_gradient")
 _ELEMENTWISE = ("add", "add_any", "sub", "mul", "div", "neg", "max", "min", "integer_pow",
                 "square", "sqrt", "rsqrt", "exp", "exp2", "log", "log1p", "tanh", "logistic",
                 "abs", "sign", "pow", "clamp", "erf", "sin", "cos", "reduce_sum", "reduce_max",
@@ -202,7 +202,7 @@ def _cotangent_plan(jaxpr, uses, outputs, var) -> tuple[str, str]:
     for i in uses.get(v, ()):
       eqn = jaxpr.eqns[i]
       name = eqn.primitive.name
-      if name in _STRUCTURAL and name != "select_n":
+      if name in _STRUCTURAL:
         stack.extend(o for o in eqn.outvars if _is_var(o))
       else:
         terminals.append(name)

@@ -24,6 +24,7 @@ import pytest
 import corrupt
 import pause
 
+from benchmarks import fault_campaign
 from tests.test_resume_cli import PROTOCOL, ROOT, cli, numbers, run_ok, steps_on_disk
 
 
@@ -175,25 +176,12 @@ def test_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
 
 # The second checkpoint's folder turns read-only as orbax writes its metadata (the Python OSError
 # of a read-only bind mount), and a non-daemon thread is left waiting for an event that never
-# comes, as orbax's signalling threads were: the process must still end at once.
-FAILED_SAVE_LEAVES_A_THREAD = r"""
-import errno, os, runpy, sys, threading
-import orbax.checkpoint._src.metadata.checkpoint as mc
-orig = mc._MetadataStoreImpl.write
-def write(self, file_path, metadata):
-  if os.path.basename(os.path.dirname(str(file_path))).startswith("1.orbax-checkpoint-tmp"):
-    threading.Thread(target=threading.Event().wait, daemon=False).start()
-    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file_path))
-  return orig(self, file_path, metadata)
-mc._MetadataStoreImpl.write = write
-sys.argv = ["split_mnist"] + sys.argv[1:]
-runpy.run_module("experiments.split_mnist", run_name="__main__")
-"""
-
-
+# comes, as orbax's signalling threads were: the process must still end at once (the wrapper is
+# the fault campaign's, benchmarks/fault_campaign.py's FAILED_SAVE_THREAD).
 def failed_save_once(workdir, data_dir):
   """One run whose second save fails (see above): ``(process, seconds)``."""
-  cmd, env = cli(workdir, data_dir, wrapper=FAILED_SAVE_LEAVES_A_THREAD)
+  cmd, env = cli(workdir, data_dir, wrapper=fault_campaign.FAILED_SAVE_THREAD)
+  cmd = cmd[:3] + ["split_mnist"] + cmd[3:]            # the wrapper's first argument: the module
   t0 = time.monotonic()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   return proc, time.monotonic() - t0
