@@ -40,6 +40,7 @@ from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
 from ewc_jax import holdout
 from ewc_jax import initializers
+from ewc_jax import subset
 from ewc_jax import task_data
 from ewc_jax import train as train_lib
 
@@ -49,6 +50,7 @@ ALGOS = algorithms.NAMES
 PENALTIES = algorithms.PENALTIES
 BACKBONES = backbones.NAMES
 DROPOUT_STREAM = 0x64726F70  # fold_in(k_order, ·) of the dropout keys ("drop"; never a task index)
+SUBSET_STREAM = 0x73756273  # fold_in(Fisher key, ·) of the fisher_examples rows ("subs")
 
 
 def _setting(default: Any, help_text: str) -> Any:
@@ -83,6 +85,10 @@ class Config:
       256, "Examples per Fisher scan step (changes the result only for batch_squared).")
   fisher_normalize: bool = _setting(
       False, "Divide the importance by the number of backbone parameters (seed parity).")
+  fisher_examples: int | None = _setting(
+      None, "Estimate each task's Fisher on N of its training examples, drawn at random "
+      "without replacement from the run's Fisher key (ewc_jax.subset; van de Ven 2025's "
+      "EXACT(n=500) is fisher=true with 500); default: all of them.")
   consolidate: str | None = _setting(
       None, "What EWC consolidates (ewc_jax.heads.consolidated): shared (the backbone and "
       "every head used by more than one task: domain-IL's shared head, class-IL's single head; "
@@ -181,9 +187,10 @@ class Config:
       raise errors.SettingError(lambda n: (
           f"{n('epochs')}={epochs!r} and {n('steps_per_task')}={steps!r} are invalid together: "
           "expected exactly one of them (training length per task in epochs or in iterations)."))
-    for name in ("epochs", "steps_per_task", "batch_size", "fisher_batch_size", "chunk_steps"):
+    for name in ("epochs", "steps_per_task", "batch_size", "fisher_batch_size", "chunk_steps",
+                 "fisher_examples"):
       value = getattr(self, name)
-      if value is None and name in ("epochs", "steps_per_task"):
+      if value is None and name in ("epochs", "steps_per_task", "fisher_examples"):
         continue
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
         bad(name, value, "an integer >= 1")
@@ -370,6 +377,9 @@ def programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
     else:
       x = data.inputs[task_index]  # preprocessed batch by batch (no [N, ...] float copy)
       mask = jnp.arange(x.shape[0]) < data.counts[task_index]
+      if cfg.fisher_examples is not None:  # n rows at random (the labels' key left as it is)
+        mask = subset.random_rows(jax.random.fold_in(key, SUBSET_STREAM), mask,
+                                  cfg.fisher_examples)
       task_logits = heads.consolidated_logits_fn(net, params, task_index, model_state)
       importance = fisher_lib.fisher_diagonal(
           lambda theta, xb: task_logits(theta, preprocess(xb)), theta, x,

@@ -1,5 +1,6 @@
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -97,3 +98,50 @@ def test_parity_penalties_run(penalty):
   result = run(dataclasses.replace(CFG, penalty=penalty, fisher="batch_squared", epochs=1,
                                    fisher_normalize=penalty == "seed"))
   assert result.curves[1]["loss_reg"][0] > 0
+
+
+def test_fisher_examples_is_the_fisher_of_random_rows():
+  """fisher_examples=n: the importance of a task is fisher_diagonal on the n rows that
+  ewc_jax.subset.random_rows draws from the Fisher key folded with SUBSET_STREAM."""
+  from ewc_jax import fisher as fisher_lib  # pylint: disable=import-outside-toplevel
+  from ewc_jax import subset  # pylint: disable=import-outside-toplevel
+  from ewc_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(CFG, algo="online_ewc", fisher="true", fisher_examples=20)
+  train = synthetic_tasks(200, 0)
+  net = heads.task_incremental(T, 2, hidden=cfg.hidden)
+  algo = continual.make_algorithm(cfg)
+  programs = continual.programs(cfg, net, algo, train)
+  params, model_state = programs.init(jax.random.key(3))
+  theta = heads.consolidated(net, params, cfg.consolidated)
+  key, hyper, task = jax.random.key(5), continual.hyper_of(cfg), 1
+
+  def importance(c):
+    memory = continual.programs(c, net, algo, train).consolidate(
+        algo.init(theta, T), params, model_state, train, task, key, hyper)
+    return jax.tree.map(lambda a: np.asarray(a[0]), memory.importance)
+
+  rows = np.asarray(subset.random_rows(jax.random.fold_in(key, continual.SUBSET_STREAM),
+                                       np.arange(train.inputs.shape[1]) < train.counts[task], 20))
+  assert rows.sum() == 20
+  logits = heads.consolidated_logits_fn(net, params, task, model_state)
+  want = fisher_lib.fisher_diagonal(
+      lambda th, xb: logits(th, train_lib.scale_pixels(xb)), theta, train.inputs[task][rows],
+      train.labels[task][rows], kind="true")
+  got = importance(cfg)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-9), got, want)
+  every = importance(dataclasses.replace(cfg, fisher_examples=None))
+  assert not all(np.allclose(e, g) for e, g in zip(jax.tree.leaves(every), jax.tree.leaves(got)))
+
+
+def test_fisher_examples_of_at_least_every_row_is_the_default():
+  a = run(dataclasses.replace(CFG, epochs=1))
+  b = run(dataclasses.replace(CFG, epochs=1, fisher_examples=10_000))
+  np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)
+  for x, y in zip(jax.tree.leaves(a.memory), jax.tree.leaves(b.memory)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True])
+def test_fisher_examples_refused_unless_a_positive_integer(value):
+  with pytest.raises(ValueError, match=r"`fisher_examples`=.* expected an integer >= 1"):
+    dataclasses.replace(CFG, fisher_examples=value).validate()
