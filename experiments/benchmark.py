@@ -103,12 +103,13 @@ def _split_cifar(*args, **kwargs):
 
 
 def _permuted(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int,
-              classes_per_task: int | None = None):
+              classes_per_task: int | None = None, pad: int = 0, permute_first: bool = False):
   del classes_per_task  # every task has every class
   import jax  # pylint: disable=import-outside-toplevel
   from experiments import protocols  # pylint: disable=import-outside-toplevel
   key = jax.random.fold_in(jax.random.key(seed), 0x5EED)  # the permutations follow the seed
-  return protocols.permuted(ds, scenario, num_tasks, max_examples, key)
+  return protocols.permuted(ds, scenario, num_tasks, max_examples, key, pad=pad,
+                            permute_first=permute_first)
 
 
 BENCHMARKS: dict[str, Benchmark] = {

@@ -58,6 +58,15 @@ class ExperimentConfig:
       "e.g. 5 for Split CIFAR-100 in 20 tasks).")
   max_examples: int | None = setting(
       None, "Keep at most N train and N test examples per task (quick checks; default: all).")
+  pad: int = setting(
+      0, "Permuted benchmarks: zero-pad every image by N pixels on each side before its pixels "
+      "are permuted, so the permutations mix the padding in (van de Ven & Tolias 2019: 2, "
+      "MNIST's 28x28 -> 32x32, 1024 inputs; with init=pytorch the first layer's fan-in is then "
+      "1024, as in their code).")
+  permute_first: bool = setting(
+      False, "Permuted benchmarks: permute task 1 too, so every task is permuted (van de Ven & "
+      "Tolias 2019's runs: their code leaves task 1 unpermuted only for seed 0, and their "
+      "compare scripts start at seed 1); default: task 1 is the identity.")
   seeds: tuple[int, ...] = setting(
       (), "Several seeds (e.g. 0,1,2): one run each, mean ± std (default: the one seed).")
   input_norm: str | None = setting(
@@ -132,6 +141,14 @@ class ExperimentConfig:
                                num_tasks=tasks, classes_per_task=per)
 
   @property
+  def build_options(self) -> dict:
+    """The benchmark builder's extra keyword arguments (permuted benchmarks: ``pad``,
+    ``permute_first``; none for split benchmarks)."""
+    if self.bench.split:
+      return {}
+    return {"pad": self.pad, "permute_first": bool(self.permute_first)}
+
+  @property
   def seed_list(self) -> tuple[int, ...]:
     """The seeds run one after another: ``seeds``, or ``(run.seed,)``."""
     return tuple(self.seeds) if self.seeds else (self.run.seed,)
@@ -164,6 +181,12 @@ class ExperimentConfig:
     if n is not None and (not _is_int(n) or n < 1 or (most is not None and n > most)):
       allowed = f"1..{most}" if most else ">= 1"
       _invalid("num_tasks", n, f"an integer in {allowed}")
+    if not _is_int(self.pad) or self.pad < 0:
+      _invalid("pad", self.pad, "an integer >= 0")
+    if bench.split and (self.pad or self.permute_first):
+      name, value = ("pad", self.pad) if self.pad else ("permute_first", self.permute_first)
+      _invalid(name, value, f"{'0' if name == 'pad' else 'false'} for {bench.name} (pixels are "
+               "padded and permuted only by permuted benchmarks)")
     if self.max_examples is not None and (not _is_int(self.max_examples)
                                           or self.max_examples < 1):
       _invalid("max_examples", self.max_examples, "an integer >= 1")
@@ -177,7 +200,8 @@ class ExperimentConfig:
     """What a run's checkpoints must come from (``dataset``: ``"<name>:<version>"``)."""
     split = {"classes_per_task": self.classes_per_task} if self.bench.split else {}
     return {"benchmark": self.benchmark, "dataset": dataset, "num_tasks": self.task_count,
-            **split, "max_examples": self.max_examples, "seeds": list(self.seed_list),
+            **split, **_set_options(self), "max_examples": self.max_examples,
+            "seeds": list(self.seed_list),
             "input_norm": self.input_norm_name, **dataclasses.asdict(self.run)}
 
 
@@ -242,7 +266,7 @@ class SweepConfig:
     e = self.experiment
     split = {"classes_per_task": e.classes_per_task} if e.bench.split else {}
     return {"benchmark": e.benchmark, "dataset": dataset, "num_tasks": e.task_count, **split,
-            "max_examples": e.max_examples, "input_norm": e.input_norm_name,
+            **_set_options(e), "max_examples": e.max_examples, "input_norm": e.input_norm_name,
             "values": {n: list(v) for n, v in self.values.items()},
             "base_config": dataclasses.asdict(e.run), "max_parallel": self.max_parallel}
 
@@ -276,7 +300,7 @@ def make(benchmark: str = "split_mnist", **settings: Any) -> ExperimentConfig:
     raise errors.SettingError(lambda n: (
         f"{n('epochs')}={epochs} and {n('steps_per_task')}={steps} are exclusive: give the "
         "training length per task in epochs or in iterations."))
-  table = defaults.for_run(benchmark, scenario)
+  table = defaults.for_run(benchmark, scenario, run.get("backbone"))
   if "epochs" in run or "steps_per_task" in run:
     table.pop("epochs", None)
     table.pop("steps_per_task", None)
@@ -327,6 +351,12 @@ def make_sweep(benchmark: str = "split_mnist", **settings: Any) -> SweepConfig:
       settings[name] = value
   sweep_fields = {k: v for k, v in sweep_fields.items() if v is not None}
   return SweepConfig(experiment=make(benchmark, **settings), **lists, **sweep_fields)
+
+
+def _set_options(e: ExperimentConfig) -> dict:
+  """The builder options that differ from their defaults (a checkpoint identity names only
+  those, so runs without them keep the identity they had)."""
+  return {k: v for k, v in e.build_options.items() if v}
 
 
 def _is_int(value: Any) -> bool:

@@ -1,10 +1,17 @@
-"""Default protocol of each benchmark and scenario, chosen by measurement (README: "Defaults and
-how they were chosen"; the sweeps behind them are in ``docs/defaults/``).
+"""Default protocol of each benchmark, scenario and backbone, chosen by measurement (README:
+"Defaults and how they were chosen"; the sweeps behind them are in ``docs/defaults/``).
 
-A flag the user does not set takes its value from :data:`DEFAULTS` for the benchmark and
-scenario of the run, else the :class:`ewc_jax.continual.Config` default. λ was chosen for the
-EWC family (``ewc``, ``ewc_merged``, ``online_ewc``) by a vmapped λ × 3-seed sweep ranked on
-the validation split (``--validation_fraction``), never on the test set.
+A flag the user does not set takes its value from :data:`BACKBONE_DEFAULTS` for the benchmark,
+scenario and backbone of the run, then :data:`DEFAULTS` for the benchmark and scenario, else
+the :class:`ewc_jax.continual.Config` default. λ was chosen for the EWC family (``ewc``,
+``ewc_merged``, ``online_ewc``) by a vmapped λ sweep ranked on the validation split
+(``--validation_fraction``), never on the test set.
+
+    >>> from experiments import defaults
+    >>> defaults.for_run("split_mnist", "task")["lam"]               # the MLP's
+    10000.0
+    >>> defaults.for_run("split_mnist", "task", "mlp") == defaults.for_run("split_mnist", "task")
+    True
 """
 
 from __future__ import annotations
@@ -28,10 +35,21 @@ DEFAULTS: dict[tuple[str, str], dict] = {
        for s in ("task", "domain", "class")},
 }
 
+# Fields of a backbone other than the benchmark's own, by (benchmark, scenario, backbone): they
+# replace the DEFAULTS entry's (chosen for the MLP; for the backbone named there, e.g. Split
+# CIFAR's resnet18). A backbone not listed keeps the DEFAULTS entry.
+BACKBONE_DEFAULTS: dict[tuple[str, str, str], dict] = {
+}
+
 # The settings whose default depends on the benchmark and scenario (the flags' help says so).
-PER_BENCHMARK = frozenset({"scenario"} | {name for fields in DEFAULTS.values() for name in fields})
+PER_BENCHMARK = frozenset({"scenario"} | {name for fields in DEFAULTS.values() for name in fields}
+                          | {name for fields in BACKBONE_DEFAULTS.values() for name in fields})
 
 
-def for_run(benchmark: str, scenario: str) -> dict:
-  """The default fields of a run of ``benchmark`` in ``scenario`` (empty when not listed)."""
-  return dict(DEFAULTS.get((benchmark, scenario), {}))
+def for_run(benchmark: str, scenario: str, backbone: str | None = None) -> dict:
+  """The default fields of a run of ``benchmark`` in ``scenario`` with ``backbone`` (None: the
+  benchmark's own, e.g. ``mlp``); empty when not listed."""
+  fields = dict(DEFAULTS.get((benchmark, scenario), {}))
+  name = backbone or fields.get("backbone", "mlp")
+  fields.update(BACKBONE_DEFAULTS.get((benchmark, scenario, name), {}))
+  return fields

@@ -103,7 +103,7 @@ def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern
 def build_tasks(config: config_lib.ExperimentConfig, ds, run: continual.Config):
   """The benchmark's tasks for the seed of ``run`` (on the host)."""
   return config.bench.build(ds, run.scenario, config.task_count, config.max_examples, run.seed,
-                            config.classes_per_task)
+                            config.classes_per_task, **config.build_options)
 
 
 def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.PathLike, *,

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", ["experiments.config", "experiments.config_flags",
                                   "experiments.benchmark", "experiments.input_norm",
-                                  "experiments.report"])
+                                  "experiments.report", "experiments.defaults"])
 def test_docstring_examples(name):
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0, result
@@ -189,3 +189,32 @@ def test_readme_python_example_runs(tiny_mnist_dir, tmp_path, monkeypatch, capsy
   record = __import__("json").loads((tmp_path / "results.json").read_text())
   assert record["experiment"]["seeds"] == [0, 1] and len(record["acc_matrix"]) == 3
   assert f"{record['average_accuracy_mean']}" in capsys.readouterr().out
+
+
+def test_van_de_ven_inputs_only_for_permuted_benchmarks():
+  from ewc_jax import errors  # pylint: disable=import-outside-toplevel
+  c = config.make("permuted_mnist", pad=2, permute_first=True)
+  c.validate()
+  assert c.build_options == {"pad": 2, "permute_first": True}
+  assert c.identity("mnist:3.0.1")["pad"] == 2
+  assert "pad" not in config.make("permuted_mnist").identity("mnist:3.0.1")  # old identity kept
+  assert config.make("split_mnist").build_options == {}
+  with pytest.raises(errors.SettingError, match="`pad`=2 is invalid: expected 0 for split_mnist"):
+    config.make("split_mnist", pad=2).validate()
+  with pytest.raises(errors.SettingError, match="`permute_first`=True is invalid"):
+    config.make("split_mnist", permute_first=True).validate()
+  with pytest.raises(errors.SettingError, match="`pad`=-1 is invalid: expected an integer >= 0"):
+    config.make("permuted_mnist", pad=-1).validate()
+
+
+def test_defaults_keyed_by_backbone():
+  """A backbone listed in BACKBONE_DEFAULTS takes its own fields; the MLP keeps the benchmark's
+  (its default run unchanged); a flag given wins over both."""
+  for (bench, scenario, backbone), fields in defaults.BACKBONE_DEFAULTS.items():
+    c = config.make(bench, scenario=scenario, backbone=backbone)
+    for name, value in fields.items():
+      assert getattr(c.run, name) == value, (bench, scenario, backbone, name)
+    assert config.make(bench, scenario=scenario, backbone=backbone, lam=3.0).run.lam == 3.0
+  mlp = config.make("split_mnist", backbone="mlp")
+  assert mlp == config.make("split_mnist")
+  assert mlp.run.lam == defaults.DEFAULTS["split_mnist", "task"]["lam"]
