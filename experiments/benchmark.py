@@ -8,7 +8,11 @@ and the reproduction all look a benchmark up here.
 * ``split_cifar``: the same on CIFAR (default CIFAR-10: 5 tasks × 2 classes; CIFAR-100: 10 × 10,
   or 20 × 5 with ``classes_per_task=5``), inputs normalised per channel.
 * ``permuted_mnist``: every task is the whole dataset under its own fixed permutation of the
-  H·W·C input values (task 1: the identity).
+  H·W·C input values (task 1: the identity, unless ``permute_first``; ``pad``: the images are
+  zero-padded first and the padded pixels permuted, van de Ven & Tolias' 32×32 with pad=2). The
+  permutations follow the seed: the command lines and sweeps build each seed's own tasks
+  (``data_follows_seed``); ``experiments.reproduce`` builds them from the first seed of a row
+  and shares them across its seeds (docs/results.md).
 
 Any TFDS image-classification dataset fits any of them (``dataset``): any H×W×C, any number of
 classes.

@@ -109,6 +109,8 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
                           hidden=tuple(hidden), seed=int(seeds[0]),
                           reset_optimizer=setup.reset_optimizer)
   bench = BENCHMARKS[setup.benchmark]
+  # Built once, from the first seed, and shared by every seed of the row's vmapped sweep (for
+  # Permuted MNIST: the first seed's permutations; the command lines draw them per seed).
   built = bench.build(ds, base.scenario, num_tasks, overrides.max_examples, base.seed)
   counts = [int(c) for c in np.asarray(built.train.counts)]
   epochs, steps_per_task = length_for(setup, algo, counts, overrides.epochs)
