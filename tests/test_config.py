@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", ["experiments.config", "experiments.config_flags",
                                   "experiments.benchmark", "experiments.input_norm",
-                                  "experiments.report", "experiments.defaults"])
+                                  "experiments.report", "experiments.defaults",
+                                  "experiments.fisher_kinds"])
 def test_docstring_examples(name):
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0, result

@@ -1,0 +1,124 @@
+r"""The Fisher-kind table of van de Ven 2025 on Split MNIST Task-IL, from our sweeps' results.json.
+
+van de Ven, "On the computation of the Fisher Information in continual learning" (ICLR 2025
+blog post, arXiv:2502.11756; code: GMvandeVen/continual-learning, ``ICLRblogpost/compare_FI.py``)
+compares five ways of computing EWC's diagonal Fisher on Split MNIST Task-IL. Each kind is one
+``experiments.sweep`` of λ on the validation split (the best λ by validation average accuracy),
+then one sweep of the seeds at that λ on the test split; this module reads those results.json
+files and writes the table (JSON and markdown):
+
+    python -m experiments.fisher_kinds --runs=/tmp/sci --out=docs/fisher_kinds.json
+
+``--runs`` holds ``select_<kind>/`` (and ``extend_<kind>_*/``, grid extensions) and
+``final_<kind>_s*/`` folders, ``<kind>`` one of :data:`KINDS` (``finetune``: no λ).
+
+Their mean ± SEM uses ``np.sqrt(np.var(x)) / np.sqrt(n)`` (ddof 0, ``compare_FI.py``); ours is
+given both ways. ``z`` is (ours − theirs) / √(SEM_ours² + SEM_theirs²).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from pathlib import Path
+
+# kind -> (our flags beyond the shared protocol, the blog's name, the blog's mean ± SEM (%), 30 seeds)
+KINDS = {
+    "true": ("--fisher=true", "EXACT", (99.12, 0.16)),
+    "true500": ("--fisher=true --fisher_examples=500", "EXACT (n=500)", (98.93, 0.15)),
+    "sampled": ("--fisher=sampled", "SAMPLE", (99.12, 0.12)),
+    "empirical": ("--fisher=empirical", "EMPIRICAL", (99.12, 0.12)),
+    "batch_squared": ("--fisher=batch_squared --fisher_batch_size=128", "BATCHED (b=128)",
+                      (99.11, 0.16)),
+    "finetune": ("--algo=finetune", "none", (85.41, 0.88)),
+}
+PROTOCOL = ("--benchmark=split_mnist --scenario=task --algo=online_ewc --gamma=1 "
+            "--steps_per_task=2000 --batch_size=128 --lr=0.001 --reset_optimizer=false "
+            "--init=pytorch --hidden=400,400")
+
+
+def mean_sem(values: list[float]) -> dict:
+  """Mean, SEM with ddof 1 and with ddof 0 (the blog's), in the units of ``values``.
+
+      >>> r = mean_sem([1.0, 2.0, 3.0])
+      >>> r["mean"], round(r["sem"], 4), round(r["sem_ddof0"], 4)
+      (2.0, 0.5774, 0.4714)
+  """
+  n = len(values)
+  mean = sum(values) / n
+  ss = sum((v - mean) ** 2 for v in values)
+  return {"n": n, "mean": mean,
+          "sem": math.sqrt(ss / (n - 1)) / math.sqrt(n) if n > 1 else None,
+          "sem_ddof0": math.sqrt(ss / n) / math.sqrt(n)}
+
+
+def _load(pattern: str) -> list[dict]:
+  return [json.loads(Path(p).read_text()) for p in sorted(glob.glob(pattern))]
+
+
+def kind_row(runs: Path, kind: str) -> dict | None:
+  """One kind's selection (λ grid, validation AA per λ, the chosen λ) and test results."""
+  flags, blog_name, (blog_mean, blog_sem) = KINDS[kind]
+  finals = _load(str(runs / f"final_{kind}_s*" / "results.json"))
+  if not finals:
+    return None
+  selection = []
+  for rec in _load(str(runs / f"select_{kind}" / "results.json")) + _load(
+      str(runs / f"extend_{kind}_*" / "results.json")):
+    for row in rec["table"]:
+      selection.append({"lam": row["lam"], "seeds": row["seeds"],
+                        "val_average_accuracy": 100 * row["val_average_accuracy"],
+                        "test_average_accuracy": 100 * row["average_accuracy"]})
+  selection.sort(key=lambda r: r["lam"])
+  per_seed, lams, walls = {}, set(), []
+  for rec in finals:
+    walls.append(rec["timings"].get("total"))
+    for cfg in rec["configs"]:
+      per_seed[cfg["seed"]] = 100 * cfg["average_accuracy"]
+      lams.add(cfg["lam"])
+  seeds = sorted(per_seed)
+  stats = mean_sem([per_seed[s] for s in seeds])
+  sem_both = math.sqrt((stats["sem"] or 0.0) ** 2 + blog_sem ** 2)
+  return {
+      "kind": kind, "blog_name": blog_name, "flags": flags,
+      "selection": selection,
+      "chosen_lam": None if kind == "finetune" else sorted(lams)[0],
+      "seeds": seeds, "test_average_accuracy": [per_seed[s] for s in seeds], **stats,
+      "blog": {"mean": blog_mean, "sem": blog_sem, "seeds": 30},
+      "difference": stats["mean"] - blog_mean,
+      "z": (stats["mean"] - blog_mean) / sem_both,
+      "within_2_blog_sem": abs(stats["mean"] - blog_mean) <= 2 * blog_sem,
+      "wall_seconds": walls,
+      "environment": finals[0].get("environment"),
+  }
+
+
+def markdown(rows: list[dict]) -> str:
+  """The table: ours (mean ± SEM, seeds, λ) beside the blog's."""
+  lines = ["| kind (blog) | ours: flags | λ (validation) | ours AA (%) | blog AA (%) | Δ | z |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lam = "–" if r["chosen_lam"] is None else f"{r['chosen_lam']:g}"
+    lines.append(
+        f"| {r['blog_name']} | `{r['flags']}` | {lam} | {r['mean']:.2f} ± {r['sem']:.2f} "
+        f"({r['n']}) | {r['blog']['mean']:.2f} ± {r['blog']['sem']:.2f} (30) | "
+        f"{r['difference']:+.2f} | {r['z']:+.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--runs", required=True, help="folder of the sweeps' workdirs")
+  parser.add_argument("--out", required=True, help="the JSON to write")
+  args = parser.parse_args(argv)
+  rows = [r for r in (kind_row(Path(args.runs), k) for k in KINDS) if r is not None]
+  record = {"protocol": PROTOCOL, "reference": "van de Ven 2025, arXiv:2502.11756",
+            "rows": rows}
+  Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+  print(markdown(rows))
+
+
+if __name__ == "__main__":
+  main()
