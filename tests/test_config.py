@@ -208,14 +208,26 @@ def test_van_de_ven_inputs_only_for_permuted_benchmarks():
     config.make("permuted_mnist", pad=-1).validate()
 
 
-def test_defaults_keyed_by_backbone():
+def test_defaults_keyed_by_backbone(monkeypatch):
   """A backbone listed in BACKBONE_DEFAULTS takes its own fields; the MLP keeps the benchmark's
   (its default run unchanged); a flag given wins over both."""
   for (bench, scenario, backbone), fields in defaults.BACKBONE_DEFAULTS.items():
     c = config.make(bench, scenario=scenario, backbone=backbone)
     for name, value in fields.items():
       assert getattr(c.run, name) == value, (bench, scenario, backbone, name)
-    assert config.make(bench, scenario=scenario, backbone=backbone, lam=3.0).run.lam == 3.0
   mlp = config.make("split_mnist", backbone="mlp")
   assert mlp == config.make("split_mnist")
   assert mlp.run.lam == defaults.DEFAULTS["split_mnist", "task"]["lam"]
+  monkeypatch.setitem(defaults.BACKBONE_DEFAULTS, ("split_mnist", "task", "cnn"),
+                      {"lam": 123.0, "lr": 5e-4})
+  cnn = config.make("split_mnist", backbone="cnn")
+  assert (cnn.run.lam, cnn.run.lr, cnn.run.epochs) == (123.0, 5e-4, 2)  # the rest: the MLP's
+  assert config.make("split_mnist", backbone="cnn", lam=3.0).run.lam == 3.0
+  assert config.make("split_mnist", backbone="cnn", scenario="domain").run.lam == (
+      defaults.DEFAULTS["split_mnist", "domain"]["lam"])
+  assert config.make("split_mnist").run.lam == defaults.DEFAULTS["split_mnist", "task"]["lam"]
+  # Split CIFAR names its backbone (resnet18): an entry for it applies without --backbone.
+  monkeypatch.setitem(defaults.BACKBONE_DEFAULTS, ("split_cifar", "task", "resnet18"),
+                      {"lam": 7.0})
+  assert config.make("split_cifar").run.lam == 7.0
+  assert config.make("split_cifar", backbone="mlp").run.lam != 7.0
