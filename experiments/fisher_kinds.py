@@ -107,6 +107,19 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def selection_markdown(rows: list[dict]) -> str:
+  """The validation grid of each kind: λ -> validation AA (%), the chosen λ in bold."""
+  lines = ["| kind | validation AA (%) by λ (seed 0; the chosen λ in bold) |", "|---|---|"]
+  for r in rows:
+    if not r["selection"]:
+      continue
+    cells = [(f"**{s['lam']:.0e}: {s['val_average_accuracy']:.2f}**"
+              if s["lam"] == r["chosen_lam"] else
+              f"{s['lam']:.0e}: {s['val_average_accuracy']:.2f}") for s in r["selection"]]
+    lines.append(f"| {r['blog_name']} | {', '.join(cells)} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> None:
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -118,6 +131,8 @@ def main(argv=None) -> None:
             "rows": rows}
   Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
   print(markdown(rows))
+  print()
+  print(selection_markdown(rows))
 
 
 if __name__ == "__main__":

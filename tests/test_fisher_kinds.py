@@ -35,3 +35,5 @@ def test_row_takes_the_final_seeds_and_the_validation_grid(tmp_path):
   assert row["within_2_blog_sem"] is False
   assert fisher_kinds.kind_row(tmp_path, "sampled") is None        # nothing run
   assert "| EXACT | `--fisher=true` | 10000 | 98.00 ± 0.58 (3)" in fisher_kinds.markdown([row])
+  table = fisher_kinds.selection_markdown([row])
+  assert "1e+03: 95.00, **1e+04: 98.00**, 1e+08: 90.00" in table
