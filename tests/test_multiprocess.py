@@ -3,13 +3,15 @@ devices each, one global mesh of 8 devices. tests/multiprocess_check.py (each pr
 fisher_diagonal, fisher_from_batches fed by every process's own rows, Anchor, ewc_loss and its
 gradient, add_ewc_gradient, stack_anchors, merge_anchor and save/restore_anchors against one
 unsharded device (1e-6, shardings kept), and the refusals of values only one process holds.
-A process that fails makes the test fail at once with its stderr, its peers killed (no hang on
-a peer waiting in a collective)."""
+The program of docs/multihost.md runs as documented, on 2 processes as on 1. A process that
+fails makes the test fail at once with its stderr, its peers killed (no hang on a peer waiting
+in a collective)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,31 +22,39 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 CHECK = HERE / "multiprocess_check.py"
+DOC = HERE.parent / "docs" / "multihost.md"
 PROCESSES = 2
 TIMEOUT_S = 300  # the whole run, should no process fail and none finish (~40 s at load 1)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+  """``count`` distinct free ports (their sockets held open together while chosen)."""
+  socks = [socket.socket() for _ in range(count)]
+  try:
+    for s in socks:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in socks]
+  finally:
+    for s in socks:
+      s.close()
 
 
-def run_processes(folder: Path, *extra: str, timeout: float = TIMEOUT_S) -> list[str]:
-  """Runs PROCESSES copies of the check, one per process id; their stdouts, or an
-  AssertionError with the stderr of the first to fail (the others killed) or of all on
-  timeout."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
-  port = _free_port()
+def _env(devices: int) -> dict:
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
+
+
+def run_processes(folder: Path, commands: list[tuple[list[str], dict]],
+                  timeout: float = TIMEOUT_S) -> list[str]:
+  """Runs every ``(argv, env)`` at once; their stdouts, or an AssertionError with the stderr of
+  the first to fail (the others killed at once) or of all on timeout."""
   procs, logs = [], []
-  for i in range(PROCESSES):
+  for i, (argv, env) in enumerate(commands):
     out, err = folder / f"out{i}.txt", folder / f"err{i}.txt"
     logs.append((out, err))
     with open(out, "w") as o, open(err, "w") as e:
-      procs.append(subprocess.Popen(
-          [sys.executable, str(CHECK), str(port), str(i), str(PROCESSES), str(folder), *extra],
-          env=env, stdout=o, stderr=e, stdin=subprocess.DEVNULL))
+      procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=o, stderr=e,
+                                    stdin=subprocess.DEVNULL))
   deadline = time.monotonic() + timeout
   failed = None
   try:
@@ -67,9 +77,16 @@ def run_processes(folder: Path, *extra: str, timeout: float = TIMEOUT_S) -> list
                        f"{logs[failed][1].read_text()[-3000:]}")
 
 
+def _check_commands(folder: Path, *extra: str) -> list[tuple[list[str], dict]]:
+  port, = _free_ports(1)
+  return [([str(CHECK), str(port), str(i), str(PROCESSES), str(folder), *extra], _env(4))
+          for i in range(PROCESSES)]
+
+
 def test_two_processes_give_the_single_process_results(tmp_path):
-  outs = run_processes(tmp_path)
-  results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+  outs = run_processes(tmp_path, _check_commands(tmp_path))
+  results = [json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
+             for out in outs]
   assert [r["process"] for r in results] == list(range(PROCESSES))
   for r in results:
     assert r["(8,)"] == [] and r["(2, 4)"] == [], r
@@ -78,5 +95,29 @@ def test_two_processes_give_the_single_process_results(tmp_path):
 def test_a_failing_process_fails_the_run_at_once_with_its_stderr(tmp_path):
   start = time.monotonic()
   with pytest.raises(AssertionError, match=r"process 1 exited with 1:[\s\S]*fails on purpose"):
-    run_processes(tmp_path, "fail1", timeout=60)
+    run_processes(tmp_path, _check_commands(tmp_path, "fail1"), timeout=60)
   assert time.monotonic() - start < 60
+
+
+def test_the_documented_recipe_runs_on_two_processes_as_on_one(tmp_path):
+  """docs/multihost.md's program, 2 processes x 4 devices and 1 process x 8 devices at once:
+  the same Fisher and EWC penalty."""
+  blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+  assert len(blocks) == 1
+  script = tmp_path / "ewc_multihost.py"
+  script.write_text(blocks[0])
+  two, one = _free_ports(2)
+  (tmp_path / "two").mkdir()
+  (tmp_path / "one").mkdir()
+  outs = run_processes(tmp_path, [
+      ([str(script), f"127.0.0.1:{two}", "2", "0", str(tmp_path / "two")], _env(4)),
+      ([str(script), f"127.0.0.1:{two}", "2", "1", str(tmp_path / "two")], _env(4)),
+      ([str(script), f"127.0.0.1:{one}", "1", "0", str(tmp_path / "one")], _env(8))])
+  printed = [[json.loads(line) for line in out.splitlines() if line.startswith("{")]
+             for out in outs]                      # (gloo logs its connections to stdout)
+  assert [len(p) for p in printed] == [1, 0, 1]    # process 0 prints, process 1 does not
+  got, want = printed[0][0], printed[2][0]
+  assert set(got) == {"fisher_sum", "penalty"}
+  assert want["fisher_sum"] > 0 and want["penalty"] > 0
+  for name in got:
+    assert abs(got[name] - want[name]) <= 1e-5 * abs(want[name]), (got, want)
