@@ -3,13 +3,14 @@
 
 Joins ``jax.distributed`` on 127.0.0.1:PORT as process ID of COUNT (4 host devices each, set by
 the test through XLA_FLAGS), builds meshes over every device of every process, (8,) FSDP and
-(2, 4) ('data', 'model'), and checks fisher_diagonal, fisher_from_batches (each process feeding
-its own rows, the global batch made by jax.make_array_from_process_local_data), Anchor,
-ewc_loss and its gradient, add_ewc_gradient, stack_anchors, merge_anchor and
-save/restore_anchors (to the shared folder DIR) against the same computation on one local
-device, unsharded, and that a bad label or a negative importance held by one process only is
-refused by every process. Each process checks the shards it holds (values to 1e-6, shardings kept) and
-prints one JSON line: ``{"process": ID, "(8,)": [problems], "(2, 4)": [problems]}``.
+(2, 4) ('data', 'model'), and checks fisher_diagonal (also with padding rows masked out),
+fisher_from_batches (each process feeding its own rows, the global batch made by
+jax.make_array_from_process_local_data), Anchor, ewc_loss and its gradient, add_ewc_gradient,
+stack_anchors, merge_anchor and save/restore_anchors (to the shared folder DIR) against the same
+computation on one local device, unsharded, and that a bad label or a negative importance held
+by one process only is refused by every process. Each process checks the shards it holds
+(values to 1e-6, shardings kept) and prints one JSON line:
+``{"process": ID, "(8,)": [problems], "(2, 4)": [problems]}``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ def check(mesh_shape, folder):
   f_ref = fisher_diagonal(model, params, x, y, batch_size=BATCH)
   f = fisher_diagonal(model, sp, xs, ys, batch_size=BATCH)
   same("fisher_diagonal", f, f_ref, sp)
+
+  # Uneven shares: the last process's last rows are padding, weight 0 (counted in neither the
+  # sum nor N).
+  keep = np.arange(N) < N - 10
+  masked = fisher_diagonal(model, sp, xs, ys, batch_size=BATCH,
+                           mask=jax.make_array_from_process_local_data(
+                               rows, keep[lo:hi].astype(np.float32), (N,)))
+  same("fisher_diagonal(mask=)", masked,
+       fisher_diagonal(model, params, x[keep], y[keep], batch_size=BATCH), sp)
 
   # A multi-host input pipeline: each process reads its own BATCH/2 rows per step, and the
   # global batch of BATCH rows is made of every process's rows.
