@@ -1,8 +1,9 @@
 """EWC across several processes (``jax.distributed``) on localhost: 2 processes with 4 host
 devices each, one global mesh of 8 devices. tests/multiprocess_check.py (each process) checks
-fisher_diagonal, fisher_from_batches fed by every process's own rows, Anchor, ewc_loss and its
-gradient, add_ewc_gradient, stack_anchors, merge_anchor and save/restore_anchors against one
-unsharded device (1e-6, shardings kept), and the refusals of values only one process holds.
+fisher_diagonal (also with padding rows masked out), fisher_from_batches fed by every process's
+own rows, Anchor, ewc_loss and its gradient, add_ewc_gradient, stack_anchors, merge_anchor and
+save/restore_anchors against one unsharded device (1e-6, shardings kept), and the refusals of
+values only one process holds.
 The program of docs/multihost.md runs as documented, on 2 processes as on 1. A process that
 fails makes the test fail at once with its stderr, its peers killed (no hang on a peer waiting
 in a collective)."""
