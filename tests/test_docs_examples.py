@@ -4,8 +4,10 @@ A python block names its harness in the HTML comment right above it (``<!-- test
 invisible on GitHub and on the docs site). The blocks of one page with the same harness form one
 group, run in page order in one scope: the harness below sets up the names the text leaves to the
 reader (``model``, ``params``, ``x_a``, ...; tiny shapes), runs them and checks the text's claims.
-A block that is not meant to run says so in its fence (```` ```python no-run ````); shell and text
-blocks are not run. A python block with neither is refused, as is a marker naming no harness.
+A python block that is not meant to run says so the same way (``<!-- test: no-run -->``; a
+word after ``python`` in the fence would stop Python-Markdown from rendering it as code); shell
+and text blocks are not run. A python block with neither is refused, as is a marker naming no
+harness.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from ewc_jax import fisher_diagonal
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 PYTHON = {"python", "py", "python3"}
-FENCE = re.compile(r"^(`{3,}|~{3,})[ \t]*([^\s`{]*)[ \t]*(.*)$")
+FENCE = re.compile(r"^(`{3,}|~{3,})[ \t]*([^\s`{]*)")
 MARKER = re.compile(r"^<!--\s*test:\s*([\w-]+)\s*-->$")
 
 
 class Block(NamedTuple):
   page: str
   line: int
-  harness: str | None      # None: not run (its fence says no-run, or not python)
+  harness: str | None      # None: not run (marked no-run, or not python)
   code: str
 
 
@@ -50,21 +52,21 @@ def blocks_of(path: Path) -> list[Block]:
     if not m:
       i += 1
       continue
-    fence, lang, info = m.group(1), m.group(2).lower(), m.group(3).split()
+    fence, lang = m.group(1), m.group(2).lower()
     end = i + 1
     while end < len(lines) and not lines[end].startswith(fence):
       end += 1
     code = "\n".join(lines[i + 1:end]) + "\n"
     harness = None
-    if lang in PYTHON and "no-run" not in info:
+    if lang in PYTHON:
       prev = i - 1
       while prev >= 0 and not lines[prev].strip():
         prev -= 1
       marker = MARKER.match(lines[prev].strip()) if prev >= 0 else None
       if marker is None:
         raise AssertionError(f"{name}:{i + 1}: a python block without a "
-                             "`<!-- test: NAME -->` line above it (or a `python no-run` fence)")
-      harness = marker.group(1)
+                             "`<!-- test: NAME -->` line above it (NAME: a harness, or no-run)")
+      harness = None if marker.group(1) == "no-run" else marker.group(1)
     out.append(Block(name, i + 1, harness, code))
     i = end + 1
   return out
@@ -300,7 +302,8 @@ def test_docs_code_blocks_run(page, name, request):
 
 def test_block_parser_refuses_an_unmarked_python_block_and_skips_no_run_and_shell(tmp_path):
   page = tmp_path / "page.md"
-  page.write_text("text\n\n```python no-run\nraise SystemExit\n```\n\n```sh\nexit 1\n```\n\n"
+  page.write_text("text\n\n<!-- test: no-run -->\n```python\nraise SystemExit\n```\n\n"
+                  "```sh\nexit 1\n```\n\n"
                   "<!-- test: lm -->\n\n```python\nx = 1\n```\n")
   got = [(b.harness, b.code) for b in blocks_of(page)]
   assert got == [(None, "raise SystemExit\n"), (None, "exit 1\n"), ("lm", "x = 1\n")]
