@@ -111,3 +111,14 @@ def test_the_readme_leads():
   text = (ROOT / "README.md").read_text()
   assert len(text.splitlines()) <= 250
   assert text.index("make run") < text.index("make test") < text.index("## ")
+
+
+def test_the_docs_site_rewrites_the_docstrings_rst_forms_as_markdown():
+  """tools/griffe_rst.py (the docs build's griffe extension; griffe comes with the docs extra)."""
+  pytest.importorskip("griffe")
+  import doctest  # pylint: disable=import-outside-toplevel
+  from tools import griffe_rst  # pylint: disable=import-outside-toplevel
+  result = doctest.testmod(griffe_rst)
+  assert result.attempted > 0 and result.failed == 0, result
+  text = griffe_rst.to_markdown("Loads :class:`~ewc_jax.Anchor`.\n\n  .. math::  x\n\n  Example::")
+  assert text == "Loads `ewc_jax.Anchor`.\n\n  ```text\n  x\n  ```\n\n  Example:"
