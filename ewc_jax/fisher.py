@@ -613,7 +613,10 @@ def fisher_from_nll(nll_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       row, averaged); without it, the empirical Fisher of the batch's own targets.
     key: PRNG key, required with ``sample_fn``.
     num_samples: draws per row with ``sample_fn``.
-    max_examples, method, leaf_mask, runtime_checks: as in :func:`fisher_from_batches`.
+    max_examples: as in :func:`fisher_from_batches`.
+    method: as in :func:`fisher_from_batches`.
+    leaf_mask: as in :func:`fisher_from_batches`.
+    runtime_checks: as in :func:`fisher_from_batches`.
 
   Example (a Gaussian regression: ℓ = ½ (w·x − y)², ∂ℓ/∂w = (w·x − y) x)::
 

@@ -350,7 +350,8 @@ def seed_parity_loss(params: PyTree, anchors: Anchors, *, factor: Any, p: Any = 
   This is not a quadratic penalty; it is here to reproduce that code's numbers.
 
   Args:
-    params, anchors: as in :func:`ewc_loss`.
+    params: as in :func:`ewc_loss`.
+    anchors: as in :func:`ewc_loss`.
     factor: the reference's ``parameter_change_reg_factor`` (> 0).
     p: the reference's ``parameter_change_reg_p_norm`` (> 0).
     task_id: the current task's 1-based id (may be traced). Zero-importance stacked slots

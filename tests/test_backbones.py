@@ -5,8 +5,6 @@ run of conftest's ``resnet18_run`` is shared with the compile-count and resume t
 """
 
 import dataclasses
-import re
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -251,18 +249,6 @@ def test_user_module_resume_with_dropout_and_batch_stats_is_exact(user_checkpoin
                   jax.tree.leaves((full.params, full.model_state, full.memory))):
     np.testing.assert_array_equal(a, b)
   ckpt.close()
-
-
-def test_readme_example_of_your_own_module_runs():
-  """The README's "Backbones and BatchNorm" example, as written, on the tiny image tasks."""
-  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-  start = readme.index("## Backbones and BatchNorm\n")
-  section = readme[start:readme.index("\n## ", start + 1)]
-  (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-  scope = {"train": image_tasks(40, 0), "test": image_tasks(20, 1)}
-  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
-  result = scope["result"]
-  assert result.acc_matrix.shape == (T, T) and set(result.model_state) == {"batch_stats"}
 
 
 # ------------------------------------------------------------------------------------------------

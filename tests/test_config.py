@@ -172,20 +172,3 @@ print(json.dumps([rec["experiment"]["num_tasks"], len(rec["acc_matrix"])]))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == "[2, 2]"
   assert (tmp_path / "results.json").exists()
-
-
-def test_readme_python_example_runs(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
-  """README's "Experiments from Python" block, shrunk (tiny data, one short epoch)."""
-  import re  # pylint: disable=import-outside-toplevel
-  text = (ROOT / "README.md").read_text()
-  section = text[text.index("## Experiments from Python"):text.index("## Sweeps\n")]
-  (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-  make = config.make
-  monkeypatch.setattr(config, "make", lambda *a, **k: make(
-      *a, **k, max_examples=200, epochs=1, hidden=(8,), batch_size=32, plots=False,
-      progress=False, data_dir=tiny_mnist_dir))
-  code = code.replace('"runs/from_python"', repr(str(tmp_path)))
-  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
-  record = __import__("json").loads((tmp_path / "results.json").read_text())
-  assert record["experiment"]["seeds"] == [0, 1] and len(record["acc_matrix"]) == 3
-  assert f"{record['average_accuracy_mean']}" in capsys.readouterr().out
