@@ -54,7 +54,8 @@ from ewc_jax.anchor_io import restore_anchors, save_anchors  # noqa: F401 (re-ex
 from ewc_jax.orbax_io import quiet_orbax_errors  # noqa: F401 (re-exported)
 from ewc_jax import heads as heads_lib
 from ewc_jax import interrupt
-from ewc_jax import train as train_lib
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import task_data
 
 PyTree = Any
 FORMAT = "ewc_jax.run_state"
@@ -166,8 +167,8 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 # The run state.
 
 def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
-                       train: train_lib.TaskData, *,
-                       preprocess: Callable = train_lib.scale_pixels,
+                       train: task_data.TaskData, *,
+                       preprocess: Callable = step_lib.scale_pixels,
                        num_configs: int | None = None, dynamic_p: bool = False,
                        sharding: jax.sharding.Sharding | None = None) -> dict:
   """Shapes, dtypes and placement of ``{"train_state", "memory"}`` as :func:`continual.run`
@@ -177,23 +178,18 @@ def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
   ``continual.run(..., seeds=...)`` creates it, with ``dynamic_p`` as there); ``sharding``:
   where each array lives (a sweep's config sharding on its mesh; default the first device).
   """
-  algo = continual.make_algorithm(cfg, dynamic_p)
-  num_tasks = int(train.inputs.shape[0])
-  tx = train_lib.make_optimizer(cfg.optimizer)
-  example = jax.ShapeDtypeStruct((1,) + tuple(train.inputs.shape[2:]), train.inputs.dtype)
+  progs = continual.programs(cfg, net, continual.make_algorithm(cfg, dynamic_p), train,
+                            preprocess)
 
-  def init(key, lr, x):
-    params, model_state = heads_lib.init_variables(net, key, preprocess(x))
-    return {"train_state": train_lib.init_train_state(tx, params, lr, model_state),
-            "memory": algo.init(heads_lib.consolidated(net, params, cfg.consolidated),
-                                num_tasks)}
+  def init(key, lr):
+    return dict(zip(("train_state", "memory"), continual.fresh_state(progs, key, lr)))
 
   if num_configs is None:
-    shapes = jax.eval_shape(lambda k, x: init(k, cfg.lr, x), jax.random.key(0), example)
+    shapes = jax.eval_shape(init, jax.random.key(0), np.float32(cfg.lr))
   else:
     keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros(num_configs, jnp.int32)))
     lrs = jax.ShapeDtypeStruct((num_configs,), jnp.float32)
-    shapes = jax.eval_shape(jax.vmap(init, in_axes=(0, 0, None)), keys, lrs, example)
+    shapes = jax.eval_shape(jax.vmap(init), keys, lrs)
   place = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place), shapes)
 
@@ -201,7 +197,7 @@ def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
 def describe_position(rs: continual.RunState, cfg: continual.Config, counts) -> str:
   """Where a restored run stands, for the "resuming from" line (``counts``: each task's
   number of training examples before the validation split is held out)."""
-  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import holdout  # pylint: disable=import-outside-toplevel
   if rs.task >= len(counts):
     return "all tasks done"
   count = int(counts[rs.task])
@@ -210,7 +206,7 @@ def describe_position(rs: continual.RunState, cfg: continual.Config, counts) -> 
   return f"task {rs.task + 1}, epoch {rs.epoch + 1}, step {rs.step}"
 
 
-def _on_disk(train_state: train_lib.TrainState, memory: PyTree) -> dict:
+def _on_disk(train_state: step_lib.TrainState, memory: PyTree) -> dict:
   """The saved layout: ``train_state`` as ``{params, opt_state}`` (as before model state existed)
   and ``model_state`` as an item of its own, present only when it holds arrays."""
   out = {"train_state": {"params": train_state.params, "opt_state": train_state.opt_state},
@@ -220,9 +216,9 @@ def _on_disk(train_state: train_lib.TrainState, memory: PyTree) -> dict:
   return out
 
 
-def _from_disk(state: dict, model_state_like: PyTree) -> train_lib.TrainState:
+def _from_disk(state: dict, model_state_like: PyTree) -> step_lib.TrainState:
   ts = state["train_state"]
-  return train_lib.TrainState(ts["params"], ts["opt_state"],
+  return step_lib.TrainState(ts["params"], ts["opt_state"],
                               state.get("model_state", model_state_like))
 
 
@@ -230,8 +226,8 @@ def _from_disk(state: dict, model_state_like: PyTree) -> train_lib.TrainState:
 def _snapshot(params: PyTree, arrays: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
   """A device-side copy of ``arrays`` (safe from later donation) and whether ``params`` and
   ``arrays`` are finite: one compiled call instead of a dispatch per leaf."""
-  return (jax.tree.map(jnp.copy, arrays), train_lib.all_finite(params),
-          train_lib.all_finite(arrays))
+  return (jax.tree.map(jnp.copy, arrays), step_lib.all_finite(params),
+          step_lib.all_finite(arrays))
 
 
 def _whole_here(tree: PyTree) -> bool:

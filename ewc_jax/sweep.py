@@ -60,7 +60,8 @@ from ewc_jax import executable_cache
 from ewc_jax import heads
 from ewc_jax import interrupt
 from ewc_jax import metrics as metrics_lib
-from ewc_jax import train as train_lib
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import task_data
 
 SWEEPABLE = ("lam", "p", "gamma", "lr", "seed")
 CONFIG_AXIS, DATA_AXIS = "config", "data"
@@ -168,10 +169,10 @@ def _per_config(curves: list, k: int) -> list[dict]:
           for task in curves]
 
 
-def run(configs: Sequence[continual.Config], net: heads.Network, train: train_lib.TaskData,
-        test: train_lib.TaskData, *, max_parallel: int | None = None,
+def run(configs: Sequence[continual.Config], net: heads.Network, train: task_data.TaskData,
+        test: task_data.TaskData, *, max_parallel: int | None = None,
         devices: Sequence[jax.Device] | None = None,
-        preprocess: Callable = train_lib.scale_pixels,
+        preprocess: Callable = step_lib.scale_pixels,
         progress: Callable[..., Any] | None = None,
         chunk_progress: Callable[[int, int, range], Any] | None = None,
         checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None,

@@ -73,8 +73,8 @@ def hsu_preprocess(x):
 
 def preprocess_fn(setup: Setup):
   """The input preprocessing of ``setup``'s paper: Hsu et al.'s, or pixels / 255."""
-  from ewc_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  return hsu_preprocess if setup.preprocess == "hsu" else train_lib.scale_pixels
+  from ewc_jax.continual import step as step_lib  # pylint: disable=import-outside-toplevel
+  return hsu_preprocess if setup.preprocess == "hsu" else step_lib.scale_pixels
 
 
 def iterations(cfg, count: int) -> int:

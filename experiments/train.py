@@ -53,33 +53,19 @@ def for_dataset(config: config_lib.ExperimentConfig, ds) -> config_lib.Experimen
 
 def check_batch_size(batch_size: int, counts, validation_fraction: float = 0.0,
                      max_examples: int | None = None) -> None:
-  """The batch must fit in the smallest task's training set (after the validation split is held
-  out); the message blames the setting that made the task that small (``max_examples``,
-  ``validation_fraction``) when one did."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
-  counts = np.asarray(counts)
-  trained = np.array([c - holdout.num_held_out(int(c), validation_fraction) for c in counts])
-  smallest, task = int(trained.min()), int(trained.argmin()) + 1
-  if batch_size <= smallest:
-    return
-  count = int(counts[task - 1])
-  held = count - smallest
-  if held and smallest <= count // 2:  # the split took most of the task
-    raise errors.SettingError(lambda n: (
-        f"{n('validation_fraction')}={validation_fraction!r} is invalid here: it holds out "
-        f"{held} of task {task}'s {count} training examples, leaving {smallest}, fewer than "
-        f"{n('batch_size')}={batch_size}; expected a smaller fraction (or a smaller batch)."))
-  if max_examples is not None and count >= max_examples:
-    raise errors.SettingError(lambda n: (
+  """:func:`ewc_jax.continual.holdout.check_batch_size`, blaming ``max_examples`` when it made
+  the smallest task too small for one batch."""
+  from ewc_jax.continual import holdout  # pylint: disable=import-outside-toplevel
+
+  def blame(task, count, kept, held):
+    if max_examples is None or count < max_examples:
+      return None
+    return errors.SettingError(lambda n: (
         f"{n('max_examples')}={max_examples!r} is too small for {n('batch_size')}={batch_size}: "
-        f"task {task} keeps {smallest} training examples"
+        f"task {task} keeps {kept} training examples"
         + (" after the validation split" if held else "")
         + f"; expected {n('max_examples')} large enough for one batch (or a smaller batch)."))
-  raise errors.SettingError(lambda n: (
-      f"{n('batch_size')}={batch_size} is invalid: expected at most {smallest}, the number of "
-      f"training examples of the smallest task (task {task}"
-      + (", after holding out the validation split" if held else "") + ")."))
+  holdout.check_batch_size(batch_size, counts, validation_fraction, blame=blame)
 
 
 def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern: str = "seed_*",

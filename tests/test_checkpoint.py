@@ -23,7 +23,7 @@ T = 3
 
 def tasks(n, seed, dtype=np.uint8):
   """T binary tasks of 16 features (different sizes: one program serves all)."""
-  from ewc_jax.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   directions = np.random.default_rng(0).normal(size=(T, 16))
   xs, ys = [], []

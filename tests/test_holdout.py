@@ -5,7 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ewc_jax import continual, heads, holdout
+from ewc_jax import continual, heads
+from ewc_jax.continual import holdout
 from tests.test_continual import CFG, T, synthetic_tasks
 
 
