@@ -18,7 +18,7 @@ def ewc_merged(p: float | None = 2.0) -> Algorithm:
       name="ewc_merged",
       init=lambda backbone, num_tasks: penalty_lib.empty_merged(backbone),
       penalty=lambda backbone, memory, hyper, task_index: (
-          0.5 * hyper.lam * penalty_lib.merged_distance(backbone, memory)),
+          penalty_lib.ewc_penalty(backbone, lam=hyper.lam, p=2.0, merged=memory)),
       consolidate=lambda memory, backbone, importance, task_index, hyper: (
           penalty_lib.merge_anchor(memory, penalty_lib.Anchor(backbone, importance))),
       importance="fisher")
