@@ -63,7 +63,7 @@ from ewc_jax import metrics as metrics_lib
 from ewc_jax.continual import step as step_lib
 from ewc_jax.continual import task_data
 
-SWEEPABLE = ("lam", "p", "gamma", "lr", "seed")
+SWEEPABLE = continual.SWEEPABLE
 CONFIG_AXIS, DATA_AXIS = "config", "data"
 
 
@@ -237,11 +237,11 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
     ckpt, resume = None, None
     if checkpointer is not None:
       ckpt = checkpointer.for_chunk(i, identity(i))
-      resume = ckpt.restore(lambda part=part: checkpoint_lib.abstract_run_state(
+      resume = ckpt.restore(lambda part=part: continual.abstract_run_state(
           part[0], net, train, preprocess=abstract_preprocess, num_configs=len(part),
           dynamic_p=dynamic_p, sharding=sharding))
       if resume is not None and checkpointer.log is not None:
-        where = checkpoint_lib.describe_position(resume, part[0], np.asarray(train.counts))
+        where = continual.describe_position(resume, part[0], np.asarray(train.counts))
         checkpointer.log(f"chunk {i + 1}/{layout.num_chunks}: resuming from "
                          f"{ckpt.step_path(ckpt.restored_step)} ({where})")
     with ckpt if ckpt is not None else contextlib.nullcontext():

@@ -181,7 +181,7 @@ class ExperimentConfig:
             "input_norm": self.input_norm_name, **dataclasses.asdict(self.run)}
 
 
-SWEPT = ("lam", "p", "gamma", "lr")  # the Config fields a sweep takes lists of (and seeds)
+SWEPT = continual.HYPER_FIELDS  # the Config fields a sweep takes lists of (and seeds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,10 +73,10 @@ def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern
   """``force_restart`` discards old checkpoints; ``resume=False`` refuses existing ones; with
   ``identity``, each existing run's checkpoints must come from it."""
   if config.force_restart:
-    if checkpoint.discard(root):
+    if files.discard(root):
       print(f"--force_restart: discarded the checkpoints in {root}")
     return
-  existing = checkpoint.checkpoint_dirs(root, pattern)
+  existing = files.checkpoint_dirs(root, pattern)
   if existing and not config.resume:
     raise errors.SettingError(lambda n: (
         f"{n('resume', False)}: {root} already holds checkpoints; pass {n('resume')} to "
@@ -111,7 +111,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.Pa
                                {"import": import_seconds, "load": load_seconds}, start_time)
 
 
-def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
+def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess, *,
               workdir: Path, savers: contextlib.ExitStack, identity: dict) -> tuple[Any, dict]:
   """One seed, checkpointed (resumed when a checkpoint exists): ``(result, entry fields)``."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -124,13 +124,13 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
       workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,
       every=config.checkpoint_every, chunk_steps=run.chunk_steps,
       warn=report.warning)) if config.checkpoint else None
-  resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(run, net, train,
+  resume = (ckpt.restore(lambda: continual.abstract_run_state(run, net, train,
                                                                preprocess=preprocess))
             if ckpt is not None else None)
   resumed_from = None
   if resume is not None:
     resumed_from = str(ckpt.step_path(ckpt.restored_step))
-    where = checkpoint.describe_position(resume, run, np.asarray(train.counts))
+    where = continual.describe_position(resume, run, np.asarray(train.counts))
     print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
   hook = ckpt if ckpt is not None else interrupt.check
   if config.tensorboard:  # scalars first: an interrupt raised by the checkpointer keeps them
@@ -179,7 +179,8 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
         # matplotlib's import overlaps the training (not the data: both hold the GIL).
         from experiments import plots  # pylint: disable=import-outside-toplevel
         plots.prefetch()
-    result, extra = _run_seed(config, run, built, preprocess, workdir, savers, identity)
+    result, extra = _run_seed(config, run, built, preprocess, workdir=workdir, savers=savers,
+                              identity=identity)
     timings = {"import": start["import"], "data": data_seconds, **result.timings,
                "checkpoint": extra["checkpoint"]}
     entry = {"seed": seed, "resumed_from": extra["resumed_from"],

@@ -86,9 +86,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
       from experiments import compile_cache  # pylint: disable=import-outside-toplevel
       swept = sweep.swept_names(configs)
-      executables = compile_cache.run_executables(
-          exp, first, built, preprocess, train, test,
-          arguments=compile_cache.ARGUMENTS + (("p",) if "p" in swept else ()))
+      executables = compile_cache.run_executables(exp, first, built, preprocess, train, test,
+                                                  dynamic_p="p" in swept)
     result = sweep.run([configs[k] for k in members], net, train, test,
                        preprocess=preprocess, executables=executables,
                        max_parallel=config.max_parallel,
@@ -183,11 +182,12 @@ def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer:
   result, layouts, built = run_sweep(config, ds, saves)
   if not writer:
     return None
-  return write_outputs(config, result, layouts, built, ds, workdir,
-                       {"import": import_seconds, "load": load_seconds}, start_time)
+  return write_outputs(config, result, workdir, layouts=layouts, built=built, ds=ds,
+                       extra_timings={"import": import_seconds, "load": load_seconds},
+                       start_time=start_time)
 
 
-def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, workdir: Path,
+def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layouts, built, ds,
                   extra_timings: dict, start_time: float | None = None) -> dict:
   """results.json, average_accuracy.png and the printed table."""
   from ewc_jax import sweep  # pylint: disable=import-outside-toplevel

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from ewc_jax import errors
 from ewc_jax import penalty as penalty_lib
 from ewc_jax.algorithms.base import Algorithm
 
@@ -63,7 +64,6 @@ def ewc(penalty: str = "standard", p: float | None = None) -> Algorithm:
       return penalty_lib.ewc_penalty(backbone, lam=hyper.lam, p=2.0, anchors=memory.anchors,
                                      merged=memory.merged)
   else:
-    raise ValueError(f"`penalty` must be one of {', '.join(PENALTIES)}, but got "
-                     f"penalty={penalty!r}.")
+    raise errors.SettingError.invalid("penalty", penalty, "one of " + ", ".join(PENALTIES))
   return Algorithm(name="ewc" if penalty == "standard" else f"ewc_{penalty}",
                    init=_init, penalty=pen, consolidate=_consolidate, importance="fisher")

@@ -25,19 +25,22 @@ task sequences; :mod:`~ewc_jax.continual.holdout`, the validation split),
 :mod:`~ewc_jax.continual.finite` (finiteness checks).
 """
 
-from ewc_jax.continual.config import ALGOS, BACKBONES, PENALTIES, Config, hyper_of, make_algorithm
+from ewc_jax.continual.config import (ALGOS, BACKBONES, HYPER_FIELDS, PENALTIES, SWEEPABLE,
+                                      Config, hyper_of, make_algorithm, program_arguments)
 from ewc_jax.continual.finite import NumericalError, check_finite, divergence_record, new_divergences
 from ewc_jax.continual.loop import run
 from ewc_jax.continual.network import make_network
 from ewc_jax.continual.programs import (DROPOUT_STREAM, Compiled, ConsolidateInputs, Programs,
                                         compile_programs, fresh_state, programs, seed_keys,
                                         sweep_jit)
-from ewc_jax.continual.state import Result, RunState
+from ewc_jax.continual.state import Result, RunState, abstract_run_state, describe_position
 from ewc_jax.continual.task_data import TaskData
 
 __all__ = [
-    "ALGOS", "BACKBONES", "Compiled", "Config", "ConsolidateInputs", "DROPOUT_STREAM", "NumericalError", "PENALTIES",
-    "Programs", "Result", "RunState", "TaskData", "check_finite", "compile_programs",
-    "divergence_record", "fresh_state", "hyper_of", "make_algorithm", "make_network", "new_divergences",
-    "programs", "run", "seed_keys", "sweep_jit",
+    "ALGOS", "BACKBONES", "Compiled", "Config", "ConsolidateInputs", "DROPOUT_STREAM",
+    "HYPER_FIELDS", "NumericalError", "PENALTIES", "Programs", "Result", "RunState",
+    "SWEEPABLE", "TaskData", "abstract_run_state", "check_finite", "compile_programs",
+    "describe_position", "divergence_record", "fresh_state", "hyper_of", "make_algorithm",
+    "make_network", "new_divergences", "program_arguments", "programs", "run", "seed_keys",
+    "sweep_jit",
 ]

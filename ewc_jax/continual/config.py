@@ -17,6 +17,9 @@ from ewc_jax import heads
 from ewc_jax import initializers
 from ewc_jax.continual import step as step_lib
 
+# The numeric settings the programs take as arrays (algorithms.Hyper): a sweep's lists.
+HYPER_FIELDS = algorithms.Hyper._fields
+SWEEPABLE = HYPER_FIELDS + ("seed",)  # the fields that may differ between a sweep's configs
 ALGOS = algorithms.NAMES
 PENALTIES = algorithms.PENALTIES
 BACKBONES = backbones.NAMES
@@ -121,20 +124,9 @@ class Config:
     """Raises ``ValueError`` naming the first bad field (flag), its value and what is allowed."""
     def bad(name, value, allowed):
       raise errors.SettingError.invalid(name, value, allowed)
-    if self.algo not in ALGOS:
-      bad("algo", self.algo, "one of " + ", ".join(ALGOS))
+    algorithms.make(self.algo, penalty=self.penalty, p=self.p)  # algo, penalty, p together
     if self.scenario not in heads.SCENARIOS:
       bad("scenario", self.scenario, "one of " + ", ".join(heads.SCENARIOS))
-    if self.penalty not in PENALTIES:
-      bad("penalty", self.penalty, "one of " + ", ".join(PENALTIES))
-    if self.penalty != "standard" and self.algo != "ewc":
-      penalty = self.penalty
-      raise errors.SettingError(lambda n: f"{n('penalty')}={penalty!r} is invalid: expected "
-                                f"standard unless {n('algo')}=ewc.")
-    if self.algo == "ewc_merged" and self.p != 2:
-      p = self.p
-      raise errors.SettingError(lambda n: f"{n('p')}={p!r} is invalid: expected 2 with "
-                                f"{n('algo')}=ewc_merged (a merged quadratic).")
     if not (0 < self.gamma <= 1):
       bad("gamma", self.gamma, "a number in (0, 1]")
     if self.consolidate is not None and self.consolidate not in heads.CONSOLIDATE:
@@ -158,8 +150,7 @@ class Config:
         continue
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
         bad(name, value, "an integer >= 1")
-    if self.optimizer not in step_lib.OPTIMIZERS:
-      bad("optimizer", self.optimizer, "one of " + ", ".join(step_lib.OPTIMIZERS))
+    step_lib.make_optimizer(self.optimizer)  # the optimizer's one check
     if self.init not in initializers.NAMES:
       bad("init", self.init, "one of " + ", ".join(initializers.NAMES))
     if self.augment not in augment_lib.NAMES:
@@ -191,5 +182,12 @@ def make_algorithm(cfg: Config, dynamic_p: bool = False) -> algorithms.Algorithm
 
 def hyper_of(cfg: Config) -> algorithms.Hyper:
   """The run's λ, p, γ and learning rate as float32 (NumPy: no device op, nothing compiled)."""
-  return algorithms.Hyper(*(np.float32(v) for v in (cfg.lam, cfg.p, cfg.gamma, cfg.lr)))
+  return algorithms.Hyper(*(np.float32(getattr(cfg, name)) for name in HYPER_FIELDS))
+
+
+def program_arguments(dynamic_p: bool = False) -> tuple[str, ...]:
+  """The :class:`Config` fields the compiled programs take as arguments, not built in: the
+  seed (its PRNG keys) and :func:`hyper_of`'s λ, γ and learning rate, and p when ``dynamic_p``
+  (:func:`make_algorithm`); two runs differing only in these share their programs."""
+  return ("seed",) + tuple(n for n in HYPER_FIELDS if dynamic_p or n != "p")
 
