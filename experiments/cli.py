@@ -87,13 +87,13 @@ def quiet_logging() -> None:
 
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from experiments import orbax_logs  # pylint: disable=import-outside-toplevel
   if not FLAGS["verbosity"].present and not FLAGS.debug:
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
     if os.environ.get("JAX_LOG_COMPILES", "").lower() in ("1", "true"):  # asked for: kept
       logging.getLogger("jax").setLevel(logging.WARNING)
-    checkpoint.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
+    orbax_logs.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
     warnings.showwarning = _one_line_warning  # Python warnings: "warning: ..." (no source line)
 
 

@@ -157,10 +157,10 @@ def main(argv):
   """Flags -> :class:`Options` -> the runner; user errors are one ``error:`` line, exit 2."""
   del argv
   import jax  # pylint: disable=import-outside-toplevel
-  from ewc_jax import checkpoint, interrupt  # pylint: disable=import-outside-toplevel
-  from experiments import data, lock  # pylint: disable=import-outside-toplevel
+  from ewc_jax import interrupt  # pylint: disable=import-outside-toplevel
+  from experiments import data, lock, orbax_logs  # pylint: disable=import-outside-toplevel
   if not FLAGS.debug:
-    checkpoint.quiet_orbax_errors()
+    orbax_logs.quiet_orbax_errors()
   try:
     with interrupt.catch(), contextlib.ExitStack() as held:
       opts = Options.from_flags(FLAGS)

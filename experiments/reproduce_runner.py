@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from experiments import environment as environment_lib
+from experiments import files
 from experiments import results_report
 from experiments import results_store
 from experiments.paper_tables import BENCHMARKS, SCENARIO_TITLES, Setup, hyper_for, length_for
@@ -212,5 +213,5 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
       results_store.save(store, json_path)
       results_report.write_markdown(store, out)
       if saver is not None:
-        checkpoint.discard(saver.directory)
+        files.discard(saver.directory)
   return results_store.load_store(json_path)

@@ -241,7 +241,7 @@ def test_every_task_is_evaluated_with_the_latest_running_statistics(user_checkpo
 def test_user_module_resume_with_dropout_and_batch_stats_is_exact(user_checkpointed):
   folder, identity, net, full, _ = user_checkpointed
   ckpt = checkpoint.RunCheckpointer(folder, identity)
-  like = checkpoint.abstract_run_state(USER_CFG, net, image_tasks(40, 0))
+  like = continual.abstract_run_state(USER_CFG, net, image_tasks(40, 0))
   mid = next(s for s in range(ckpt.latest_step() + 1)
              if (m := ckpt.read_meta(s))["task"] == 1 and m["step"] > 0)
   rs = ckpt.restore(like, step=mid)
