@@ -144,7 +144,8 @@ class RunCheckpointer:
 
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
-               async_save: bool = True, warn: Callable[[str], Any] | None = None):
+               async_save: bool = True, warn: Callable[[str], Any] | None = None,
+               stop_requested: interrupt.StopRequested | None = None):
     if not isinstance(keep, (int, np.integer)) or keep < 1:
       raise errors.SettingError.invalid("keep", keep, "an integer >= 1")
     if not isinstance(every, (int, np.integer)) or every < 0:
@@ -153,6 +154,7 @@ class RunCheckpointer:
     self.config = jsonable(config)
     self.keep, self.every, self.chunk_steps = int(keep), int(every), int(chunk_steps)
     self.async_save = bool(async_save)
+    self.stop_requested = stop_requested
     self._manager = None
     self._next_step: int | None = None
     self._since = 0
@@ -420,11 +422,11 @@ class RunCheckpointer:
       if self._since >= self.every:
         self.save(rs, reason)
         self._since, saved = 0, True
-    if interrupt.requested() is not None:  # SIGINT/SIGTERM: save this position, then stop
-      if not saved:
+    if self.stop_requested is not None and self.stop_requested() is not None:
+      if not saved:  # a stop requested: save this position, then stop
         self.save(rs, "interrupt")
       self.wait()
-      interrupt.raise_if_requested(rs, saved=True)
+      interrupt.raise_if_requested(rs, self.stop_requested, saved=True)
 
 
 class SweepCheckpointer:
@@ -446,11 +448,12 @@ class SweepCheckpointer:
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
                async_save: bool = True, log: Callable[[str], Any] | None = None,
-               warn: Callable[[str], Any] | None = None):
+               warn: Callable[[str], Any] | None = None,
+               stop_requested: interrupt.StopRequested | None = None):
     self.directory = Path(directory).absolute()
     self.config = jsonable(config)
     self.kwargs = {"keep": keep, "every": every, "chunk_steps": chunk_steps,
-                   "async_save": async_save, "warn": warn}
+                   "async_save": async_save, "warn": warn, "stop_requested": stop_requested}
     RunCheckpointer(self.directory, {}, **self.kwargs)  # checks keep/every now
     self.log = log
 

@@ -176,7 +176,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
         progress: Callable[..., Any] | None = None,
         chunk_progress: Callable[[int, int, range], Any] | None = None,
         checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None,
-        executables: "executable_cache.Cached | None" = None) -> SweepResult:
+        executables: "executable_cache.Cached | None" = None,
+        stop_requested: interrupt.StopRequested | None = None) -> SweepResult:
   """Trains every config on the same task sequence; see the module docstring.
 
   Args:
@@ -190,12 +191,14 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
     checkpointer: a :class:`ewc_jax.checkpoint.SweepCheckpointer`: every chunk's whole batched
       state is saved after each task (and every ``every`` steps), and restored from when the
       folder holds it (resume: bit-identical). Every chunk's checkpoint is checked to come from
-      this sweep (configs, layout) before anything is trained. Without one, a stop requested
-      by :func:`ewc_jax.interrupt.catch`'s handlers still ends the sweep between chunks.
+      this sweep (configs, layout) before anything is trained.
     executables: a store of compiled programs and the key of the shared settings (as for
       ``continual.run``: everything the programs are built from but the swept values); the
       layout (configs per chunk, mesh shape) and whether p is read at run time are added to
       the key here. Every chunk then loads the programs the first one compiled.
+    stop_requested: without a ``checkpointer``, ``stop_requested()`` naming a signal ends the
+      sweep at the next chunk boundary (:func:`ewc_jax.interrupt.stop_hook`; the checkpointer's
+      own ``stop_requested`` saves first).
   """
   configs = tuple(configs)
   validate(configs)
@@ -248,7 +251,9 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       result = continual.run(part[0], net, train, test, preprocess=preprocess,
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
-                             on_checkpoint=ckpt if ckpt is not None else interrupt.check,
+                             on_checkpoint=ckpt if ckpt is not None else (
+                                 interrupt.stop_hook(stop_requested) if stop_requested
+                                 else None),
                              executables=executables)
     mats.append(np.array(result.acc_matrix))
     if result.val_acc_matrix is not None:

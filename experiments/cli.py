@@ -118,8 +118,8 @@ def user_errors():
   try:
     yield
   except interrupt.Interrupted as err:  # SIGINT/SIGTERM at a chunk boundary: one line
-    print(str(err), file=sys.stderr, flush=True)
-    sys.exit(err.exit_code)
+    print(signals.interrupted_line(err), file=sys.stderr, flush=True)
+    sys.exit(signals.exit_code(err.signum))
   except (ValueError, data.DataError, continual.NumericalError, OSError) as err:
     if FLAGS.debug:
       raise
@@ -157,7 +157,7 @@ def run_main(benchmark: str, argv, start_time: float) -> None:
   """absl ``main`` body of a benchmark's script: flags -> config -> ``train_and_evaluate``.
 
   The workdir is checked and locked first, then the settings are checked, then the run (with
-  :func:`ewc_jax.interrupt.catch`'s stop requests; before it, a signal ends the process at
+  :func:`experiments.signals.catch`'s stop requests; before it, a signal ends the process at
   once: :mod:`experiments.signals`)."""
   from experiments import compile_cache  # pylint: disable=import-outside-toplevel
   from experiments import train  # pylint: disable=import-outside-toplevel
@@ -170,7 +170,7 @@ def run_main(benchmark: str, argv, start_time: float) -> None:
       config.validate()
       if config.compile_cache:
         compile_cache.enable()
-      with interrupt.catch():
+      with signals.catch():
         train.train_and_evaluate(config, workdir, import_seconds=import_seconds,
                                  start_time=start_time)
 

@@ -42,6 +42,7 @@ from experiments import compile_cache  # noqa: E402
 from experiments import files  # noqa: E402
 from experiments import progress as progress_lib  # noqa: E402
 from experiments import reproduce_runner  # noqa: E402
+from experiments import signals  # noqa: E402
 from experiments.paper_tables import BENCHMARKS, SCENARIOS, Setup, get_setup  # noqa: E402
 
 flags.DEFINE_enum("protocol", "hsu", ["hsu", "vandeven"], "Which paper's protocol.")
@@ -162,7 +163,7 @@ def main(argv):
   if not FLAGS.debug:
     orbax_logs.quiet_orbax_errors()
   try:
-    with interrupt.catch(), contextlib.ExitStack() as held:
+    with signals.catch(), contextlib.ExitStack() as held:
       opts = Options.from_flags(FLAGS)
       for path in (opts.out, opts.json_path):
         files.check_workdir(str(path.parent))
@@ -182,14 +183,14 @@ def main(argv):
       t0 = time.perf_counter()
       progress = ((lambda prefix: progress_lib.make(True, prefix)) if opts.progress else None)
       reproduce_runner.reproduce(
-          opts.setup, opts.algos, opts.scenarios, opts.seeds, ds, opts.out, opts.json_path,
-          overrides, progress=progress, log=lambda *a, **k: print(*a, **k, flush=True),
+          opts.setup, opts.algos, opts.scenarios, opts.seeds, ds, out=opts.out,
+          json_path=opts.json_path, overrides=overrides, progress=progress, log=lambda *a, **k: print(*a, **k, flush=True),
           checkpoint_root=root, checkpoint_every=opts.checkpoint_every, rerun=opts.rerun)
       print(f"total {time.perf_counter() - t0:.0f} s (startup {t0 - _START:.1f} s); "
             f"wrote {opts.out} and {opts.json_path}")
   except interrupt.Interrupted as err:
-    print(str(err), file=sys.stderr, flush=True)
-    sys.exit(err.exit_code)
+    print(signals.interrupted_line(err), file=sys.stderr, flush=True)
+    sys.exit(signals.exit_code(err.signum))
   except jax.errors.JaxRuntimeError:
     raise
   except (ValueError, data.DataError, OSError) as err:

@@ -26,6 +26,7 @@ from experiments import environment as environment_lib
 from experiments import files
 from experiments import results_report
 from experiments import results_store
+from experiments import signals
 from experiments.paper_tables import BENCHMARKS, SCENARIO_TITLES, Setup, hyper_for, length_for
 
 
@@ -84,7 +85,7 @@ def iterations(cfg, count: int) -> int:
   return (epochs - 1) * steps + last
 
 
-def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
+def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds, *,
             overrides: Overrides = Overrides(), progress=None, log=print, tag: str = "",
             checkpointer=None) -> dict:
   """Trains ``algo`` in ``scenario`` for every seed (one vmapped sweep); returns the record.
@@ -125,7 +126,7 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
   net = heads.make_network(scenario, built.class_groups, base.hidden)
   result = sweep.run(sweep.grid(base, seed=[int(s) for s in seeds]), net, train, test,
                      preprocess=preprocess_fn(setup), progress=progress,
-                     checkpointer=checkpointer)
+                     checkpointer=checkpointer, stop_requested=signals.requested)
   acc = np.asarray(result.acc_matrix, np.float64)           # [K, T, T]
   final = 100.0 * acc[:, -1, :].mean(-1)                     # average accuracy per seed (%)
   mean, err = setup.published[algo][scenario]
@@ -171,7 +172,7 @@ def checkpoint_folder(root: Path, key: str) -> Path:
 
 
 def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
-              seeds: Sequence[int], ds, out: Path, json_path: Path,
+              seeds: Sequence[int], ds, *, out: Path, json_path: Path,
               overrides: Overrides = Overrides(), progress=None, log=print,
               checkpoint_root: Path | None = None, checkpoint_every: int = 0,
               rerun: bool = False) -> dict:
@@ -205,8 +206,9 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
             checkpoint_folder(checkpoint_root, key),
             {"record": key, "seeds": [int(s) for s in seeds],
              "dataset": f"{ds.name}:{ds.version}"},
-            every=checkpoint_every, log=lambda line: log(f"  {line}"))
-      rec = run_one(setup, algo, scenario, seeds, ds, overrides,
+            every=checkpoint_every, log=lambda line: log(f"  {line}"),
+            stop_requested=signals.requested)
+      rec = run_one(setup, algo, scenario, seeds, ds, overrides=overrides,
                     progress=progress(prefix) if progress else None, log=log,
                     tag=tag, checkpointer=saver)
       store = results_store.add_record(json_path, key, rec, environment)

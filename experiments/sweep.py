@@ -43,9 +43,9 @@ from pathlib import Path  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from ewc_jax import interrupt  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
+from experiments import signals  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_flags(config_cls=config_lib.SweepConfig, shown_defaults=config_lib.SWEEP_DEFAULTS)
@@ -88,7 +88,7 @@ def _main(held: contextlib.ExitStack, import_seconds: float) -> None:
     workdir = held.enter_context(cli.workdir_locked(FLAGS.workdir))
   if config.experiment.compile_cache:
     compile_cache.enable()
-  with interrupt.catch():
+  with signals.catch():
     record = train_sweep.train_and_evaluate_sweep(
         config, workdir, writer=writer, checkpoints=checkpoints, import_seconds=import_seconds,
         start_time=_START)

@@ -27,6 +27,7 @@ from experiments import files
 from experiments import input_norm
 from experiments import progress as progress_lib
 from experiments import report
+from experiments import signals
 
 
 def load_dataset(config: config_lib.ExperimentConfig):
@@ -123,7 +124,7 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
   ckpt = savers.enter_context(checkpoint.RunCheckpointer(
       workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,
       every=config.checkpoint_every, chunk_steps=run.chunk_steps,
-      warn=report.warning)) if config.checkpoint else None
+      warn=report.warning, stop_requested=signals.requested)) if config.checkpoint else None
   resume = (ckpt.restore(lambda: continual.abstract_run_state(run, net, train,
                                                                preprocess=preprocess))
             if ckpt is not None else None)
@@ -132,7 +133,7 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
     resumed_from = str(ckpt.step_path(ckpt.restored_step))
     where = continual.describe_position(resume, run, np.asarray(train.counts))
     print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
-  hook = ckpt if ckpt is not None else interrupt.check
+  hook = ckpt if ckpt is not None else interrupt.stop_hook(signals.requested)
   if config.tensorboard:  # scalars first: an interrupt raised by the checkpointer keeps them
     from experiments import tensorboard  # pylint: disable=import-outside-toplevel
     logger = tensorboard.ScalarLogger(workdir / "tensorboard" / f"seed_{run.seed}",

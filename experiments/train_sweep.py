@@ -21,6 +21,7 @@ from experiments import files
 from experiments import input_norm
 from experiments import progress as progress_lib
 from experiments import report
+from experiments import signals
 from experiments import train as train_lib
 
 
@@ -81,7 +82,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
           root / f"group_{g}", {**ident, "group": g, "members": members}, keep=exp.keep,
           every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
           log=lambda line, prefix=prefix: print(prefix + line, flush=True),
-          warn=lambda line, prefix=prefix: report.warning(prefix + line))
+          warn=lambda line, prefix=prefix: report.warning(prefix + line),
+          stop_requested=signals.requested)
     executables = None
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
       from experiments import compile_cache  # pylint: disable=import-outside-toplevel
@@ -92,7 +94,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                        preprocess=preprocess, executables=executables,
                        max_parallel=config.max_parallel,
                        progress=progress if exp.progress else None, chunk_progress=on_chunk,
-                       checkpointer=saver)
+                       checkpointer=saver, stop_requested=signals.requested)
     for j, k in enumerate(members):
       acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
       if j in (result.diverged or {}):
