@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from ewc_jax import continual, metrics
+from ewc_jax import continual
+from ewc_jax.continual import metrics
 from ewc_jax.continual import step as step_lib
 
 

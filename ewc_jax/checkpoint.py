@@ -5,8 +5,7 @@ Two things are persisted here:
 * :class:`RunCheckpointer`, the ``on_checkpoint`` hook of :func:`ewc_jax.continual.run`: it saves
   the :class:`~ewc_jax.continual.RunState` (position task/epoch/step, parameters, optimizer
   state and model state (BatchNorm's running averages: an item ``model_state`` beside
-  ``train_state``, written only when the backbone has one, so checkpoints of stateless backbones
-  keep the layout of those written before model state existed), the algorithm's memory = anchors,
+  ``train_state``, written only when the backbone has one), the algorithm's memory = anchors,
   the accuracy matrix so far, the curves, the current epoch's partial sums) with the run's
   configuration, after every task and every ``every`` train
   steps, keeping the newest ``keep``; :meth:`RunCheckpointer.restore` gives it back for
@@ -25,7 +24,7 @@ overwrite its buffers right away) and
 returns while orbax writes them; the next save, :meth:`RunCheckpointer.wait` and
 :meth:`RunCheckpointer.close` wait for it. Training of the next task overlaps the write.
 
-orbax is imported lazily: ``import ewc_jax`` stays as fast as before.
+orbax is imported lazily (``import ewc_jax`` does not load it).
 :meth:`RunCheckpointer.prefetch` imports it on a background thread (the command line starts it
 when training starts, so the first save does not wait for the import).
 """
@@ -430,7 +429,7 @@ class RunCheckpointer:
 
 
 class SweepCheckpointer:
-  """Checkpoints of a sweep (:func:`ewc_jax.sweep.run`): the whole batched run state of every
+  """Checkpoints of a sweep (:func:`ewc_jax.continual.sweep.run`): the whole batched run state of every
   config (a leading config axis; on a mesh, each device's shard) saved like a single run's.
 
   Each chunk of the sweep (``max_parallel``) is one :class:`RunCheckpointer` under

@@ -25,7 +25,7 @@ from typing import Any
 
 from ewc_jax import continual
 from ewc_jax import errors
-from experiments import benchmark as benchmark_lib
+from experiments import task_sequences as benchmark_lib
 from experiments import defaults
 from experiments import input_norm
 
@@ -219,12 +219,12 @@ class SweepConfig:
 
   def configs(self) -> list[continual.Config]:
     """Every combination, as :class:`ewc_jax.continual.Config` (seed varies fastest)."""
-    from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+    from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
     return sweep.grid(self.experiment.run, **self.values)
 
   def validate(self) -> None:
     """The experiment's checks, then each list and every config of the grid."""
-    from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+    from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
     self.experiment.validate()
     for name in SWEPT:
       values = tuple(getattr(self, name))

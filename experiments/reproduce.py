@@ -9,7 +9,7 @@ r"""Reproduce published EWC tables: Hsu et al. 2018 and van de Ven & Tolias 2019
 The command line only: the flags become one validated :class:`Options` (a bad value is refused
 with one line naming the flag, the value and what is allowed; exit 2), then
 :func:`experiments.reproduce_runner.reproduce` runs the rows. Each (scenario, algorithm) is one
-``ewc_jax.sweep.run`` over the seeds, with the paper's hyperparameters translated to our
+``ewc_jax.continual.sweep.run`` over the seeds, with the paper's hyperparameters translated to our
 conventions (:mod:`experiments.paper_tables`) and its protocol controls. Results accumulate in a
 JSON store (``--json``, default ``--out`` with ``.json``; :mod:`experiments.results_store`) keyed
 by protocol / benchmark / variant / scenario / algorithm, and the tables of every stored result

@@ -1,6 +1,6 @@
 """Runs the papers' rows: each (scenario, algorithm) one vmapped sweep over the seeds.
 
-:func:`run_one` trains one row on the tasks of the benchmark registry (``experiments.benchmark``)
+:func:`run_one` trains one row on the tasks of the benchmark registry (``experiments.task_sequences``)
 and the network of ``heads.make_network``, with the paper's hyperparameters in our terms
 (:mod:`experiments.paper_tables`) and its protocol controls: training length per task as the
 paper counts it (iterations, ``Config.steps_per_task``, or epochs), Adam kept across tasks,
@@ -93,7 +93,8 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds, *,
   ``checkpointer``: an ``ewc_jax.checkpoint.SweepCheckpointer`` (the sweep's state is saved
   after each task and resumed from when its folder holds it), or None."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import continual, heads, sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax import continual, heads  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   if algo not in setup.published:

@@ -8,7 +8,7 @@ Swept flags take comma-separated lists: --lam, --p, --lr, --gamma and --seeds (o
 the sweep is their product. Every other flag of experiments.split_mnist / permuted_mnist keeps
 its meaning and is shared by all configs. All configs are trained together as one program with
 a leading config axis (``jax.vmap`` of the single run; each config gives the single run's
-result), sharded over all devices (``ewc_jax.sweep``); --max_parallel=N runs at most N at a time.
+result), sharded over all devices (``ewc_jax.continual.sweep``); --max_parallel=N runs at most N at a time.
 Permuted MNIST's permutations follow the seed, so there each seed is its own sweep (its data).
 
 Sweeps hold out --validation_fraction=0.1 of each task's training data by default (the same

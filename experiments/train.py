@@ -160,7 +160,7 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
                         savers: contextlib.ExitStack, start: dict,
                         start_time: float | None) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
 
   seeds = config.seed_list
   identity = config.identity(f"{ds.name}:{ds.version}")
@@ -203,7 +203,7 @@ def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
   """results.json: the mean (± std) matrix and metrics over seeds, every seed's run, the
   config, timings and environment."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
   mats = np.array([r["acc_matrix"] for r in runs])
   mean, std = mats.mean(0), mats.std(0)
   per_seed = {k: [r[k] for r in runs] for k in ("average_accuracy", "bwt")}

@@ -1,7 +1,7 @@
 """``train_and_evaluate_sweep(config, workdir)``: a vmapped sweep from its config, reading no flag.
 
 Every combination of the swept values (:class:`experiments.config.SweepConfig`) is trained at
-once through :func:`ewc_jax.sweep.run` (one program with a leading config axis, sharded over the
+once through :func:`ewc_jax.continual.sweep.run` (one program with a leading config axis, sharded over the
 devices; ``max_parallel`` at a time). When the benchmark's data follow the seed (Permuted
 MNIST's permutations), each seed is its own sweep on its own data. Writes ``results.json``
 (every config's test and validation matrices, metrics and curves, and the table ranked by
@@ -42,8 +42,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from ewc_jax import continual  # pylint: disable=import-outside-toplevel
-  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
-  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   exp = config.experiment
@@ -192,7 +192,7 @@ def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer:
 def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layouts, built, ds,
                   extra_timings: dict, start_time: float | None = None) -> dict:
   """results.json, average_accuracy.png and the printed table."""
-  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   exp, base = config.experiment, config.experiment.run
   rows = sweep.table(result)
   keys = [n for n in result.swept if n != "seed"]

@@ -42,7 +42,6 @@ def test_names_and_unknown_names_and_options_are_refused_naming_them():
     backbones.make("resnet18", width=0)
   with pytest.raises(ValueError, match="`backbone` must be one of"):
     heads.make_network("task", [[0, 1]], backbone=3)
-  assert heads.MLP is backbones.MLP  # the old name still works
 
 
 @pytest.mark.parametrize("field,value,needle", [

@@ -333,7 +333,7 @@ import json, resource, shutil, signal, sys, threading
 from pathlib import Path
 sys.path.insert(0, "tests")
 import test_checkpoint as tc
-from ewc_jax import checkpoint
+from ewc_jax import checkpoint, continual
 
 heard = []
 sys.unraisablehook = lambda u: heard.append(repr(u.exc_value))

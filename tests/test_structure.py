@@ -37,3 +37,10 @@ def test_no_long_function_without_a_docstring(metrics):
 def test_the_cycle_finder_finds_a_cycle():
   graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
   assert design_metrics._cycles(graph) == [["a", "b", "c"]]
+
+
+def test_an_upward_import_is_one():
+  assert design_metrics._upward("ewc_jax.penalty", "ewc_jax.continual.loop")
+  assert design_metrics._upward("ewc_jax.continual.loop", "experiments.signals")
+  assert not design_metrics._upward("ewc_jax.continual.loop", "ewc_jax.penalty")
+  assert not design_metrics._upward("experiments.train", "ewc_jax.continual")

@@ -10,7 +10,8 @@ Static (``ast`` over ``ewc_jax/`` and ``experiments/``):
   * the import graph between the project's modules (every ``import``, at module level or
     inside a function; ``if TYPE_CHECKING:`` blocks left out): its cycles (strongly connected
     components), its upward imports (``ewc_jax`` importing ``experiments``/``benchmarks``/
-    ``tests``/``tools``; ``experiments`` importing ``benchmarks``/``tests``/``tools``) and the
+    ``tests``/``tools``; ``experiments`` importing ``benchmarks``/``tests``/``tools``; the pure
+    core of ``ewc_jax`` importing the runner, :data:`RUNNER`) and the
     number of imports written inside functions;
   * the modules naming ``lam`` (a name, an attribute or a keyword).
 
@@ -48,6 +49,19 @@ PENALTY_FUNCTIONS = ("ewc_loss", "ewc_penalty", "merged_distance", "weighted_dis
                      "seed_parity_loss", "clarena_loss")
 UPWARD = {"ewc_jax": ("experiments", "benchmarks", "tests", "tools"),
           "experiments": ("benchmarks", "tests", "tools")}
+# The runner's modules: the pure core (every other module of ewc_jax) must not import them.
+RUNNER = ("ewc_jax.continual", "ewc_jax.checkpoint", "ewc_jax.checkpoint_format")
+
+
+def _is_runner(name: str) -> bool:
+  return any(name == r or name.startswith(r + ".") for r in RUNNER)
+
+
+def _upward(name: str, target: str) -> bool:
+  """Whether ``name`` importing ``target`` goes up a layer (see :data:`UPWARD`, :data:`RUNNER`)."""
+  if target.split(".")[0] in UPWARD.get(name.split(".")[0], ()):
+    return True
+  return name.startswith("ewc_jax") and not _is_runner(name) and _is_runner(target)
 
 
 def module_files() -> dict[str, Path]:
@@ -175,8 +189,7 @@ def static_metrics() -> dict:
     imports = _imports(name, tree, names)
     graph[name] = {target for target, _ in imports if target in names}
     inner += sum(1 for _, in_fn in imports if in_fn)
-    upward[name] = sorted({t for t, _ in imports
-                           if t.split(".")[0] in UPWARD.get(name.split(".")[0], ())})
+    upward[name] = sorted({t for t, _ in imports if _upward(name, t)})
     if _names_lam(source):
       lam.append(name)
   upward = {n: v for n, v in upward.items() if v}

@@ -58,7 +58,7 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
     dynamic_p: take p from ``hyper.p`` at run time (needed when a sweep varies p).
     sharding: (sweeps) a ``NamedSharding`` of the config axis over a device mesh, e.g.
       ``NamedSharding(mesh, P("config"))``; K must be a multiple of that mesh axis. Data are
-      replicated on the mesh. See :mod:`ewc_jax.sweep`.
+      replicated on the mesh. See :mod:`ewc_jax.continual.sweep`.
     executables: load the compiled programs from (else save them to) a store under a key that
       names everything they are built from (:mod:`ewc_jax.executable_cache`; the caller's
       promise: the command lines pass one, a library user with their own module should not).

@@ -198,8 +198,8 @@ def train_chunk(spec: Step, state: TrainState, inputs: ChunkInputs):
 
   Batches past the task's data, or from ``stop_step`` on (an epoch cut short when training is
   counted in iterations), are skipped (no optimizer update): the steps that have data are a
-  prefix of the chunk, and a ``lax.fori_loop`` runs exactly those (a ``lax.cond`` per step
-  inside a ``lax.scan`` cost ~9 % of a step on CPU); the last partial batch is masked. Its
+  prefix of the chunk, and a ``lax.fori_loop`` runs exactly those (no ``lax.cond`` per step);
+  the last partial batch is masked. Its
   masked rows are filled with the epoch's first examples (``order`` read cyclically),
   so a BatchNorm backbone computes that batch's statistics on real examples of the task (the
   loss still counts each valid row once; for a stateless backbone the numbers do not depend on

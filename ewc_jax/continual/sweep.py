@@ -1,6 +1,8 @@
 r"""Hyperparameter sweeps: many continual-learning runs trained at once, as one vmapped program.
 
-    from ewc_jax import continual, sweep
+    from ewc_jax import continual
+
+    from ewc_jax.continual import sweep
     configs = sweep.grid(continual.Config(epochs=2), lam=[1, 10, 100, 1000], seed=[0, 1, 2])
     result = sweep.run(configs, net, train, test)     # 12 runs: one program, a config axis
     result.acc_matrix                                  # [12, T, T]
@@ -59,7 +61,7 @@ from ewc_jax import errors
 from ewc_jax import executable_cache
 from ewc_jax import heads
 from ewc_jax import interrupt
-from ewc_jax import metrics as metrics_lib
+from ewc_jax.continual import metrics as metrics_lib
 from ewc_jax.continual import step as step_lib
 from ewc_jax.continual import task_data
 
