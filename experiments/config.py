@@ -21,6 +21,7 @@ benchmark and scenario (:mod:`experiments.defaults`), then the dataclasses' defa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from ewc_jax import continual
@@ -91,8 +92,9 @@ class ExperimentConfig:
   keep: int = setting(2, "Number of newest checkpoints kept (>= 1).")
   run: continual.Config = continual.Config()
 
-  @property
+  @functools.cached_property
   def bench(self) -> benchmark_lib.Benchmark:
+    """The task sequence ``benchmark`` names (looked up once per config)."""
     return benchmark_lib.get(self.benchmark)
 
   @property

@@ -286,8 +286,13 @@ def _trace_child(out: str, argv: list[str]) -> None:
   for module, _ in stops:
     again += module in seen
     seen.add(module)
+  pairs: dict[str, int] = {}
+  for (a, _), (b, back) in zip(stops, stops[1:]):
+    key = f"{a} {'<-' if back else '->'} {b}"
+    pairs[key] = pairs.get(key, 0) + 1
   Path(out).write_text(json.dumps({
       "penalty_function": state["done"]["function"],
+      "transitions": dict(sorted(pairs.items(), key=lambda kv: -kv[1])),
       "stops": len(stops), "returns": sum(r for _, r in stops),
       "stops_to_a_module_already_left": again, "modules": len(seen),
       "modules_entered": sorted(seen), "stack": state["done"]["stack"],

@@ -150,7 +150,8 @@ class Config:
         continue
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
         bad(name, value, "an integer >= 1")
-    step_lib.make_optimizer(self.optimizer)  # the optimizer's one check
+    if self.optimizer not in step_lib.OPTIMIZERS:  # the names' one home: step.OPTIMIZERS
+      bad("optimizer", self.optimizer, "one of " + ", ".join(step_lib.OPTIMIZERS))
     if self.init not in initializers.NAMES:
       bad("init", self.init, "one of " + ", ".join(initializers.NAMES))
     if self.augment not in augment_lib.NAMES:
