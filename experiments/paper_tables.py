@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from experiments import benchmark as benchmark_lib
+from experiments import task_sequences as benchmark_lib
 
 SCENARIOS = ("task", "domain", "class")
 SCENARIO_TITLES = {"task": "Task-IL", "domain": "Domain-IL", "class": "Class-IL"}

@@ -12,7 +12,7 @@ from absl import flags
 
 from ewc_jax import continual
 from ewc_jax import errors
-from experiments import benchmark
+from experiments import task_sequences as benchmark
 from experiments import config
 from experiments import config_flags
 from experiments import defaults
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["experiments.config", "experiments.config_flags",
-                                  "experiments.benchmark", "experiments.input_norm",
+                                  "experiments.task_sequences", "experiments.input_norm",
                                   "experiments.report"])
 def test_docstring_examples(name):
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
