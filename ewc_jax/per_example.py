@@ -69,6 +69,8 @@ LossFn = Callable[[jax.Array, Any], jax.Array]
 PATHS = ("dense", "rows", "conv", "embed", "elementwise", "tied", "unused", "vmap")
 FAST_PATHS = ("dense", "rows", "conv", "embed", "elementwise", "tied", "unused")
 _HIGHEST = lax.Precision.HIGHEST
+# The conv rule batches filter offsets until a matmul contracts at least this many input channels.
+_CONV_MIN_K = 32
 
 # Shape-only maps that keep every entry (the squared gradient maps back entry by entry).
 _ENTRYWISE = ("convert_element_type", "reshape", "transpose", "squeeze", "expand_dims", "copy",
@@ -425,10 +427,13 @@ def _conv(eqn, site, a, d, wb):
   """Per-example kernel gradient U(a_b)ᵀ δ_b of a convolution (any feature groups), squared and
   summed, in the kernel's layout.
 
-  One filter offset at a time: the gradient of the kernel's taps at offset f is
+  A few filter offsets at a time: the gradient of the kernel's taps at offset f is
   Σ_p a_b[p + f]ᵀ δ_b[p], a ``[B, C, O]`` batched matmul of a shifted slice of the input with
-  the output gradient, squared and summed over b at once; no unfolded input and no more than
-  1/F of the per-example kernel gradients are ever held.
+  the output gradient, squared and summed over b at once. Offsets are taken one at a time when
+  the input has at least ``_CONV_MIN_K`` channels per group, else ``ceil(_CONV_MIN_K / C)`` of
+  them with their slices side by side (a partial unfold: a 1-channel input's per-offset matmul
+  is a matrix-vector product, ~2.5x slower than one ``[B, F·C, O]`` matmul on CPU); at most
+  that many input slices and per-offset kernel gradients are held at once.
   """
   del site
   p = eqn.params
@@ -452,15 +457,22 @@ def _conv(eqn, site, a, d, wb):
                           zip(p["padding"], p["lhs_dilation"])] + [(0, 0, 0)]
   a = lax.pad(a, zero, config)
   d = jnp.transpose(d.reshape(b, -1, groups, og), (0, 2, 1, 3))   # [B, G, P, Og]
+  offsets = list(itertools.product(*(range(f) for f in filt)))
+  per = min(len(offsets), -(-_CONV_MIN_K // cg))                # offsets per matmul
   per_offset = []
-  for offset in itertools.product(*(range(f) for f in filt)):
-    start = [q * r for q, r in zip(offset, p["rhs_dilation"])]
-    limit = [s + (n - 1) * st + 1 for s, n, st in zip(start, out_sp, p["window_strides"])]
-    u = lax.slice(a, (0, *start, 0), (bn, *limit, c), (1, *p["window_strides"], 1))
-    u = jnp.transpose(u.reshape(b, -1, groups, cg), (0, 2, 1, 3))  # [B, G, P, Cg]
+  for first in range(0, len(offsets), per):
+    chunk = offsets[first:first + per]
+    slices = []
+    for offset in chunk:
+      start = [q * r for q, r in zip(offset, p["rhs_dilation"])]
+      limit = [s + (n - 1) * st + 1 for s, n, st in zip(start, out_sp, p["window_strides"])]
+      u = lax.slice(a, (0, *start, 0), (bn, *limit, c), (1, *p["window_strides"], 1))
+      slices.append(jnp.transpose(u.reshape(b, -1, groups, cg), (0, 2, 1, 3)))  # [B, G, P, Cg]
+    u = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)  # [B, G, P, k·Cg]
     g = jnp.einsum("bgpc,bgpo->bgco", u, d, precision=_HIGHEST)
-    per_offset.append(jnp.einsum("b,bgco->gco", wb, g * g, precision=_HIGHEST))
-  s = jnp.stack(per_offset)                                     # [F, G, Cg, Og]
+    sq = jnp.einsum("b,bgco->gco", wb, g * g, precision=_HIGHEST)  # [G, k·Cg, Og]
+    per_offset.append(jnp.transpose(sq.reshape(groups, len(chunk), cg, og), (1, 0, 2, 3)))
+  s = jnp.concatenate(per_offset)                               # [F, G, Cg, Og]
   s = jnp.transpose(s, (0, 2, 1, 3)).reshape(tuple(filt) + (cg, o))  # [*filt, I, O]
   perm = [0] * (n_sp + 2)
   perm[rhs_spec[0]] = n_sp + 1
