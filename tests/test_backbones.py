@@ -5,6 +5,7 @@ run of conftest's ``resnet18_run`` is shared with the compile-count and resume t
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -91,9 +92,12 @@ def test_input_shapes_images_flat_and_grayscale():
 @pytest.mark.parametrize("size,kernel,stride,padding", [
     (8, 3, 1, "SAME"), (9, 3, 2, "SAME"), (8, 3, 2, ((1, 1), (1, 1))), (8, 1, 2, ((0, 0), (0, 0))),
     (7, 3, 1, "VALID"), (9, 1, 2, "VALID")])
-def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, padding):
+@pytest.mark.parametrize("kernel_grad", ["conv", "unfold"])
+def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, padding,
+                                                          kernel_grad):
   """The built-in backbones' train-mode convolution: the same values and gradients as
-  ``lax.conv_general_dilated`` (its kernel gradient is computed another way: see its module)."""
+  ``lax.conv_general_dilated`` (its kernel gradient is computed another way, as a convolution
+  or as one matmul of the unfolded input: see its module)."""
   x = jax.random.normal(jax.random.key(0), (5, size, size, 4))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
   dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
@@ -101,8 +105,9 @@ def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, 
   def loss(conv):
     return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(
         conv(x, w, (stride, stride), padding, dimension_numbers=dims))), (0, 1)))
+  ours = functools.partial(backbones.loop_conv, kernel_grad=kernel_grad)
   (want, want_grads), (got, got_grads) = (loss(c)(x, w) for c in (lax.conv_general_dilated,
-                                                                  backbones.loop_conv))
+                                                                  ours))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for a, b in zip(got_grads, want_grads):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
@@ -305,3 +310,11 @@ def test_nnx_modules_that_cannot_be_run_right_are_refused_naming_the_fix():
   with pytest.raises(ValueError, match=r"train/eval mode: bn \(BatchNorm\); its `__call__` must "
                      r"take `train: bool`"):
     heads.make_network("task", [[0, 1]] * T, backbone=bridge.to_linen(NNXNoTrain))
+
+
+def test_loop_conv_refuses_an_unknown_kernel_grad():
+  x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2))
+  with pytest.raises(ValueError, match=r"`kernel_grad` must be one of 'conv', 'unfold', but got "
+                                       r"kernel_grad='im2col'"):
+    backbones.loop_conv(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                        kernel_grad="im2col")
