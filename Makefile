@@ -7,7 +7,7 @@ ARGS   ?=
 # Test processes (pytest-xdist); tests sharing a costly session fixture share one (loadgroup).
 WORKERS ?= 2
 
-.PHONY: install run test bench bench-peers prepare-data clean
+.PHONY: install run test docs bench bench-peers prepare-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup $(ARGS)
+
+# The docs site into site/: the `docs` extra first, then a strict build (any warning fails).
+docs: install
+	$(BIN)/python -m pip install --quiet -e '.[docs,test]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # Offline: make prepare-data MANUAL_DIR=../shared/data/mnist
 prepare-data: install
@@ -46,4 +51,4 @@ bench-peers: install
 	$(PYTHON) benchmarks/peers/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -5,7 +5,7 @@
 Inputs as the benchmarks they serve: 28x28x1 (Split MNIST) for ``mlp`` (784-400-400) and
 ``cnn``, 32x32x3 (Split CIFAR) for the ResNets; 2-way task heads; random uint8 images (speed does
 not depend on the values). Train step: EWC with p = 2 and one anchor (the merged statistics),
-the train chunk of the runner (:func:`ewc_jax.train.train_chunk`) over batches drawn from
+the train chunk of the runner (:func:`ewc_jax.continual.step.train_chunk`) over batches drawn from
 device-resident data, as in training (BatchNorm
 in train mode, its running statistics updated). Fisher: the empirical Fisher of the
 consolidated parameters (evaluation mode), as the runner computes it after a task.
@@ -22,7 +22,9 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.train_step import filled_memory
-from ewc_jax import algorithms, fisher, heads, train
+from ewc_jax import algorithms, fisher, heads
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import task_data
 
 # name: (input shape, train batch, train steps, Fisher examples, Fisher batch) at --scale=1
 SETUPS = {
@@ -42,26 +44,27 @@ def bench(name, scale):
   steps, fisher_n = steps * scale, fisher_n * scale
   net = heads.make_network("task", [[0, 1], [2, 3]], backbone=name)
   params, model_state = heads.init_variables(net, jax.random.key(0),
-                                             train.scale_pixels(images(shape, 1, 0)))
+                                             step_lib.scale_pixels(images(shape, 1, 0)))
   algo = algorithms.ewc(p=2.0)
   theta = heads.consolidated(net, params)
   memory = filled_memory(algo, theta, 1, jax.random.key(3))
   hyper = algorithms.Hyper(*(jnp.float32(v) for v in (10.0, 2.0, 1.0, 1e-3)))
-  tx = train.make_optimizer()
+  tx = step_lib.make_optimizer()
 
   n = batch * steps
-  data = train.TaskData(images(shape, n, 1)[None], jax.random.randint(jax.random.key(2), (1, n),
+  data = task_data.TaskData(images(shape, n, 1)[None], jax.random.randint(jax.random.key(2), (1, n),
                                                                         0, 2),
                         jnp.array([n], jnp.int32))
-  order = train.epoch_order(jax.random.key(4), data.counts[0], n, n)
-  chunk = jax.jit(functools.partial(train.train_chunk, net, algo, tx, train.scale_pixels, batch,
-                                    steps))
-  state = train.init_train_state(tx, params, 1e-3, model_state)
-  step_t = common.time_call(lambda: jax.block_until_ready(chunk(
-      state, data, order, jnp.int32(0), jnp.int32(1), memory, hyper, None,
-      jax.random.key(5))), repeats=3)
+  order = step_lib.epoch_order(jax.random.key(4), data.counts[0], n, n)
+  chunk = jax.jit(functools.partial(step_lib.train_chunk, step_lib.Step(
+      net, algo, tx, batch_size=batch, num_steps=steps)))
+  state = step_lib.init_train_state(tx, params, 1e-3, model_state)
+  inputs = step_lib.ChunkInputs(data=data, order=order, start_step=jnp.int32(0),
+                                task_index=jnp.int32(1), memory=memory, hyper=hyper,
+                                key=jax.random.key(5))
+  step_t = common.time_call(lambda: jax.block_until_ready(chunk(state, inputs)), repeats=3)
 
-  x = train.scale_pixels(images(shape, fisher_n, 6))
+  x = step_lib.scale_pixels(images(shape, fisher_n, 6))
   y = jax.random.randint(jax.random.key(7), (fisher_n,), 0, 2)
   weigh = jax.jit(lambda p, s, x, y: fisher.fisher_diagonal(
       heads.consolidated_logits_fn(net, p, 0, s), heads.consolidated(net, p), x, y,

@@ -25,7 +25,9 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from ewc_jax import continual, metrics, train
+from ewc_jax import continual
+from ewc_jax.continual import metrics
+from ewc_jax.continual import step as step_lib
 
 
 def task_sequences(data_dir, max_examples):
@@ -47,7 +49,7 @@ def measure(cfg, train_data, test_data):
   t0 = time.perf_counter()
   result = continual.run(cfg, net, train_data, test_data, on_checkpoint=hook)
   seconds = time.perf_counter() - t0
-  evaluate = jax.jit(lambda state, data, t: train.evaluate(net, train.scale_pixels,
+  evaluate = jax.jit(lambda state, data, t: step_lib.evaluate(net, step_lib.scale_pixels,
                                                            result.params, data, t, state))
   num_tasks = len(snapshots)
   own = [float(evaluate(snapshots[t], test_data, num_tasks - 1)[t]) for t in range(num_tasks)]

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from ewc_jax import algorithms, fisher, heads, train
+from ewc_jax import algorithms, fisher, heads
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import task_data
 
 
 def task_one():
@@ -42,19 +44,20 @@ def main():
   net = heads.task_incremental(num_tasks=1, classes_per_task=2)
   params = heads.init_params(net, jax.random.key(0), jnp.ones((1, 784)))
   logits_fn = heads.backbone_logits_fn(net, params["heads"], 0)
-  x = train.scale_pixels(jnp.asarray(x_u8))
+  x = step_lib.scale_pixels(jnp.asarray(x_u8))
   y = jnp.asarray(y)
 
   # One plain training epoch over the same data (batch 128, as in the protocol).
-  tx = train.make_optimizer()
+  tx = step_lib.make_optimizer()
   steps = -(-n // 128)
-  data = train.TaskData(jnp.asarray(x_u8)[None], y[None], jnp.array([n], jnp.int32))
-  order = train.epoch_order(jax.random.key(1), data.counts[0], n, steps * 128)
-  chunk = jax.jit(functools.partial(train.train_chunk, net, algorithms.finetune(), tx,
-                                    train.scale_pixels, 128, steps))
-  state = train.init_train_state(tx, params, 1e-3)
-  epoch = common.time_call(lambda: jax.block_until_ready(chunk(
-      state, data, order, jnp.int32(0), jnp.int32(0), (), algorithms.Hyper())), repeats=3)
+  data = task_data.TaskData(jnp.asarray(x_u8)[None], y[None], jnp.array([n], jnp.int32))
+  order = step_lib.epoch_order(jax.random.key(1), data.counts[0], n, steps * 128)
+  chunk = jax.jit(functools.partial(step_lib.train_chunk, step_lib.Step(
+      net, algorithms.finetune(), tx, batch_size=128, num_steps=steps)))
+  state = step_lib.init_train_state(tx, params, 1e-3)
+  inputs = step_lib.ChunkInputs(data=data, order=order, start_step=jnp.int32(0),
+                                task_index=jnp.int32(0), memory=(), hyper=algorithms.Hyper())
+  epoch = common.time_call(lambda: jax.block_until_ready(chunk(state, inputs)), repeats=3)
 
   rows = []
   def run(kind, method, xs, ys, batch_size):

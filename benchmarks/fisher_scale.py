@@ -2,13 +2,15 @@
 and 8 forced host devices against 1 (issue 25).
 
     python -m benchmarks.fisher_scale [--quick] [--sizes=1000,10000,50000] [--device_examples=N]
-                                      [--out=benchmarks/results]
+                                      [--estimate] [--out=benchmarks/results]
 
 Writes ``<out>/fisher_scale.json`` (the full configuration, the default: meant for a machine
 with an accelerator) or, with ``--quick``, ``<out>/fisher_scale_quick.json`` (the reduced
 configuration, a few minutes on 2 CPU cores). The JSON names its configuration (``config``,
 ``configuration``). The committed ``benchmarks/results/fisher_scale_quick.json`` is a ``--quick``
-run on a 2-core CPU shared with other work (its load averages are in it).
+run on a 2-core CPU shared with other work (its load averages are in it). ``--estimate`` times
+one batch of the configuration in a child and writes ``<out>/fisher_scale_estimate.json``: the
+predicted cost of the whole run (:func:`estimate`), for a machine where the run is too long.
 
 Model (``LM``): an NNX causal language model ``[B, T] -> [B, T, V]``: token ``nnx.Embed`` +
 learned position ``nnx.Embed``, pre-LayerNorm blocks (``nnx.LayerNorm``,
@@ -241,11 +243,11 @@ def measure(config: Config, n: int, devices: int = 1, seed: int = 0) -> dict:
     methods[leaf.method] = methods.get(leaf.method, 0) + 1
 
   warm_n = warmup_examples(config, n)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   warm = fisher_from_batches(logits_fn, params,
                              batches(jax.random.fold_in(key, 10**6), warm_n, config, split))
   jax.block_until_ready(warm)
-  warmup_s = time.perf_counter() - t0
+  warmup_s, warmup_cpu_s = time.perf_counter() - t0, time.process_time() - c0
   rss_warm = _peak_rss_mb()
   rss_start = _reset_peak_rss()
 
@@ -256,10 +258,10 @@ def measure(config: Config, n: int, devices: int = 1, seed: int = 0) -> dict:
       compiles.append(secs)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fisher = fisher_from_batches(logits_fn, params, batches(key, n, config, split))
     jax.block_until_ready(fisher)
-    fisher_s = time.perf_counter() - t0
+    fisher_s, fisher_cpu_s = time.perf_counter() - t0, time.process_time() - c0
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   rss_stream = _peak_rss_mb()
@@ -270,6 +272,7 @@ def measure(config: Config, n: int, devices: int = 1, seed: int = 0) -> dict:
           "batch": config.batch, "batches": -(-n // config.batch), "warmup_examples": warm_n,
           "parameters": num_parameters(params),
           "warmup_s": warmup_s, "fisher_s": fisher_s, "examples_per_s": n / fisher_s,
+          "warmup_cpu_s": warmup_cpu_s, "fisher_cpu_s": fisher_cpu_s,
           "s_per_example": fisher_s / n,
           "compiles_in_timed_call": len(compiles),
           "compile_s_in_timed_call": sum(compiles), "peak_rss_warmup_mb": rss_warm,
@@ -319,6 +322,26 @@ def device_ratio(one: dict, many: dict) -> dict:
               abs(one["fisher_sum"]), 1e-30)}
 
 
+def estimate(config: Config, row: dict, device_time_ratio: float = 1.0) -> dict:
+  """The cost of ``config``'s whole run predicted from one measured child ``row`` of that
+  config (e.g. one timed batch): every child compiles again (its ``warmup_s``), and the timed
+  calls cost ``s_per_example`` per example (the 8-device run ``device_time_ratio`` times the
+  1-device one). Wall seconds at the load measured, and process CPU seconds (all threads)."""
+  children = len(config.sizes) + (2 if config.device_examples else 0)
+  examples = sum(config.sizes) + config.device_examples * (1 + device_time_ratio)
+
+  def total(warm: float, timed: float) -> dict:
+    per = timed / row["examples"]
+    return {"warmup_s": warm * children, "fisher_s": per * examples,
+            "total_s": warm * children + per * examples,
+            "fisher_s_by_size": {str(n): per * n for n in config.sizes}}
+  return {"children": children, "timed_examples": examples,
+          "device_time_ratio_assumed": device_time_ratio,
+          "from_examples": row["examples"],
+          "wall": total(row["warmup_s"], row["fisher_s"]),
+          "cpu": total(row["warmup_cpu_s"], row["fisher_cpu_s"])}
+
+
 # --- processes ---------------------------------------------------------------------------------
 
 def run_child(config: Config, n: int, devices: int = 1, platform: str | None = None) -> dict:
@@ -354,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--sizes", default=None, help="comma-separated N (default: the config's)")
   parser.add_argument("--device_examples", type=int, default=None,
                       help="N of the 8 vs 1 device run (0: skip it)")
+  parser.add_argument("--estimate", action="store_true",
+                      help="time one batch of the configuration (after its warm-up) and write "
+                           "the predicted cost of the whole run, <out>/fisher_scale_estimate.json")
   parser.add_argument("--out", default=str(common.RESULTS))
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -367,6 +393,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = dataclasses.replace(config, sizes=tuple(int(s) for s in args.sizes.split(",")))
   if args.device_examples is not None:
     config = dataclasses.replace(config, device_examples=args.device_examples)
+  if args.estimate:
+    row = run_child(config, config.batch)
+    common.write(f"{'fisher_scale_quick' if args.quick else 'fisher_scale'}_estimate", {
+        "config": dataclasses.asdict(config), "kind": "empirical", "measured": row,
+        "estimate": estimate(config, row),
+        "note": ("predicted, not measured: one batch of the configuration timed after its "
+                 "warm-up, on this machine at the load in `measured`, extrapolated linearly in "
+                 "N (as the --quick run found it: s_per_example_max_over_min 1.09), each child "
+                 "compiling once (its warm-up); the 8-device CPU run taken as long as the "
+                 "1-device one (the --quick run measured 0.91x). `cpu` is process CPU time over "
+                 "all threads, less sensitive to the load than `wall`.")}, folder=args.out)
+    return 0
   rows = []
   for n in config.sizes:
     rows.append(run_child(config, n))

@@ -54,7 +54,8 @@ LAMS, SEEDS = (1.0, 10.0, 100.0, 1000.0), (0, 1)
 
 def setup():
   import jax  # pylint: disable=import-outside-toplevel
-  from ewc_jax import continual, heads, sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax import continual, heads  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   from experiments import data, protocols, tasks  # pylint: disable=import-outside-toplevel
   cache = Path(tempfile.mkdtemp(prefix="sweep_bench_xla_"))
   jax.config.update("jax_compilation_cache_dir", str(cache))
@@ -84,7 +85,7 @@ def sequential(net, train, test, configs):
 
 
 def vmapped(net, train, test, configs, devices=None):
-  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   r = sweep.run(configs, net, train, test, devices=devices)
   return r.acc_matrix, {k: v for k, v in r.timings.items() if k != "total"}
 

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from ewc_jax import algorithms, heads, train
+from ewc_jax import algorithms, heads
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import task_data
 
 SIZES = (784, 400, 400, 2)
 
@@ -41,20 +43,21 @@ def filled_memory(algo, backbone, num_anchors, key):
 def bench(algo, num_anchors, batch_size, steps):
   net = heads.task_incremental(num_tasks=2, classes_per_task=2)
   params = heads.init_params(net, jax.random.key(0), jnp.ones((1, 784)))
-  tx = train.make_optimizer()
+  tx = step_lib.make_optimizer()
   n = batch_size * steps
   x = jax.random.randint(jax.random.key(1), (1, n, 28, 28, 1), 0, 255).astype(jnp.uint8)
   y = jax.random.randint(jax.random.key(2), (1, n), 0, 2)
-  data = train.TaskData(x, y, jnp.array([n], jnp.int32))
+  data = task_data.TaskData(x, y, jnp.array([n], jnp.int32))
   memory = filled_memory(algo, heads.consolidated(net, params, "shared"), num_anchors,
                          jax.random.key(3))
   hyper = algorithms.Hyper(*(jnp.float32(v) for v in (10.0, 2.0, 1.0, 1e-3)))
-  order = train.epoch_order(jax.random.key(4), data.counts[0], n, n)
-  chunk = jax.jit(functools.partial(train.train_chunk, net, algo, tx, train.scale_pixels,
-                                    batch_size, steps))
-  state = train.init_train_state(tx, params, 1e-3)
-  run = lambda: jax.block_until_ready(  # noqa: E731
-      chunk(state, data, order, jnp.int32(0), jnp.int32(0), memory, hyper))
+  order = step_lib.epoch_order(jax.random.key(4), data.counts[0], n, n)
+  chunk = jax.jit(functools.partial(step_lib.train_chunk, step_lib.Step(
+      net, algo, tx, batch_size=batch_size, num_steps=steps)))
+  state = step_lib.init_train_state(tx, params, 1e-3)
+  inputs = step_lib.ChunkInputs(data=data, order=order, start_step=jnp.int32(0),
+                                task_index=jnp.int32(0), memory=memory, hyper=hyper)
+  run = lambda: jax.block_until_ready(chunk(state, inputs))  # noqa: E731
   t = common.time_call(run, repeats=5)
   return {"examples_per_s": n / t["median_s"], "ms_per_step": 1e3 * t["median_s"] / steps}
 

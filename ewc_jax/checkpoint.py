@@ -5,15 +5,15 @@ Two things are persisted here:
 * :class:`RunCheckpointer`, the ``on_checkpoint`` hook of :func:`ewc_jax.continual.run`: it saves
   the :class:`~ewc_jax.continual.RunState` (position task/epoch/step, parameters, optimizer
   state and model state (BatchNorm's running averages: an item ``model_state`` beside
-  ``train_state``, written only when the backbone has one, so checkpoints of stateless backbones
-  keep the layout of those written before model state existed), the algorithm's memory = anchors,
+  ``train_state``, written only when the backbone has one), the algorithm's memory = anchors,
   the accuracy matrix so far, the curves, the current epoch's partial sums) with the run's
   configuration, after every task and every ``every`` train
   steps, keeping the newest ``keep``; :meth:`RunCheckpointer.restore` gives it back for
   ``run(..., resume=...)``. Array leaves go through orbax's ``StandardSave``; the host-side
   numbers (float64 accuracy matrix, curves, partial sums) through ``JsonSave``, whose shortest
   round-trip float repr restores them bit for bit.
-* :func:`save_anchors` / :func:`restore_anchors` for users of :func:`ewc_jax.ewc_loss`.
+* anchors on their own, for users of :func:`ewc_jax.ewc_loss`: :func:`ewc_jax.save_anchors` /
+  :func:`ewc_jax.restore_anchors` (:mod:`ewc_jax.anchor_io`).
 
 Saves are atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to
 ``<step>`` once complete, so a process killed mid-save leaves the previous checkpoint as the
@@ -24,7 +24,7 @@ overwrite its buffers right away) and
 returns while orbax writes them; the next save, :meth:`RunCheckpointer.wait` and
 :meth:`RunCheckpointer.close` wait for it. Training of the next task overlaps the write.
 
-orbax is imported lazily: ``import ewc_jax`` stays as fast as before.
+orbax is imported lazily (``import ewc_jax`` does not load it).
 :meth:`RunCheckpointer.prefetch` imports it on a background thread (the command line starts it
 when training starts, so the first save does not wait for the import).
 """
@@ -32,14 +32,11 @@ when training starts, so the first save does not wait for the import).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import shutil
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,167 +47,14 @@ import numpy as np
 from ewc_jax import continual
 from ewc_jax import errors
 from ewc_jax import orbax_io
-from ewc_jax.anchor_io import restore_anchors, save_anchors  # noqa: F401 (re-exported)
-from ewc_jax.orbax_io import quiet_orbax_errors  # noqa: F401 (re-exported)
-from ewc_jax import heads as heads_lib
 from ewc_jax import interrupt
-from ewc_jax import train as train_lib
+from ewc_jax.continual import step as step_lib
+from ewc_jax.checkpoint_format import (FORMAT, VERSION, CheckpointError, CheckpointFallback,
+                                       CorruptCheckpoint, array_checksums, config_diff,
+                                       host_finite, jsonable, meta_checksum, restart_hint, verify)
 
 PyTree = Any
-FORMAT = "ewc_jax.run_state"
-VERSION = 2  # 2: checksums of every array and of the metadata (1: none; still restored)
-
-
-def restart_hint(name: Callable[..., str]) -> str:
-  """How to start over, naming the setting with ``name`` (see :class:`errors.SettingError`)."""
-  return f"pass {name('force_restart')} to discard the checkpoints and start over"
-
-
-
-class CheckpointError(errors.SettingError):
-  """A checkpoint that cannot be used: corrupt, truncated, or from another configuration.
-
-  ``message``: text, or ``render(name)`` naming the settings it mentions
-  (:class:`ewc_jax.errors.SettingError`: the library spells ``force_restart``, a command line
-  ``--force_restart``)."""
-
-  def __init__(self, message: str | Callable[..., str]):
-    super().__init__(message if callable(message) else (lambda name: message))
-
-
-class CorruptCheckpoint(CheckpointError):
-  """A checkpoint that cannot be read back as it was written: unreadable, truncated, or its
-  arrays or metadata do not match the checksums saved with them (a flipped bit). A restore falls
-  back on the previous complete checkpoint; this is raised when none is left. ``detail``: what
-  is wrong, without the advice."""
-
-  def __init__(self, detail: str):
-    self.detail = detail
-    super().__init__(lambda n: f"{detail}; no older complete checkpoint is left to fall back on: "
-                     f"{restart_hint(n)}.")
-
-
-class CheckpointFallback(UserWarning):
-  """The newest checkpoint was corrupt: the run resumed from an older one."""
-
-
-def _crc(data: bytes | memoryview, tag: str) -> str:
-  return f"{zlib.crc32(data, zlib.crc32(tag.encode())) & 0xFFFFFFFF:08x}"
-
-
-def array_checksums(tree: PyTree) -> dict[str, str] | None:
-  """``{leaf path: CRC-32 of its dtype, shape and bytes}`` of every array of ``tree`` (None when
-  an array is not whole in this process: nothing to check it against here)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      return None
-    a = np.ascontiguousarray(jax.device_get(leaf))
-    out[_path_name(path)] = _crc(a.reshape(-1).view(np.uint8).data,
-                                           f"{a.dtype.str}{a.shape}")
-  return out
-
-
-def _path_name(path) -> str:
-  """``train_state/opt_state/0/mu/...``: a leaf's path whatever containers hold it (a restored
-  named tuple may come back as a dict)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def meta_checksum(meta: dict) -> str:
-  """CRC-32 of the metadata (without its ``checksums`` entry) as canonical JSON."""
-  body = {k: v for k, v in meta.items() if k != "checksums"}
-  return _crc(json.dumps(body, sort_keys=True).encode(), "meta")
-
-
-def _jsonable(obj: Any) -> Any:
-  """A JSON round trip: tuples become lists, numpy numbers Python numbers (exact)."""
-  return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))
-
-
-# Config fields added after checkpoints were written, with the value those checkpoints ran with.
-_ADDED = {"optimizer": "adam", "backbone": "mlp", "width": None, "augment": "none", "init": "flax"}
-# Run-identity keys (beside the config's fields) added since: the value those checkpoints ran
-# with (classes_per_task: every split checkpoint before it was Split MNIST, 2 classes per task).
-_ADDED_KEYS = {"classes_per_task": 2}
-_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(continual.Config))
-
-
-def _fill_added(obj: Any) -> Any:
-  """``obj`` with the ``_ADDED`` fields put into every ``Config`` dict nested in it (a sweep's
-  per-chunk configs, a command line's base config) that was written before they existed."""
-  if isinstance(obj, list):
-    return [_fill_added(v) for v in obj]
-  if not isinstance(obj, dict):
-    return obj
-  obj = {k: _fill_added(v) for k, v in obj.items()}
-  if _CONFIG_FIELDS - set(_ADDED) <= set(obj):
-    obj = {**_ADDED, **obj}
-  return obj
-
-
-def config_diff(saved: dict, current: dict) -> list[str]:
-  """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised;
-  fields added to ``Config`` since the checkpoint count with the value it ran with)."""
-  saved, current = _fill_added(_jsonable(saved)), _jsonable(current)
-  out = []
-  for key in sorted(set(saved) | set(current)):
-    a = saved.get(key, _ADDED.get(key, _ADDED_KEYS.get(key, "<absent>")))
-    b = current.get(key, "<absent>")
-    if a != b:
-      out.append(f"{key} (checkpoint: {a!r}, now: {b!r})")
-  return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The run state.
-
-def abstract_run_state(cfg: continual.Config, net: heads_lib.Network,
-                       train: train_lib.TaskData, *,
-                       preprocess: Callable = train_lib.scale_pixels,
-                       num_configs: int | None = None, dynamic_p: bool = False,
-                       sharding: jax.sharding.Sharding | None = None) -> dict:
-  """Shapes, dtypes and placement of ``{"train_state", "memory"}`` as :func:`continual.run`
-  creates them (the restore target; nothing is computed).
-
-  ``num_configs``: a sweep's batched state (a leading config axis of that size, as
-  ``continual.run(..., seeds=...)`` creates it, with ``dynamic_p`` as there); ``sharding``:
-  where each array lives (a sweep's config sharding on its mesh; default the first device).
-  """
-  algo = continual.make_algorithm(cfg, dynamic_p)
-  num_tasks = int(train.inputs.shape[0])
-  tx = train_lib.make_optimizer(cfg.optimizer)
-  example = jax.ShapeDtypeStruct((1,) + tuple(train.inputs.shape[2:]), train.inputs.dtype)
-
-  def init(key, lr, x):
-    params, model_state = heads_lib.init_variables(net, key, preprocess(x))
-    return {"train_state": train_lib.init_train_state(tx, params, lr, model_state),
-            "memory": algo.init(heads_lib.consolidated(net, params, cfg.consolidated),
-                                num_tasks)}
-
-  if num_configs is None:
-    shapes = jax.eval_shape(lambda k, x: init(k, cfg.lr, x), jax.random.key(0), example)
-  else:
-    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros(num_configs, jnp.int32)))
-    lrs = jax.ShapeDtypeStruct((num_configs,), jnp.float32)
-    shapes = jax.eval_shape(jax.vmap(init, in_axes=(0, 0, None)), keys, lrs, example)
-  place = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place), shapes)
-
-
-def describe_position(rs: continual.RunState, cfg: continual.Config, counts) -> str:
-  """Where a restored run stands, for the "resuming from" line (``counts``: each task's
-  number of training examples before the validation split is held out)."""
-  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
-  if rs.task >= len(counts):
-    return "all tasks done"
-  count = int(counts[rs.task])
-  if rs.epoch >= cfg.schedule(count - holdout.num_held_out(count, cfg.validation_fraction))[0]:
-    return f"task {rs.task + 1} trained, evaluation and consolidation next"
-  return f"task {rs.task + 1}, epoch {rs.epoch + 1}, step {rs.step}"
-
-
-def _on_disk(train_state: train_lib.TrainState, memory: PyTree) -> dict:
+def _on_disk(train_state: step_lib.TrainState, memory: PyTree) -> dict:
   """The saved layout: ``train_state`` as ``{params, opt_state}`` (as before model state existed)
   and ``model_state`` as an item of its own, present only when it holds arrays."""
   out = {"train_state": {"params": train_state.params, "opt_state": train_state.opt_state},
@@ -220,9 +64,9 @@ def _on_disk(train_state: train_lib.TrainState, memory: PyTree) -> dict:
   return out
 
 
-def _from_disk(state: dict, model_state_like: PyTree) -> train_lib.TrainState:
+def _from_disk(state: dict, model_state_like: PyTree) -> step_lib.TrainState:
   ts = state["train_state"]
-  return train_lib.TrainState(ts["params"], ts["opt_state"],
+  return step_lib.TrainState(ts["params"], ts["opt_state"],
                               state.get("model_state", model_state_like))
 
 
@@ -230,19 +74,14 @@ def _from_disk(state: dict, model_state_like: PyTree) -> train_lib.TrainState:
 def _snapshot(params: PyTree, arrays: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
   """A device-side copy of ``arrays`` (safe from later donation) and whether ``params`` and
   ``arrays`` are finite: one compiled call instead of a dispatch per leaf."""
-  return (jax.tree.map(jnp.copy, arrays), train_lib.all_finite(params),
-          train_lib.all_finite(arrays))
+  return (jax.tree.map(jnp.copy, arrays), step_lib.all_finite(params),
+          step_lib.all_finite(arrays))
 
 
 def _whole_here(tree: PyTree) -> bool:
   """Whether every leaf is a ``jax.Array`` on one device of this process."""
   return all(isinstance(a, jax.Array) and a.is_fully_addressable
              and len(a.sharding.device_set) == 1 for a in jax.tree.leaves(tree))
-
-
-def _host_finite(tree: PyTree) -> bool:
-  return all(bool(np.isfinite(a).all()) for a in jax.tree.leaves(tree)
-             if jnp.issubdtype(a.dtype, jnp.inexact))
 
 
 def _saved_copy(params: PyTree, arrays: PyTree) -> tuple[PyTree, bool, bool]:
@@ -252,27 +91,10 @@ def _saved_copy(params: PyTree, arrays: PyTree) -> tuple[PyTree, bool, bool]:
   less CPU per save, and nothing is compiled); else device copies (:func:`_snapshot`)."""
   if _whole_here(arrays):
     host = jax.device_get(arrays)
-    ok = _host_finite(host)
-    return host, (ok or _host_finite(jax.device_get(params))), ok
+    ok = host_finite(host)
+    return host, (ok or host_finite(jax.device_get(params))), ok
   copy, params_ok, all_ok = _snapshot(params, arrays)
   return copy, bool(params_ok), bool(all_ok)
-
-
-def _verify(meta: dict, state: PyTree) -> None:
-  """Raises ``ValueError`` when restored arrays differ from the checksums saved with them
-  (checkpoints written before checksums existed: when any array is not finite, which no saved
-  state ever was)."""
-  sums = (meta.get("checksums") or {}).get("arrays")
-  if sums is None:
-    if not _host_finite(jax.device_get(state)):
-      raise ValueError("its arrays are not finite (no checksums to check them against)")
-    return
-  got = array_checksums(state)
-  if got is None:
-    return
-  bad = sorted(k for k in set(sums) | set(got) if sums.get(k) != got.get(k))
-  if bad:
-    raise ValueError(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
 
 
 def _num_configs(tree: PyTree) -> int:
@@ -289,7 +111,7 @@ def _non_finite_part(rs: continual.RunState) -> str:
   parts = (("optimizer state", rs.train_state.opt_state),
            ("model state", rs.train_state.model_state), ("importance/memory", rs.memory))
   for name, tree in parts:
-    if not _host_finite(jax.device_get(tree)):
+    if not host_finite(jax.device_get(tree)):
       return name
   return "importance/memory"
 
@@ -321,15 +143,17 @@ class RunCheckpointer:
 
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
-               async_save: bool = True, warn: Callable[[str], Any] | None = None):
+               async_save: bool = True, warn: Callable[[str], Any] | None = None,
+               stop_requested: interrupt.StopRequested | None = None):
     if not isinstance(keep, (int, np.integer)) or keep < 1:
       raise errors.SettingError.invalid("keep", keep, "an integer >= 1")
     if not isinstance(every, (int, np.integer)) or every < 0:
       raise errors.SettingError.invalid("checkpoint_every", every, "an integer >= 0")
     self.directory = Path(directory).absolute()
-    self.config = _jsonable(config)
+    self.config = jsonable(config)
     self.keep, self.every, self.chunk_steps = int(keep), int(every), int(chunk_steps)
     self.async_save = bool(async_save)
+    self.stop_requested = stop_requested
     self._manager = None
     self._next_step: int | None = None
     self._since = 0
@@ -509,7 +333,7 @@ class RunCheckpointer:
           state=ocp.args.StandardRestore(_on_disk(like["train_state"], like["memory"])),
           meta=ocp.args.JsonRestore()))
       meta, state = out.meta, out.state
-      _verify(meta, state)
+      verify(meta, state)
       rs = continual.RunState(
           task=int(meta["task"]), epoch=int(meta["epoch"]), step=int(meta["step"]),
           train_state=_from_disk(state, like["train_state"].model_state), memory=state["memory"],
@@ -535,8 +359,8 @@ class RunCheckpointer:
                                             _on_disk(rs.train_state, rs.memory))
     if not all_ok and rs.diverged:  # a sweep: its diverged configs are NaN, the others must not
       healthy = np.array([k not in rs.diverged for k in range(_num_configs(arrays))])
-      params_ok = _host_finite(_rows(jax.device_get(rs.train_state.params), healthy))
-      all_ok = _host_finite(_rows(jax.device_get(arrays), healthy))
+      params_ok = host_finite(_rows(jax.device_get(rs.train_state.params), healthy))
+      all_ok = host_finite(_rows(jax.device_get(arrays), healthy))
     if not all_ok:
       what = "parameters" if not params_ok else _non_finite_part(rs)
       task = rs.task - 1 if reason == "task" else rs.task
@@ -564,7 +388,7 @@ class RunCheckpointer:
             "config": self.config}
     if rs.diverged is not None:
       meta["diverged"] = {str(k): v for k, v in rs.diverged.items()}
-    meta = _jsonable(meta)
+    meta = jsonable(meta)
     meta["checksums"] = {"arrays": array_checksums(arrays), "meta": meta_checksum(meta)}
     # ``arrays`` are copies: the caller may donate its buffers to the next step while orbax
     # still writes them in the background.
@@ -597,15 +421,15 @@ class RunCheckpointer:
       if self._since >= self.every:
         self.save(rs, reason)
         self._since, saved = 0, True
-    if interrupt.requested() is not None:  # SIGINT/SIGTERM: save this position, then stop
-      if not saved:
+    if self.stop_requested is not None and self.stop_requested() is not None:
+      if not saved:  # a stop requested: save this position, then stop
         self.save(rs, "interrupt")
       self.wait()
-      interrupt.raise_if_requested(rs, saved=True)
+      interrupt.raise_if_requested(rs, self.stop_requested, saved=True)
 
 
 class SweepCheckpointer:
-  """Checkpoints of a sweep (:func:`ewc_jax.sweep.run`): the whole batched run state of every
+  """Checkpoints of a sweep (:func:`ewc_jax.continual.sweep.run`): the whole batched run state of every
   config (a leading config axis; on a mesh, each device's shard) saved like a single run's.
 
   Each chunk of the sweep (``max_parallel``) is one :class:`RunCheckpointer` under
@@ -623,11 +447,12 @@ class SweepCheckpointer:
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
                async_save: bool = True, log: Callable[[str], Any] | None = None,
-               warn: Callable[[str], Any] | None = None):
+               warn: Callable[[str], Any] | None = None,
+               stop_requested: interrupt.StopRequested | None = None):
     self.directory = Path(directory).absolute()
-    self.config = _jsonable(config)
+    self.config = jsonable(config)
     self.kwargs = {"keep": keep, "every": every, "chunk_steps": chunk_steps,
-                   "async_save": async_save, "warn": warn}
+                   "async_save": async_save, "warn": warn, "stop_requested": stop_requested}
     RunCheckpointer(self.directory, {}, **self.kwargs)  # checks keep/every now
     self.log = log
 
@@ -656,25 +481,6 @@ def _remove_unfinished(directory: Path) -> None:
       shutil.rmtree(path, ignore_errors=True)
 
 
-def checkpoint_dirs(root: str | os.PathLike, pattern: str = "seed_*") -> list[Path]:
-  """The per-run checkpoint folders under ``root`` (``root/seed_<s>``; a sweep's:
-  ``pattern="**/chunk_*"``) that hold anything."""
-  root = Path(root)
-  if not root.is_dir():
-    return []
-  return sorted(p for p in root.glob(pattern) if p.is_dir() and any(p.iterdir()))
-
-
-def discard(root: str | os.PathLike) -> bool:
-  """Removes every checkpoint under ``root`` (``--force_restart``); True when there were any."""
-  root = Path(root)
-  if not root.exists():
-    return False
-  shutil.rmtree(root)
-  return True
-
-
-__all__ = ["CheckpointError", "CheckpointFallback", "CorruptCheckpoint", "RunCheckpointer", "SweepCheckpointer", "abstract_run_state",
-           "array_checksums", "checkpoint_dirs", "committed_steps", "config_diff",
-           "describe_position", "discard",
-           "quiet_orbax_errors", "restore_anchors", "save_anchors"]
+__all__ = ["CheckpointError", "CheckpointFallback", "CorruptCheckpoint", "FORMAT",
+           "RunCheckpointer", "SweepCheckpointer", "VERSION", "array_checksums",
+           "committed_steps", "config_diff", "meta_checksum"]

@@ -62,6 +62,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
@@ -215,22 +216,41 @@ def _check_labels(labels, weights, lmask, num_classes: int) -> None:
   """Concrete labels outside [0, C) (where counted) are refused, naming the first."""
   if labels is None or not all(validation.is_concrete(a) for a in (labels, weights, lmask)):
     return
-  y = np.asarray(labels).reshape(labels.shape[0], -1)
-  counted = np.ones(y.shape, bool)
-  if weights is not None:
-    counted &= np.asarray(weights)[:, None] > 0
-  if lmask is not None:
-    counted &= np.asarray(lmask).reshape(y.shape) > 0
-  bad = np.argwhere(counted & ((y < 0) | (y >= num_classes)))
-  if bad.size:
-    i = int(bad[0][0])
-    flat = np.asarray(labels).reshape(-1)
-    where = f"labels[{i}]={int(y[i, bad[0][1]])}" if y.shape[1] > 1 or labels.ndim > 1 else (
-        f"labels[{i}]={int(flat[i])}")
+  if all(validation.host_readable(a) for a in (labels, weights, lmask)):
+    y = np.asarray(labels).reshape(labels.shape[0], -1)
+    counted = np.ones(y.shape, bool)
+    if weights is not None:
+      counted &= np.asarray(weights)[:, None] > 0
+    if lmask is not None:
+      counted &= np.asarray(lmask).reshape(y.shape) > 0
+    bad = np.argwhere(counted & ((y < 0) | (y >= num_classes)))
+    count = len(bad)
+    if count:
+      row, value = int(bad[0][0]), int(y[bad[0][0], bad[0][1]])
+  else:  # spread over several processes: the same search on the devices (docs/multihost.md)
+    with jax.ensure_compile_time_eval():  # now, also while a jit traces (closed-over labels)
+      found = _labels_out_of_range(labels, weights, lmask, num_classes)
+    count, row, value = (int(v) for v in found)
+  if count:
     raise ValueError(
         f"`labels` must lie in [0, {num_classes}) for the {num_classes} logits of `logits_fn`, "
-        f"but {where} ({len(bad)} labels out of range; in domain-incremental "
+        f"but labels[{row}]={value} ({count} labels out of range; in domain-incremental "
         f"learning map global labels to the task's, e.g. label % {num_classes}).")
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _labels_out_of_range(labels, weights, lmask, num_classes: int):
+  """``(count, row, value)``: the counted labels outside [0, C), the first one's row and value
+  (row-major, as ``np.argwhere``); replicated scalars, readable by every process."""
+  y = labels.reshape(labels.shape[0], -1)
+  counted = jnp.ones(y.shape, bool)
+  if weights is not None:
+    counted &= weights[:, None] > 0
+  if lmask is not None:
+    counted &= lmask.reshape(y.shape) > 0
+  bad = (counted & ((y < 0) | (y >= num_classes))).reshape(-1)
+  first = jnp.argmax(bad)
+  return jnp.sum(bad), first // y.shape[1], y.reshape(-1)[first]
 
 
 def _raise_flags(flags, finite, paths, runtime_checks: bool, what: str) -> None:
@@ -593,7 +613,10 @@ def fisher_from_nll(nll_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       row, averaged); without it, the empirical Fisher of the batch's own targets.
     key: PRNG key, required with ``sample_fn``.
     num_samples: draws per row with ``sample_fn``.
-    max_examples, method, leaf_mask, runtime_checks: as in :func:`fisher_from_batches`.
+    max_examples: as in :func:`fisher_from_batches`.
+    method: as in :func:`fisher_from_batches`.
+    leaf_mask: as in :func:`fisher_from_batches`.
+    runtime_checks: as in :func:`fisher_from_batches`.
 
   Example (a Gaussian regression: ℓ = ½ (w·x − y)², ∂ℓ/∂w = (w·x − y) x)::
 

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import backbones
-from ewc_jax.backbones.mlp import MLP  # noqa: F401 (heads.MLP, as before)
 
 PyTree = Any
 SCENARIOS = ("task", "domain", "class")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import re
 import sys
 import threading
@@ -156,22 +155,6 @@ def _settle(active: _ClosedLoopFilter, quiet: float = 0.25, limit: float = 2.0) 
     time.sleep(quiet - idle)
 
 
-class _DropOrbaxErrors(logging.Filter):
-  """Drops orbax's own error logs (with tracebacks) of a failed background save: the failure
-  reaches the caller as one :class:`CheckpointError` anyway."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-def quiet_orbax_errors() -> None:
-  """Installs :class:`_DropOrbaxErrors` on absl's logger (the command line does, without
-  ``--debug``); idempotent."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
-    logger.addFilter(_DropOrbaxErrors())
-
-
 def first_line(err: BaseException, limit: int = 400) -> str:
   """``"Type: first line of the message"``: an orbax/tensorstore error within one line (without
   tensorstore's ``[source locations=...]`` / ``[tensorstore_spec=...]`` annotations; longer
@@ -183,5 +166,4 @@ def first_line(err: BaseException, limit: int = 400) -> str:
   return line if len(line) <= limit else f"{line[:limit // 2 - 2]} ... {line[-(limit // 2 - 3):]}"
 
 
-__all__ = ["closed_loop_noise_dropped", "first_line", "ocp", "quiet_orbax_errors",
-           "wait_for_failed_reads"]
+__all__ = ["closed_loop_noise_dropped", "first_line", "ocp", "wait_for_failed_reads"]

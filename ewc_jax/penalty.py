@@ -300,7 +300,60 @@ def ewc_loss(params: PyTree, anchors: Anchors, *, lam: Any, p: Any = 2.0,
   if stacked is None:
     return jnp.zeros((), jnp.float32)
   on = masks_lib.resolve(leaf_mask, params)
-  return 0.5 * lam * _distance(jax.tree.leaves(params), stacked, p, on)
+  return _half_lambda_times(lam, by_exponent(
+      p, lambda q: _weighted_distance(jax.tree.leaves(params), stacked, q, on)))
+
+
+def ewc_penalty(params: PyTree, *, lam: Any, p: Any = 2.0, anchors: Anchor | None = None,
+                merged: Merged | None = None) -> jax.Array:
+  r""":func:`ewc_loss`'s value, (λ/2) Σ_k Σ_i F_{k,i} |θ_i − θ*_{k,i}|^p, on the memory a
+  compiled train step carries: a stacked ``anchors`` (leaves ``[K, ...]``, free slots of zero
+  importance) and/or their p = 2 statistics ``merged`` (:func:`merge_anchor`). No input checks
+  (it runs inside ``jit`` on memory built by this module); the continual-learning algorithms
+  (:mod:`ewc_jax.algorithms`) call it.
+
+  p = 2 reads ``merged`` when given (one pass instead of one per anchor: same value and
+  gradient); a traced ``p`` chooses at run time (:func:`by_exponent`).
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> a = Anchor(params={"w": jnp.zeros(2)}, importance={"w": jnp.array([1.0, 3.0])})
+    >>> theta = {"w": jnp.ones(2)}
+    >>> float(ewc_penalty(theta, lam=0.5, anchors=stack_anchors([a])))   # 0.25 * (1 + 3)
+    1.0
+    >>> float(ewc_penalty(theta, lam=0.5, merged=merge_anchor(empty_merged(theta), a)))
+    1.0
+  """
+  two = isinstance(p, (int, float)) and p == 2
+  if anchors is None and not (merged is not None and two):
+    raise ValueError(f"`anchors` is None with `merged`={type(merged).__name__} and `p`={p!r}: "
+                     "expected a stacked Anchor, or `merged` statistics with p = 2.")
+  if merged is None:
+    return _half_lambda_times(lam, weighted_distance(params, anchors, p))
+  if anchors is None:
+    return _half_lambda_times(lam, merged_distance(params, merged))
+
+  def distance(q):
+    if isinstance(q, (int, float)) and q == 2:
+      return merged_distance(params, merged)
+    return weighted_distance(params, anchors, q)
+  return _half_lambda_times(lam, by_exponent(p, distance))
+
+
+def _half_lambda_times(lam: Any, distance: jax.Array) -> jax.Array:
+  """λ/2 times the distance: the penalty's one scaling (every penalty of this module)."""
+  return 0.5 * lam * distance
+
+
+def by_exponent(p: Any, distance) -> jax.Array:
+  """``distance(p)``, with ``distance(2.0)`` (the exact ``x * x`` and merged p = 2 paths) when
+  ``p`` is traced and equals 2 at run time: one ``lax.cond`` for the whole penalty, whose
+  gradient keeps both branches' residuals (a general power costs an ``exp`` and a ``log`` per
+  element). A Python number chooses at trace time."""
+  if isinstance(p, (int, float)):
+    return distance(p)
+  return lax.cond(jnp.asarray(p) == 2, lambda: distance(2.0), lambda: distance(p))
 
 
 def weighted_distance(params: PyTree, stacked: Anchor, p: Any = 2.0) -> jax.Array:
@@ -313,15 +366,8 @@ def weighted_distance(params: PyTree, stacked: Anchor, p: Any = 2.0) -> jax.Arra
   """
   params = variables.as_arrays(params)
   flat = _Stacked(jax.tree.leaves(stacked.params), jax.tree.leaves(stacked.importance))
-  return _distance(jax.tree.leaves(params), flat, p, (True,) * len(flat.params))
-
-
-def _distance(theta_leaves, stacked: _Stacked, p, on) -> jax.Array:
-  if not isinstance(p, (int, float)):
-    return lax.cond(jnp.asarray(p) == 2,
-                    lambda: _weighted_distance(theta_leaves, stacked, 2.0, on),
-                    lambda: _weighted_distance(theta_leaves, stacked, p, on))
-  return _weighted_distance(theta_leaves, stacked, p, on)
+  return by_exponent(p, lambda q: _weighted_distance(jax.tree.leaves(params), flat, q,
+                                                     (True,) * len(flat.params)))
 
 
 def _weighted_distance(theta_leaves, stacked, p, on):
@@ -350,7 +396,8 @@ def seed_parity_loss(params: PyTree, anchors: Anchors, *, factor: Any, p: Any = 
   This is not a quadratic penalty; it is here to reproduce that code's numbers.
 
   Args:
-    params, anchors: as in :func:`ewc_loss`.
+    params: as in :func:`ewc_loss`.
+    anchors: as in :func:`ewc_loss`.
     factor: the reference's ``parameter_change_reg_factor`` (> 0).
     p: the reference's ``parameter_change_reg_p_norm`` (> 0).
     task_id: the current task's 1-based id (may be traced). Zero-importance stacked slots
@@ -387,3 +434,9 @@ def clarena_loss(params: PyTree, anchors: Anchors, *, factor: Any) -> jax.Array:
   """
   validation.check_positive("factor", factor)
   return ewc_loss(params, anchors, lam=factor, p=2.0)
+
+
+__all__ = ["Anchor", "Anchors", "Merged", "abs_pow", "anchor_sequence", "by_exponent",
+           "clarena_loss", "empty_anchors", "empty_merged", "ewc_loss", "ewc_penalty",
+           "merge_anchor", "merged_distance", "seed_parity_loss", "set_anchor", "stack_anchors",
+           "weighted_distance"]

@@ -2,6 +2,9 @@
 
 Every check names the argument, shows the value and says what is allowed. Checks run only on
 concrete (non-traced) values, so the same functions stay usable under ``jit``/``vmap``/``grad``.
+An array spread over the devices of several processes (``jax.distributed``), which no process
+can read whole, is checked by a small reduction on its devices instead (every process calls the
+function with the same global arrays, so every process gets the same answer; docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -10,12 +13,27 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 def is_concrete(x: Any) -> bool:
   """True when ``x`` holds a value now (not a tracer inside ``jit``/``vmap``/``grad``)."""
   return not isinstance(x, jax.core.Tracer)
+
+
+def host_readable(x: Any) -> bool:
+  """False for a ``jax.Array`` this process cannot read whole: spread over the devices of several
+  processes and not replicated (``np.asarray`` of it raises)."""
+  return not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
+
+
+@jax.jit
+def _first_negative_or_non_finite(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(count, value)``: how many entries of ``a`` are negative or non-finite, and the first
+  one (row-major); the scalars come back replicated, readable by every process."""
+  bad = jnp.logical_not(jnp.isfinite(a) & (a >= 0)).reshape(-1)
+  return jnp.sum(bad), a.reshape(-1)[jnp.argmax(bad)]
 
 
 def _scalar_values(name: str, value: Any) -> np.ndarray | None:
@@ -62,15 +80,21 @@ def check_importance(name: str, importance: Any) -> None:
       return
     if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float)):
       continue  # e.g. jax.ShapeDtypeStruct (shapes only) or a placeholder
-    arr = np.asarray(leaf)
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
       continue
-    ok = np.isfinite(arr) & (arr >= 0)
-    if not np.all(ok):
-      bad = arr[~ok].reshape(-1)[0]
+    if host_readable(leaf):
+      arr = np.asarray(leaf)
+      bad = arr[~(np.isfinite(arr) & (arr >= 0))].reshape(-1)
+      first = bad[0] if bad.size else None
+    else:
+      with jax.ensure_compile_time_eval():  # now, also while a jit traces (a closed-over leaf)
+        count, value = _first_negative_or_non_finite(leaf)
+      first = np.asarray(value) if int(count) else None
+    if first is not None:
       raise ValueError(
           f"`{name}` must be finite and >= 0 everywhere, but leaf "
-          f"{jax.tree_util.keystr(path)} has value {_fmt(bad)}.")
+          f"{jax.tree_util.keystr(path)} has value {_fmt(first)}.")
 
 
 def check_same_structure(name: str, reference: Any, other: Any, reference_name: str = "params") -> None:

@@ -23,9 +23,13 @@ from absl import flags
 
 from ewc_jax import errors
 from ewc_jax import interrupt
+from experiments import compile_cache
 from experiments import config as config_lib
 from experiments import config_flags
 from experiments import defaults
+from experiments import files
+from experiments import lock
+from experiments import orbax_logs
 from experiments import signals
 
 FLAGS = flags.FLAGS
@@ -87,13 +91,12 @@ def quiet_logging() -> None:
 
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
   if not FLAGS["verbosity"].present and not FLAGS.debug:
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
     if os.environ.get("JAX_LOG_COMPILES", "").lower() in ("1", "true"):  # asked for: kept
       logging.getLogger("jax").setLevel(logging.WARNING)
-    checkpoint.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
+    orbax_logs.quiet_orbax_errors()  # a failed save is reported as one line (CheckpointError)
     warnings.showwarning = _one_line_warning  # Python warnings: "warning: ..." (no source line)
 
 
@@ -118,8 +121,8 @@ def user_errors():
   try:
     yield
   except interrupt.Interrupted as err:  # SIGINT/SIGTERM at a chunk boundary: one line
-    print(str(err), file=sys.stderr, flush=True)
-    sys.exit(err.exit_code)
+    print(signals.interrupted_line(err), file=sys.stderr, flush=True)
+    sys.exit(signals.exit_code(err.signum))
   except (ValueError, data.DataError, continual.NumericalError, OSError) as err:
     if FLAGS.debug:
       raise
@@ -147,8 +150,6 @@ def workdir_locked(workdir: str) -> Iterator[Path]:
   """``workdir`` checked (created if needed) and locked for the block (another run on it exits
   2 at once); on an error inside, the lock file and the folders created here are removed again
   when nothing was written into them."""
-  from experiments import files  # pylint: disable=import-outside-toplevel
-  from experiments import lock  # pylint: disable=import-outside-toplevel
   with files.workdir_claimed(workdir) as path, lock.hold(path):
     yield path
 
@@ -157,20 +158,18 @@ def run_main(benchmark: str, argv, start_time: float) -> None:
   """absl ``main`` body of a benchmark's script: flags -> config -> ``train_and_evaluate``.
 
   The workdir is checked and locked first, then the settings are checked, then the run (with
-  :func:`ewc_jax.interrupt.catch`'s stop requests; before it, a signal ends the process at
+  :func:`experiments.signals.catch`'s stop requests; before it, a signal ends the process at
   once: :mod:`experiments.signals`)."""
-  from experiments import compile_cache  # pylint: disable=import-outside-toplevel
   from experiments import train  # pylint: disable=import-outside-toplevel
   import_seconds = time.perf_counter() - start_time
   quiet_logging()
   with user_errors():
     check_arguments(argv)
     with workdir_locked(FLAGS.workdir) as workdir:
-      config = config_from_flags(benchmark)
-      config.validate()
+      config = config_from_flags(benchmark)  # checked first thing by train_and_evaluate
       if config.compile_cache:
         compile_cache.enable()
-      with interrupt.catch():
+      with signals.catch():
         train.train_and_evaluate(config, workdir, import_seconds=import_seconds,
                                  start_time=start_time)
 

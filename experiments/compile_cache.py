@@ -81,17 +81,18 @@ def executables(parts: dict, *arrays) -> executable_cache.Cached:
                                  key)
 
 
-ARGUMENTS = ("seed", "lam", "gamma", "lr")  # run settings the programs take as arguments
-
-
-def run_executables(config, run, built, preprocess, train, test,
-                    arguments: tuple[str, ...] = ARGUMENTS) -> executable_cache.Cached:
+def run_executables(config, run, built, preprocess, train, test, *,
+                    dynamic_p: bool = False) -> executable_cache.Cached:
   """The store and key of the programs of ``run`` (an experiment's ``continual.Config``):
-  they are built from its settings but ``arguments`` (the seed's PRNG keys and
-  ``continual.hyper_of``'s λ, γ and learning rate; a sweep's swept p too), the class groups,
+  they are built from its settings but the programs' arguments
+  (``continual.program_arguments(dynamic_p)``: the seed's PRNG keys, λ, γ and the learning
+  rate, and p when a sweep varies it), the class groups,
   the input normalisation (``config.input_norm_name`` and ``preprocess``'s statistics) and the
   shapes of ``train`` / ``test``."""
   import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from ewc_jax import continual  # pylint: disable=import-outside-toplevel
+  arguments = continual.program_arguments(dynamic_p)
   settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in arguments}
   norm = {"name": config.input_norm_name, "mean": getattr(preprocess, "mean", None),
           "std": getattr(preprocess, "std", None)}

@@ -21,11 +21,12 @@ benchmark and scenario (:mod:`experiments.defaults`), then the dataclasses' defa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from ewc_jax import continual
 from ewc_jax import errors
-from experiments import benchmark as benchmark_lib
+from experiments import task_sequences as benchmark_lib
 from experiments import defaults
 from experiments import input_norm
 
@@ -100,8 +101,9 @@ class ExperimentConfig:
   keep: int = setting(2, "Number of newest checkpoints kept (>= 1).")
   run: continual.Config = continual.Config()
 
-  @property
+  @functools.cached_property
   def bench(self) -> benchmark_lib.Benchmark:
+    """The task sequence ``benchmark`` names (looked up once per config)."""
     return benchmark_lib.get(self.benchmark)
 
   @property
@@ -205,7 +207,7 @@ class ExperimentConfig:
             "input_norm": self.input_norm_name, **dataclasses.asdict(self.run)}
 
 
-SWEPT = ("lam", "p", "gamma", "lr")  # the Config fields a sweep takes lists of (and seeds)
+SWEPT = continual.HYPER_FIELDS  # the Config fields a sweep takes lists of (and seeds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,12 +245,12 @@ class SweepConfig:
 
   def configs(self) -> list[continual.Config]:
     """Every combination, as :class:`ewc_jax.continual.Config` (seed varies fastest)."""
-    from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+    from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
     return sweep.grid(self.experiment.run, **self.values)
 
   def validate(self) -> None:
     """The experiment's checks, then each list and every config of the grid."""
-    from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+    from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
     self.experiment.validate()
     for name in SWEPT:
       values = tuple(getattr(self, name))

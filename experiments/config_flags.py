@@ -64,8 +64,8 @@ def _base(kind: Any) -> Any:
 
 def _default_text(name: str, default: Any, per_benchmark: frozenset[str]) -> str:
   if name in per_benchmark:
-    return (" Default: per benchmark and scenario (README, 'Defaults and how they were "
-            "chosen').")
+    return (" Default: per benchmark and scenario (docs/cli.md, 'Defaults and how they "
+            "were chosen').")
   if default is None or default is dataclasses.MISSING:
     return ""
   if isinstance(default, tuple):

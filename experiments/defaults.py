@@ -1,4 +1,4 @@
-"""Default protocol of each benchmark, scenario and backbone, chosen by measurement (README:
+"""Default protocol of each benchmark, scenario and backbone, chosen by measurement (docs/cli.md:
 "Defaults and how they were chosen"; the sweeps behind them are in ``docs/defaults/``).
 
 A flag the user does not set takes its value from :data:`BACKBONE_DEFAULTS` for the benchmark,

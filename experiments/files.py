@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -108,3 +109,21 @@ def workdir_claimed(workdir: str | os.PathLike) -> Iterator[Path]:
   finally:
     if not ok:
       _remove_if_empty(created)
+
+
+def checkpoint_dirs(root: str | os.PathLike, pattern: str = "seed_*") -> list[Path]:
+  """The per-run checkpoint folders under ``root`` (``root/seed_<s>``; a sweep's:
+  ``pattern="**/chunk_*"``) that hold anything."""
+  root = Path(root)
+  if not root.is_dir():
+    return []
+  return sorted(p for p in root.glob(pattern) if p.is_dir() and any(p.iterdir()))
+
+
+def discard(root: str | os.PathLike) -> bool:
+  """Removes every checkpoint under ``root`` (``--force_restart``); True when there were any."""
+  root = Path(root)
+  if not root.exists():
+    return False
+  shutil.rmtree(root)
+  return True

@@ -28,7 +28,7 @@ def measure(seed: int = 0, steps: int = 2000, draws: int = 5, subset_size: int =
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from ewc_jax import continual, fisher, heads, subset  # pylint: disable=import-outside-toplevel
-  from ewc_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import step as train_lib  # pylint: disable=import-outside-toplevel
   from experiments import config as config_lib  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
   from experiments import train  # pylint: disable=import-outside-toplevel

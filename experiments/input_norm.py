@@ -85,8 +85,8 @@ def make(name: str, train_images: np.ndarray | None = None) -> Callable:
   statistics from ``train_images``."""
   check(name)
   if name == "none":
-    from ewc_jax import train  # pylint: disable=import-outside-toplevel
-    return train.scale_pixels
+    from ewc_jax.continual import step as step_lib  # pylint: disable=import-outside-toplevel
+    return step_lib.scale_pixels
   if name == "mnist":
     return mnist_normalize
   if train_images is None:

@@ -4,7 +4,7 @@ Hsu et al. 2018 (Split MNIST) and van de Ven & Tolias 2019 (Split and Permuted M
 :class:`Setup` in :data:`PROTOCOLS` (looked up with :func:`get_setup`): what the paper trained
 (widths, learning rate, batch, tasks, training length, Fisher, input preprocessing), what it
 reported (mean ± std or SEM per algorithm and scenario) and its λ, γ with the translation onto
-our penalty (λ/2) Σ F (θ − θ*)², F the mean per-example Fisher (see README).
+our penalty (λ/2) Σ F (θ − θ*)², F the mean per-example Fisher (see docs/reproducing.md).
 :func:`hyper_for` and :func:`length_for` give a row's λ, γ and training length in our terms.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from experiments import benchmark as benchmark_lib
+from experiments import task_sequences as benchmark_lib
 
 SCENARIOS = ("task", "domain", "class")
 SCENARIO_TITLES = {"task": "Task-IL", "domain": "Domain-IL", "class": "Class-IL"}

@@ -1,6 +1,6 @@
 """The benchmarks' task sequences: Split and Permuted versions of a 28x28 10-class dataset.
 
-Each builder returns a :class:`Tasks`: padded train/test :class:`ewc_jax.train.TaskData` and the
+Each builder returns a :class:`Tasks`: padded train/test :class:`ewc_jax.continual.task_data.TaskData` and the
 class groups (what each task's classes are, for building the network of a scenario).
 """
 
@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 import jax
 import numpy as np
 
-from ewc_jax.train import TaskData
+from ewc_jax.continual.task_data import TaskData
 from experiments import tasks as tasks_lib
 
 

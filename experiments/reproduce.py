@@ -9,7 +9,7 @@ r"""Reproduce published EWC tables: Hsu et al. 2018 and van de Ven & Tolias 2019
 The command line only: the flags become one validated :class:`Options` (a bad value is refused
 with one line naming the flag, the value and what is allowed; exit 2), then
 :func:`experiments.reproduce_runner.reproduce` runs the rows. Each (scenario, algorithm) is one
-``ewc_jax.sweep.run`` over the seeds, with the paper's hyperparameters translated to our
+``ewc_jax.continual.sweep.run`` over the seeds, with the paper's hyperparameters translated to our
 conventions (:mod:`experiments.paper_tables`) and its protocol controls. Results accumulate in a
 JSON store (``--json``, default ``--out`` with ``.json``; :mod:`experiments.results_store`) keyed
 by protocol / benchmark / variant / scenario / algorithm, and the tables of every stored result
@@ -42,6 +42,7 @@ from experiments import compile_cache  # noqa: E402
 from experiments import files  # noqa: E402
 from experiments import progress as progress_lib  # noqa: E402
 from experiments import reproduce_runner  # noqa: E402
+from experiments import signals  # noqa: E402
 from experiments.paper_tables import BENCHMARKS, SCENARIOS, Setup, get_setup  # noqa: E402
 
 flags.DEFINE_enum("protocol", "hsu", ["hsu", "vandeven"], "Which paper's protocol.")
@@ -157,12 +158,12 @@ def main(argv):
   """Flags -> :class:`Options` -> the runner; user errors are one ``error:`` line, exit 2."""
   del argv
   import jax  # pylint: disable=import-outside-toplevel
-  from ewc_jax import checkpoint, interrupt  # pylint: disable=import-outside-toplevel
-  from experiments import data, lock  # pylint: disable=import-outside-toplevel
+  from ewc_jax import interrupt  # pylint: disable=import-outside-toplevel
+  from experiments import data, lock, orbax_logs  # pylint: disable=import-outside-toplevel
   if not FLAGS.debug:
-    checkpoint.quiet_orbax_errors()
+    orbax_logs.quiet_orbax_errors()
   try:
-    with interrupt.catch(), contextlib.ExitStack() as held:
+    with signals.catch(), contextlib.ExitStack() as held:
       opts = Options.from_flags(FLAGS)
       for path in (opts.out, opts.json_path):
         files.check_workdir(str(path.parent))
@@ -182,14 +183,14 @@ def main(argv):
       t0 = time.perf_counter()
       progress = ((lambda prefix: progress_lib.make(True, prefix)) if opts.progress else None)
       reproduce_runner.reproduce(
-          opts.setup, opts.algos, opts.scenarios, opts.seeds, ds, opts.out, opts.json_path,
-          overrides, progress=progress, log=lambda *a, **k: print(*a, **k, flush=True),
+          opts.setup, opts.algos, opts.scenarios, opts.seeds, ds, out=opts.out,
+          json_path=opts.json_path, overrides=overrides, progress=progress, log=lambda *a, **k: print(*a, **k, flush=True),
           checkpoint_root=root, checkpoint_every=opts.checkpoint_every, rerun=opts.rerun)
       print(f"total {time.perf_counter() - t0:.0f} s (startup {t0 - _START:.1f} s); "
             f"wrote {opts.out} and {opts.json_path}")
   except interrupt.Interrupted as err:
-    print(str(err), file=sys.stderr, flush=True)
-    sys.exit(err.exit_code)
+    print(signals.interrupted_line(err), file=sys.stderr, flush=True)
+    sys.exit(signals.exit_code(err.signum))
   except jax.errors.JaxRuntimeError:
     raise
   except (ValueError, data.DataError, OSError) as err:

@@ -1,6 +1,6 @@
 """Runs the papers' rows: each (scenario, algorithm) one vmapped sweep over the seeds.
 
-:func:`run_one` trains one row on the tasks of the benchmark registry (``experiments.benchmark``)
+:func:`run_one` trains one row on the tasks of the benchmark registry (``experiments.task_sequences``)
 and the network of ``heads.make_network``, with the paper's hyperparameters in our terms
 (:mod:`experiments.paper_tables`) and its protocol controls: training length per task as the
 paper counts it (iterations, ``Config.steps_per_task``, or epochs), Adam kept across tasks,
@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Sequence
 
 from experiments import environment as environment_lib
+from experiments import files
 from experiments import results_report
 from experiments import results_store
+from experiments import signals
 from experiments.paper_tables import BENCHMARKS, SCENARIO_TITLES, Setup, hyper_for, length_for
 
 
@@ -73,8 +75,8 @@ def hsu_preprocess(x):
 
 def preprocess_fn(setup: Setup):
   """The input preprocessing of ``setup``'s paper: Hsu et al.'s, or pixels / 255."""
-  from ewc_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  return hsu_preprocess if setup.preprocess == "hsu" else train_lib.scale_pixels
+  from ewc_jax.continual import step as step_lib  # pylint: disable=import-outside-toplevel
+  return hsu_preprocess if setup.preprocess == "hsu" else step_lib.scale_pixels
 
 
 def iterations(cfg, count: int) -> int:
@@ -83,7 +85,7 @@ def iterations(cfg, count: int) -> int:
   return (epochs - 1) * steps + last
 
 
-def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
+def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds, *,
             overrides: Overrides = Overrides(), progress=None, log=print, tag: str = "",
             checkpointer=None) -> dict:
   """Trains ``algo`` in ``scenario`` for every seed (one vmapped sweep); returns the record.
@@ -91,7 +93,8 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
   ``checkpointer``: an ``ewc_jax.checkpoint.SweepCheckpointer`` (the sweep's state is saved
   after each task and resumed from when its folder holds it), or None."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import continual, heads, sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax import continual, heads  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   if algo not in setup.published:
@@ -126,7 +129,7 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds,
   net = heads.make_network(scenario, built.class_groups, base.hidden)
   result = sweep.run(sweep.grid(base, seed=[int(s) for s in seeds]), net, train, test,
                      preprocess=preprocess_fn(setup), progress=progress,
-                     checkpointer=checkpointer)
+                     checkpointer=checkpointer, stop_requested=signals.requested)
   acc = np.asarray(result.acc_matrix, np.float64)           # [K, T, T]
   final = 100.0 * acc[:, -1, :].mean(-1)                     # average accuracy per seed (%)
   mean, err = setup.published[algo][scenario]
@@ -172,7 +175,7 @@ def checkpoint_folder(root: Path, key: str) -> Path:
 
 
 def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
-              seeds: Sequence[int], ds, out: Path, json_path: Path,
+              seeds: Sequence[int], ds, *, out: Path, json_path: Path,
               overrides: Overrides = Overrides(), progress=None, log=print,
               checkpoint_root: Path | None = None, checkpoint_every: int = 0,
               rerun: bool = False) -> dict:
@@ -206,13 +209,14 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
             checkpoint_folder(checkpoint_root, key),
             {"record": key, "seeds": [int(s) for s in seeds],
              "dataset": f"{ds.name}:{ds.version}"},
-            every=checkpoint_every, log=lambda line: log(f"  {line}"))
-      rec = run_one(setup, algo, scenario, seeds, ds, overrides,
+            every=checkpoint_every, log=lambda line: log(f"  {line}"),
+            stop_requested=signals.requested)
+      rec = run_one(setup, algo, scenario, seeds, ds, overrides=overrides,
                     progress=progress(prefix) if progress else None, log=log,
                     tag=tag, checkpointer=saver)
       store = results_store.add_record(json_path, key, rec, environment)
       results_store.save(store, json_path)
       results_report.write_markdown(store, out)
       if saver is not None:
-        checkpoint.discard(saver.directory)
+        files.discard(saver.directory)
   return results_store.load_store(json_path)

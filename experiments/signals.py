@@ -6,8 +6,14 @@ with one line on stderr and status 130 / 143, whatever it is doing (importing, p
 compiling). Nothing is half-written then: the outputs are written atomically, and the
 workdir's lock file and a workdir this process created and left empty are removed (the
 :func:`cleanup` callbacks registered by :mod:`experiments.lock` and :mod:`experiments.files`).
-Once training starts, :func:`ewc_jax.interrupt.catch` takes over (a stop requested at the next
-chunk boundary, saved) and gives these handlers back when training ends.
+Once training starts, :func:`catch` takes over: the first SIGINT or SIGTERM (what cluster
+schedulers send before preempting) only *requests* a stop (:func:`requested`, the
+``stop_requested`` of :class:`ewc_jax.checkpoint.RunCheckpointer` and of
+:func:`ewc_jax.interrupt.stop_hook`): the run goes on to the end of the current train chunk or
+task, saves that position and raises :class:`ewc_jax.interrupt.Interrupted`; the command line
+prints :func:`interrupted_line` and exits :func:`exit_code` (130 / 143). A second signal while
+the first is pending ends the process at once (nothing more saved; checkpoints are atomic, so
+the last complete one stays the newest). The handlers of :func:`install` come back after.
 
 :func:`exit_now` is the end of every command line, success or failure: the streams flushed,
 then ``os._exit``, so that no thread left behind (orbax's writer and signalling threads after a
@@ -21,9 +27,13 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Iterator
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _cleanups: list[Callable[[], None]] = []  # run, newest first, by exit_now and the handlers
+_requested: int | None = None  # the signal number of a pending stop request (inside catch)
+_catching = False
 
 
 def _name(signum: int) -> str:
@@ -59,8 +69,54 @@ def _handler(signum: int, frame) -> None:  # pylint: disable=unused-argument
 
 def install() -> None:
   """SIGINT and SIGTERM end the process at once (one line, exit 130 / 143, cleanups run)."""
-  for s in (signal.SIGINT, signal.SIGTERM):
+  for s in SIGNALS:
     signal.signal(s, _handler)
+
+
+def exit_code(signum: int) -> int:
+  """128 + the signal number: 130 for SIGINT, 143 for SIGTERM (the shell's codes)."""
+  return 128 + int(signum)
+
+
+def requested() -> int | None:
+  """The signal number of a pending stop request, or None."""
+  return _requested
+
+
+def _stop_handler(signum: int, frame) -> None:  # pylint: disable=unused-argument
+  global _requested  # pylint: disable=global-statement
+  if _requested is not None:  # the second one: leave now
+    try:
+      os.write(2, f"interrupted again ({_name(signum)}): exiting now without saving "
+                  "(the last complete checkpoint is kept)\n".encode())
+    finally:
+      os._exit(exit_code(signum))  # pylint: disable=protected-access
+  _requested = signum  # the run's one line comes when it stops (Interrupted)
+
+
+@contextlib.contextmanager
+def catch() -> Iterator[None]:
+  """Installs the stop-request handlers of SIGINT and SIGTERM for the ``with`` block (only in
+  the main thread; elsewhere a no-op) and restores the previous ones after it."""
+  global _requested, _catching  # pylint: disable=global-statement
+  if threading.current_thread() is not threading.main_thread() or _catching:
+    yield
+    return
+  previous = {s: signal.getsignal(s) for s in SIGNALS}
+  _requested, _catching = None, True
+  for s in SIGNALS:
+    signal.signal(s, _stop_handler)
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+    _requested, _catching = None, False
+
+
+def interrupted_line(err) -> str:
+  """The command line's one line for an :class:`ewc_jax.interrupt.Interrupted`."""
+  return f"{err}; run the same command to resume" if err.saved else str(err)
 
 
 @contextlib.contextmanager
@@ -75,4 +131,5 @@ def cleanup(fn: Callable[[], None]) -> Iterator[None]:
       _cleanups.remove(fn)
 
 
-__all__ = ["cleanup", "exit_now", "install"]
+__all__ = ["SIGNALS", "catch", "cleanup", "exit_code", "exit_now", "install", "interrupted_line",
+           "requested"]

@@ -8,7 +8,7 @@ Swept flags take comma-separated lists: --lam, --p, --lr, --gamma and --seeds (o
 the sweep is their product. Every other flag of experiments.split_mnist / permuted_mnist keeps
 its meaning and is shared by all configs. All configs are trained together as one program with
 a leading config axis (``jax.vmap`` of the single run; each config gives the single run's
-result), sharded over all devices (``ewc_jax.sweep``); --max_parallel=N runs at most N at a time.
+result), sharded over all devices (``ewc_jax.continual.sweep``); --max_parallel=N runs at most N at a time.
 Permuted MNIST's permutations follow the seed, so there each seed is its own sweep (its data).
 
 Sweeps hold out --validation_fraction=0.1 of each task's training data by default (the same
@@ -43,9 +43,9 @@ from pathlib import Path  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from ewc_jax import interrupt  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
+from experiments import signals  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_flags(config_cls=config_lib.SweepConfig, shown_defaults=config_lib.SWEEP_DEFAULTS)
@@ -88,7 +88,7 @@ def _main(held: contextlib.ExitStack, import_seconds: float) -> None:
     workdir = held.enter_context(cli.workdir_locked(FLAGS.workdir))
   if config.experiment.compile_cache:
     compile_cache.enable()
-  with interrupt.catch():
+  with signals.catch():
     record = train_sweep.train_and_evaluate_sweep(
         config, workdir, writer=writer, checkpoints=checkpoints, import_seconds=import_seconds,
         start_time=_START)

@@ -1,4 +1,4 @@
-"""Turning a labelled image dataset into a padded sequence of tasks (``ewc_jax.train.TaskData``)."""
+"""Turning a labelled image dataset into a padded sequence of tasks (``ewc_jax.continual.task_data.TaskData``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ewc_jax.task_data import pad_tasks
-from ewc_jax.train import TaskData
+from ewc_jax.continual.task_data import pad_tasks
+from ewc_jax.continual.task_data import TaskData
 
 SPLIT_MNIST_CLASSES = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 

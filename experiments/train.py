@@ -27,6 +27,7 @@ from experiments import files
 from experiments import input_norm
 from experiments import progress as progress_lib
 from experiments import report
+from experiments import signals
 
 
 def load_dataset(config: config_lib.ExperimentConfig):
@@ -53,33 +54,19 @@ def for_dataset(config: config_lib.ExperimentConfig, ds) -> config_lib.Experimen
 
 def check_batch_size(batch_size: int, counts, validation_fraction: float = 0.0,
                      max_examples: int | None = None) -> None:
-  """The batch must fit in the smallest task's training set (after the validation split is held
-  out); the message blames the setting that made the task that small (``max_examples``,
-  ``validation_fraction``) when one did."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import holdout  # pylint: disable=import-outside-toplevel
-  counts = np.asarray(counts)
-  trained = np.array([c - holdout.num_held_out(int(c), validation_fraction) for c in counts])
-  smallest, task = int(trained.min()), int(trained.argmin()) + 1
-  if batch_size <= smallest:
-    return
-  count = int(counts[task - 1])
-  held = count - smallest
-  if held and smallest <= count // 2:  # the split took most of the task
-    raise errors.SettingError(lambda n: (
-        f"{n('validation_fraction')}={validation_fraction!r} is invalid here: it holds out "
-        f"{held} of task {task}'s {count} training examples, leaving {smallest}, fewer than "
-        f"{n('batch_size')}={batch_size}; expected a smaller fraction (or a smaller batch)."))
-  if max_examples is not None and count >= max_examples:
-    raise errors.SettingError(lambda n: (
+  """:func:`ewc_jax.continual.holdout.check_batch_size`, blaming ``max_examples`` when it made
+  the smallest task too small for one batch."""
+  from ewc_jax.continual import holdout  # pylint: disable=import-outside-toplevel
+
+  def blame(task, count, kept, held):
+    if max_examples is None or count < max_examples:
+      return None
+    return errors.SettingError(lambda n: (
         f"{n('max_examples')}={max_examples!r} is too small for {n('batch_size')}={batch_size}: "
-        f"task {task} keeps {smallest} training examples"
+        f"task {task} keeps {kept} training examples"
         + (" after the validation split" if held else "")
         + f"; expected {n('max_examples')} large enough for one batch (or a smaller batch)."))
-  raise errors.SettingError(lambda n: (
-      f"{n('batch_size')}={batch_size} is invalid: expected at most {smallest}, the number of "
-      f"training examples of the smallest task (task {task}"
-      + (", after holding out the validation split" if held else "") + ")."))
+  holdout.check_batch_size(batch_size, counts, validation_fraction, blame=blame)
 
 
 def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern: str = "seed_*",
@@ -87,10 +74,10 @@ def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern
   """``force_restart`` discards old checkpoints; ``resume=False`` refuses existing ones; with
   ``identity``, each existing run's checkpoints must come from it."""
   if config.force_restart:
-    if checkpoint.discard(root):
+    if files.discard(root):
       print(f"--force_restart: discarded the checkpoints in {root}")
     return
-  existing = checkpoint.checkpoint_dirs(root, pattern)
+  existing = files.checkpoint_dirs(root, pattern)
   if existing and not config.resume:
     raise errors.SettingError(lambda n: (
         f"{n('resume', False)}: {root} already holds checkpoints; pass {n('resume')} to "
@@ -125,7 +112,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.Pa
                                {"import": import_seconds, "load": load_seconds}, start_time)
 
 
-def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
+def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess, *,
               workdir: Path, savers: contextlib.ExitStack, identity: dict) -> tuple[Any, dict]:
   """One seed, checkpointed (resumed when a checkpoint exists): ``(result, entry fields)``."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -137,16 +124,16 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
   ckpt = savers.enter_context(checkpoint.RunCheckpointer(
       workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,
       every=config.checkpoint_every, chunk_steps=run.chunk_steps,
-      warn=report.warning)) if config.checkpoint else None
-  resume = (ckpt.restore(lambda: checkpoint.abstract_run_state(run, net, train,
+      warn=report.warning, stop_requested=signals.requested)) if config.checkpoint else None
+  resume = (ckpt.restore(lambda: continual.abstract_run_state(run, net, train,
                                                                preprocess=preprocess))
             if ckpt is not None else None)
   resumed_from = None
   if resume is not None:
     resumed_from = str(ckpt.step_path(ckpt.restored_step))
-    where = checkpoint.describe_position(resume, run, np.asarray(train.counts))
+    where = continual.describe_position(resume, run, np.asarray(train.counts))
     print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
-  hook = ckpt if ckpt is not None else interrupt.check
+  hook = ckpt if ckpt is not None else interrupt.stop_hook(signals.requested)
   if config.tensorboard:  # scalars first: an interrupt raised by the checkpointer keeps them
     from experiments import tensorboard  # pylint: disable=import-outside-toplevel
     logger = tensorboard.ScalarLogger(workdir / "tensorboard" / f"seed_{run.seed}",
@@ -173,7 +160,7 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
                         savers: contextlib.ExitStack, start: dict,
                         start_time: float | None) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
 
   seeds = config.seed_list
   identity = config.identity(f"{ds.name}:{ds.version}")
@@ -193,7 +180,8 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
         # matplotlib's import overlaps the training (not the data: both hold the GIL).
         from experiments import plots  # pylint: disable=import-outside-toplevel
         plots.prefetch()
-    result, extra = _run_seed(config, run, built, preprocess, workdir, savers, identity)
+    result, extra = _run_seed(config, run, built, preprocess, workdir=workdir, savers=savers,
+                              identity=identity)
     timings = {"import": start["import"], "data": data_seconds, **result.timings,
                "checkpoint": extra["checkpoint"]}
     entry = {"seed": seed, "resumed_from": extra["resumed_from"],
@@ -215,7 +203,7 @@ def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
   """results.json: the mean (± std) matrix and metrics over seeds, every seed's run, the
   config, timings and environment."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
   mats = np.array([r["acc_matrix"] for r in runs])
   mean, std = mats.mean(0), mats.std(0)
   per_seed = {k: [r[k] for r in runs] for k in ("average_accuracy", "bwt")}

@@ -1,7 +1,7 @@
 """``train_and_evaluate_sweep(config, workdir)``: a vmapped sweep from its config, reading no flag.
 
 Every combination of the swept values (:class:`experiments.config.SweepConfig`) is trained at
-once through :func:`ewc_jax.sweep.run` (one program with a leading config axis, sharded over the
+once through :func:`ewc_jax.continual.sweep.run` (one program with a leading config axis, sharded over the
 devices; ``max_parallel`` at a time). When the benchmark's data follow the seed (Permuted
 MNIST's permutations), each seed is its own sweep on its own data. Writes ``results.json``
 (every config's test and validation matrices, metrics and curves, and the table ranked by
@@ -21,6 +21,7 @@ from experiments import files
 from experiments import input_norm
 from experiments import progress as progress_lib
 from experiments import report
+from experiments import signals
 from experiments import train as train_lib
 
 
@@ -41,8 +42,8 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from ewc_jax import continual  # pylint: disable=import-outside-toplevel
-  from ewc_jax import metrics  # pylint: disable=import-outside-toplevel
-  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   exp = config.experiment
@@ -81,19 +82,19 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
           root / f"group_{g}", {**ident, "group": g, "members": members}, keep=exp.keep,
           every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
           log=lambda line, prefix=prefix: print(prefix + line, flush=True),
-          warn=lambda line, prefix=prefix: report.warning(prefix + line))
+          warn=lambda line, prefix=prefix: report.warning(prefix + line),
+          stop_requested=signals.requested)
     executables = None
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
       from experiments import compile_cache  # pylint: disable=import-outside-toplevel
       swept = sweep.swept_names(configs)
-      executables = compile_cache.run_executables(
-          exp, first, built, preprocess, train, test,
-          arguments=compile_cache.ARGUMENTS + (("p",) if "p" in swept else ()))
+      executables = compile_cache.run_executables(exp, first, built, preprocess, train, test,
+                                                  dynamic_p="p" in swept)
     result = sweep.run([configs[k] for k in members], net, train, test,
                        preprocess=preprocess, executables=executables,
                        max_parallel=config.max_parallel,
                        progress=progress if exp.progress else None, chunk_progress=on_chunk,
-                       checkpointer=saver)
+                       checkpointer=saver, stop_requested=signals.requested)
     for j, k in enumerate(members):
       acc[k], curves[k] = result.acc_matrix[j], result.curves[j]
       if j in (result.diverged or {}):
@@ -183,14 +184,15 @@ def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer:
   result, layouts, built = run_sweep(config, ds, saves)
   if not writer:
     return None
-  return write_outputs(config, result, layouts, built, ds, workdir,
-                       {"import": import_seconds, "load": load_seconds}, start_time)
+  return write_outputs(config, result, workdir, layouts=layouts, built=built, ds=ds,
+                       extra_timings={"import": import_seconds, "load": load_seconds},
+                       start_time=start_time)
 
 
-def write_outputs(config: config_lib.SweepConfig, result, layouts, built, ds, workdir: Path,
+def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layouts, built, ds,
                   extra_timings: dict, start_time: float | None = None) -> dict:
   """results.json, average_accuracy.png and the printed table."""
-  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   exp, base = config.experiment, config.experiment.run
   rows = sweep.table(result)
   keys = [n for n in result.swept if n != "seed"]

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from ewc_jax import continual
-from ewc_jax.task_data import pad_tasks
+from ewc_jax.continual.task_data import pad_tasks
 
 T = 3
 IMAGE = (8, 8, 3)

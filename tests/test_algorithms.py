@@ -174,14 +174,14 @@ def test_ewc_merged_and_online_ewc():
     np.testing.assert_allclose(float(got[name][0]), float(got[ref][0]), rtol=1e-5)
     assert_trees_close(got[name][1], got[ref][1])
   assert abs(float(got["online"][0]) - float(got["ewc"][0])) > 1e-3 * float(got["ewc"][0])
-  with pytest.raises(ValueError, match="p=3"):
+  with pytest.raises(ValueError, match="`p`=3"):
     algorithms.ewc_merged(p=3.0)
 
 
 def test_unknown_names_raise():
-  with pytest.raises(ValueError, match="penalty='quadratic'"):
+  with pytest.raises(ValueError, match="`penalty`='quadratic'"):
     algorithms.ewc("quadratic")
-  with pytest.raises(ValueError, match="algo='si'"):
+  with pytest.raises(ValueError, match="`algo`='si'"):
     algorithms.make("si")
   with pytest.raises(ValueError, match="penalty"):
     algorithms.make("online_ewc", penalty="seed")

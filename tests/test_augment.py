@@ -51,7 +51,8 @@ def test_bad_inputs_are_refused():
 def test_runner_augments_training_batches_only_and_deterministically():
   """Config.augment: a run differs from the un-augmented one, repeats itself bit for bit, and
   a 2-config sweep (vmapped) gives each config's single run."""
-  from ewc_jax import continual, sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax import continual  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   import runs  # pylint: disable=import-outside-toplevel
   train, test = runs.image_tasks(48, 1), runs.image_tasks(24, 2)
   base = continual.Config(algo="ewc", hidden=(16,), epochs=1, batch_size=16, lam=10.0,

@@ -5,8 +5,7 @@ run of conftest's ``resnet18_run`` is shared with the compile-count and resume t
 """
 
 import dataclasses
-import re
-from pathlib import Path
+import functools
 
 import flax.linen as nn
 import jax
@@ -17,7 +16,8 @@ from flax import nnx
 from flax.nnx import bridge
 from jax import lax
 
-from ewc_jax import backbones, checkpoint, continual, fisher, heads, train
+from ewc_jax import backbones, checkpoint, continual, fisher, heads
+from ewc_jax.continual import step as step_lib
 from tests.runs import T, image_tasks
 
 def abstract_variables(net, shape):
@@ -41,7 +41,6 @@ def test_names_and_unknown_names_and_options_are_refused_naming_them():
     backbones.make("resnet18", width=0)
   with pytest.raises(ValueError, match="`backbone` must be one of"):
     heads.make_network("task", [[0, 1]], backbone=3)
-  assert heads.MLP is backbones.MLP  # the old name still works
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -93,9 +92,12 @@ def test_input_shapes_images_flat_and_grayscale():
 @pytest.mark.parametrize("size,kernel,stride,padding", [
     (8, 3, 1, "SAME"), (9, 3, 2, "SAME"), (8, 3, 2, ((1, 1), (1, 1))), (8, 1, 2, ((0, 0), (0, 0))),
     (7, 3, 1, "VALID"), (9, 1, 2, "VALID")])
-def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, padding):
+@pytest.mark.parametrize("kernel_grad", ["conv", "unfold"])
+def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, padding,
+                                                          kernel_grad):
   """The built-in backbones' train-mode convolution: the same values and gradients as
-  ``lax.conv_general_dilated`` (its kernel gradient is computed another way: see its module)."""
+  ``lax.conv_general_dilated`` (its kernel gradient is computed another way, as a convolution
+  or as one matmul of the unfolded input: see its module)."""
   x = jax.random.normal(jax.random.key(0), (5, size, size, 4))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
   dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
@@ -103,8 +105,9 @@ def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, 
   def loss(conv):
     return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(
         conv(x, w, (stride, stride), padding, dimension_numbers=dims))), (0, 1)))
+  ours = functools.partial(backbones.loop_conv, kernel_grad=kernel_grad)
   (want, want_grads), (got, got_grads) = (loss(c)(x, w) for c in (lax.conv_general_dilated,
-                                                                  backbones.loop_conv))
+                                                                  ours))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for a, b in zip(got_grads, want_grads):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
@@ -117,7 +120,7 @@ def test_loop_conv_equals_lax_conv_in_value_and_gradients(size, kernel, stride, 
 def test_train_mode_updates_batch_stats_and_eval_mode_reads_them(resnet18_run):
   net, params = resnet18_run.net, resnet18_run.result.params
   state = resnet18_run.result.model_state  # running statistics after 3 tasks
-  x = train.scale_pixels(jnp.asarray(resnet18_run.train.inputs[0, :16]))
+  x = step_lib.scale_pixels(jnp.asarray(resnet18_run.train.inputs[0, :16]))
   assert set(state) == {"batch_stats"}
   train_feats = jax.jit(lambda s, x: heads.train_features(net, params["backbone"], s, x))
   _, new = train_feats(state, x)
@@ -162,7 +165,7 @@ def test_fisher_of_the_runner_is_in_eval_mode_on_the_running_statistics():
   statistics (evaluation mode), not on batch statistics (train mode)."""
   net = heads.make_network("task", [[0, 1]] * T, backbone=UserNet(0.0))
   data = image_tasks(16, 0)
-  x, y = train.scale_pixels(jnp.asarray(data.inputs[0])), jnp.asarray(data.labels[0])
+  x, y = step_lib.scale_pixels(jnp.asarray(data.inputs[0])), jnp.asarray(data.labels[0])
   params, state = heads.init_variables(net, jax.random.key(0), x[:1])
   _, stats = heads.train_features(net, params["backbone"], state, x)  # running stats != init
   cfg = continual.Config(fisher_batch_size=8)
@@ -170,9 +173,10 @@ def test_fisher_of_the_runner_is_in_eval_mode_on_the_running_statistics():
   theta = heads.consolidated(net, params)
   consolidate = jax.jit(continual.programs(cfg, net, algo, data).consolidate)
   imp = {name: jax.tree.map(lambda a: a[0], consolidate(
-      algo.init(theta, T), params, s, data, jnp.int32(0), jax.random.key(1),
-      continual.hyper_of(cfg)).anchors.importance) for name, s in (("init", state),
-                                                                   ("stats", stats))}
+      algo.init(theta, T), continual.ConsolidateInputs(
+          params=params, model_state=s, data=data, task_index=jnp.int32(0),
+          key=jax.random.key(1), hyper=continual.hyper_of(cfg))).anchors.importance)
+         for name, s in (("init", state), ("stats", stats))}
 
   def weigh(logits_fn):
     return fisher.fisher_diagonal(logits_fn, theta, x, y, batch_size=8)
@@ -228,9 +232,9 @@ def test_every_task_is_evaluated_with_the_latest_running_statistics(user_checkpo
   running statistics, not those of the end of task 1 (one shared copy; EWC does not hold it)."""
   _, _, net, full, states = user_checkpointed
   test = image_tasks(20, 1)
-  evaluate = jax.jit(lambda s, d: train.evaluate(net, train.scale_pixels, full.params, d, 2, s))
+  evaluate = jax.jit(lambda s, d: step_lib.evaluate(net, step_lib.scale_pixels, full.params, d, 2, s))
   np.testing.assert_allclose(evaluate(full.model_state, test), full.acc_matrix[2], atol=1e-7)
-  x = train.scale_pixels(jnp.asarray(test.inputs[0]))
+  x = step_lib.scale_pixels(jnp.asarray(test.inputs[0]))
   latest, first = (heads.logits(net, full.params, x, 0, model_state=s)
                    for s in (full.model_state, states[0]))
   assert float(jnp.max(jnp.abs(latest - first))) > 1e-4  # the statistics of task 1 are gone
@@ -239,7 +243,7 @@ def test_every_task_is_evaluated_with_the_latest_running_statistics(user_checkpo
 def test_user_module_resume_with_dropout_and_batch_stats_is_exact(user_checkpointed):
   folder, identity, net, full, _ = user_checkpointed
   ckpt = checkpoint.RunCheckpointer(folder, identity)
-  like = checkpoint.abstract_run_state(USER_CFG, net, image_tasks(40, 0))
+  like = continual.abstract_run_state(USER_CFG, net, image_tasks(40, 0))
   mid = next(s for s in range(ckpt.latest_step() + 1)
              if (m := ckpt.read_meta(s))["task"] == 1 and m["step"] > 0)
   rs = ckpt.restore(like, step=mid)
@@ -251,18 +255,6 @@ def test_user_module_resume_with_dropout_and_batch_stats_is_exact(user_checkpoin
                   jax.tree.leaves((full.params, full.model_state, full.memory))):
     np.testing.assert_array_equal(a, b)
   ckpt.close()
-
-
-def test_readme_example_of_your_own_module_runs():
-  """The README's "Backbones and BatchNorm" example, as written, on the tiny image tasks."""
-  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-  start = readme.index("## Backbones and BatchNorm\n")
-  section = readme[start:readme.index("\n## ", start + 1)]
-  (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-  scope = {"train": image_tasks(40, 0), "test": image_tasks(20, 1)}
-  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
-  result = scope["result"]
-  assert result.acc_matrix.shape == (T, T) and set(result.model_state) == {"batch_stats"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,7 +287,7 @@ def test_nnx_module_with_batchnorm_and_dropout_runs_in_train_and_eval_modes():
   _, init_state = heads.init_variables(net, jax.random.key(0), jnp.ones((1, 8, 8, 3)))
   moved = full.model_state["batch_stats"]["bn"]["mean"] - init_state["batch_stats"]["bn"]["mean"]
   assert float(jnp.max(jnp.abs(moved))) > 1e-3  # the train step ran it with train=True
-  x = train.scale_pixels(jnp.asarray(image_tasks(20, 1).inputs[0]))
+  x = step_lib.scale_pixels(jnp.asarray(image_tasks(20, 1).inputs[0]))
   a, b = (heads.logits(net, full.params, x, 0, model_state=full.model_state) for _ in range(2))
   np.testing.assert_array_equal(a, b)  # evaluation: running statistics, no dropout
   _, no_dropout = nnx_run(0.0)
@@ -318,3 +310,11 @@ def test_nnx_modules_that_cannot_be_run_right_are_refused_naming_the_fix():
   with pytest.raises(ValueError, match=r"train/eval mode: bn \(BatchNorm\); its `__call__` must "
                      r"take `train: bool`"):
     heads.make_network("task", [[0, 1]] * T, backbone=bridge.to_linen(NNXNoTrain))
+
+
+def test_loop_conv_refuses_an_unknown_kernel_grad():
+  x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2))
+  with pytest.raises(ValueError, match=r"`kernel_grad` must be one of 'conv', 'unfold', but got "
+                                       r"kernel_grad='im2col'"):
+    backbones.loop_conv(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                        kernel_grad="im2col")

@@ -23,7 +23,7 @@ T = 3
 
 def tasks(n, seed, dtype=np.uint8):
   """T binary tasks of 16 features (different sizes: one program serves all)."""
-  from ewc_jax.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   directions = np.random.default_rng(0).normal(size=(T, 16))
   xs, ys = [], []
@@ -135,7 +135,7 @@ def saved_run(tmp_path_factory):
   with checkpoint.RunCheckpointer(folder, IDENTITY, keep=1000, every=1,
                                   chunk_steps=CFG.chunk_steps) as ckpt:
     net, full = run(on_checkpoint=ckpt)
-  like = checkpoint.abstract_run_state(CFG, net, tasks(90, 0))
+  like = continual.abstract_run_state(CFG, net, tasks(90, 0))
   return folder, full, like, ckpt.saved_steps
 
 
@@ -271,8 +271,8 @@ def test_sgd_run_state_restores_and_resumes_exactly(tmp_path):
   with checkpoint.RunCheckpointer(tmp_path / "ck", identity, keep=1000, every=1,
                                   chunk_steps=cfg.chunk_steps) as saver:
     net, full = run(cfg, on_checkpoint=saver)
-  like = checkpoint.abstract_run_state(cfg, net, tasks(90, 0))
-  adam_like = checkpoint.abstract_run_state(CFG, net, tasks(90, 0))
+  like = continual.abstract_run_state(cfg, net, tasks(90, 0))
+  adam_like = continual.abstract_run_state(CFG, net, tasks(90, 0))
   assert jax.tree.structure(like["train_state"]) != jax.tree.structure(adam_like["train_state"])
   ckpt = checkpoint.RunCheckpointer(tmp_path / "ck", identity)
   step = next(s for s in saver.saved_steps if ckpt.read_meta(s)["task"] == 1)
@@ -333,14 +333,15 @@ import json, resource, shutil, signal, sys, threading
 from pathlib import Path
 sys.path.insert(0, "tests")
 import test_checkpoint as tc
-from ewc_jax import checkpoint
+from ewc_jax import checkpoint, continual
 
 heard = []
 sys.unraisablehook = lambda u: heard.append(repr(u.exc_value))
 hooks = lambda: [sys.excepthook, sys.unraisablehook, threading.excepthook]
 before = hooks()
 out = {}
-checkpoint.quiet_orbax_errors()  # as the command line without --debug
+from experiments import orbax_logs
+orbax_logs.quiet_orbax_errors()  # as the command line without --debug
 root = Path(sys.argv[1])
 with checkpoint.RunCheckpointer(root / "ok", tc.IDENTITY, chunk_steps=tc.CFG.chunk_steps) as ck:
   net, _ = tc.run(on_checkpoint=ck)
@@ -353,7 +354,7 @@ bad = Path(shutil.copytree(root / "ok", root / "bad"))
 for path in bad.rglob("*"):  # every step (a corrupt newest one alone falls back on the previous)
   if path.is_file() and path.parent.name == "d":
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-like = checkpoint.abstract_run_state(tc.CFG, net, tc.tasks(90, 0))
+like = continual.abstract_run_state(tc.CFG, net, tc.tasks(90, 0))
 try:
   with checkpoint.RunCheckpointer(bad, tc.IDENTITY) as ck:
     ck.restore(like)
@@ -423,7 +424,7 @@ def test_resnet18_batchnorm_run_resumes_bit_identically(resnet18_run):
   bit (accuracies, curves, parameters, running statistics, anchors)."""
   r = resnet18_run
   ckpt = checkpoint.RunCheckpointer(r.folder, r.identity)
-  like = checkpoint.abstract_run_state(r.cfg, r.net, r.train)
+  like = continual.abstract_run_state(r.cfg, r.net, r.train)
   assert set(like["train_state"].model_state) == {"batch_stats"}
   mid = next(s for s in range(ckpt.latest_step() + 1)
              if (m := ckpt.read_meta(s))["task"] == 1 and m["epoch"] == 1 and m["step"] > 0)

@@ -12,7 +12,7 @@ from absl import flags
 
 from ewc_jax import continual
 from ewc_jax import errors
-from experiments import benchmark
+from experiments import task_sequences as benchmark
 from experiments import config
 from experiments import config_flags
 from experiments import defaults
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["experiments.config", "experiments.config_flags",
-                                  "experiments.benchmark", "experiments.input_norm",
+                                  "experiments.task_sequences", "experiments.input_norm",
                                   "experiments.report", "experiments.defaults",
                                   "experiments.fisher_kinds"])
 def test_docstring_examples(name):
@@ -173,61 +173,3 @@ print(json.dumps([rec["experiment"]["num_tasks"], len(rec["acc_matrix"])]))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == "[2, 2]"
   assert (tmp_path / "results.json").exists()
-
-
-def test_readme_python_example_runs(tiny_mnist_dir, tmp_path, monkeypatch, capsys):
-  """README's "Experiments from Python" block, shrunk (tiny data, one short epoch)."""
-  import re  # pylint: disable=import-outside-toplevel
-  text = (ROOT / "README.md").read_text()
-  section = text[text.index("## Experiments from Python"):text.index("## Sweeps\n")]
-  (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-  make = config.make
-  monkeypatch.setattr(config, "make", lambda *a, **k: make(
-      *a, **k, max_examples=200, epochs=1, hidden=(8,), batch_size=32, plots=False,
-      progress=False, data_dir=tiny_mnist_dir))
-  code = code.replace('"runs/from_python"', repr(str(tmp_path)))
-  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
-  record = __import__("json").loads((tmp_path / "results.json").read_text())
-  assert record["experiment"]["seeds"] == [0, 1] and len(record["acc_matrix"]) == 3
-  assert f"{record['average_accuracy_mean']}" in capsys.readouterr().out
-
-
-def test_van_de_ven_inputs_only_for_permuted_benchmarks():
-  from ewc_jax import errors  # pylint: disable=import-outside-toplevel
-  c = config.make("permuted_mnist", pad=2, permute_first=True)
-  c.validate()
-  assert c.build_options == {"pad": 2, "permute_first": True}
-  assert c.identity("mnist:3.0.1")["pad"] == 2
-  assert "pad" not in config.make("permuted_mnist").identity("mnist:3.0.1")  # old identity kept
-  assert config.make("split_mnist").build_options == {}
-  with pytest.raises(errors.SettingError, match="`pad`=2 is invalid: expected 0 for split_mnist"):
-    config.make("split_mnist", pad=2).validate()
-  with pytest.raises(errors.SettingError, match="`permute_first`=True is invalid"):
-    config.make("split_mnist", permute_first=True).validate()
-  with pytest.raises(errors.SettingError, match="`pad`=-1 is invalid: expected an integer >= 0"):
-    config.make("permuted_mnist", pad=-1).validate()
-
-
-def test_defaults_keyed_by_backbone(monkeypatch):
-  """A backbone listed in BACKBONE_DEFAULTS takes its own fields; the MLP keeps the benchmark's
-  (its default run unchanged); a flag given wins over both."""
-  for (bench, scenario, backbone), fields in defaults.BACKBONE_DEFAULTS.items():
-    c = config.make(bench, scenario=scenario, backbone=backbone)
-    for name, value in fields.items():
-      assert getattr(c.run, name) == value, (bench, scenario, backbone, name)
-  mlp = config.make("split_mnist", backbone="mlp")
-  assert mlp == config.make("split_mnist")
-  assert mlp.run.lam == defaults.DEFAULTS["split_mnist", "task"]["lam"]
-  monkeypatch.setitem(defaults.BACKBONE_DEFAULTS, ("split_mnist", "task", "cnn"),
-                      {"lam": 123.0, "lr": 5e-4})
-  cnn = config.make("split_mnist", backbone="cnn")
-  assert (cnn.run.lam, cnn.run.lr, cnn.run.epochs) == (123.0, 5e-4, 2)  # the rest: the MLP's
-  assert config.make("split_mnist", backbone="cnn", lam=3.0).run.lam == 3.0
-  assert config.make("split_mnist", backbone="cnn", scenario="domain").run.lam == (
-      defaults.DEFAULTS["split_mnist", "domain"]["lam"])
-  assert config.make("split_mnist").run.lam == defaults.DEFAULTS["split_mnist", "task"]["lam"]
-  # Split CIFAR names its backbone (resnet18): an entry for it applies without --backbone.
-  monkeypatch.setitem(defaults.BACKBONE_DEFAULTS, ("split_cifar", "task", "resnet18"),
-                      {"lam": 7.0})
-  assert config.make("split_cifar").run.lam == 7.0
-  assert config.make("split_cifar", backbone="mlp").run.lam != 7.0

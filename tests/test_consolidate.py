@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ewc_jax import continual, heads, train
+from ewc_jax import continual, heads
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import task_data
 from tests.test_continual import CFG, T, synthetic_tasks
 
 
@@ -168,13 +170,14 @@ def test_protocol_fields_are_validated(changes, flag):
 
 def test_train_chunk_skips_steps_from_stop_step():
   net = heads.task_incremental(T, 2, hidden=(8,))
-  data = train.TaskData(*(jnp.asarray(a) for a in synthetic_tasks(64, 0)[:3]))
-  params = heads.init_params(net, jax.random.key(0), train.scale_pixels(data.inputs[0, :1]))
-  tx = train.make_optimizer()
+  data = task_data.TaskData(*(jnp.asarray(a) for a in synthetic_tasks(64, 0)[:3]))
+  params = heads.init_params(net, jax.random.key(0), step_lib.scale_pixels(data.inputs[0, :1]))
+  tx = step_lib.make_optimizer()
   from ewc_jax import algorithms  # pylint: disable=import-outside-toplevel
-  state = train.init_train_state(tx, params, 1e-3)
-  order = train.epoch_order(jax.random.key(1), data.counts[0], 64, 64)
-  _, m = train.train_chunk(net, algorithms.finetune(), tx, train.scale_pixels, 16, 4, state, data,
-                           order, jnp.int32(0), jnp.int32(0), (), algorithms.Hyper(),
-                           jnp.int32(2))
+  state = step_lib.init_train_state(tx, params, 1e-3)
+  order = step_lib.epoch_order(jax.random.key(1), data.counts[0], 64, 64)
+  spec = step_lib.Step(net, algorithms.finetune(), tx, batch_size=16, num_steps=4)
+  _, m = step_lib.train_chunk(spec, state, step_lib.ChunkInputs(
+      data=data, order=order, start_step=jnp.int32(0), task_index=jnp.int32(0), memory=(),
+      hyper=algorithms.Hyper(), stop_step=jnp.int32(2)))
   assert np.asarray(m["count"]).tolist() == [16, 16, 0, 0]

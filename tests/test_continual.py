@@ -21,7 +21,7 @@ def synthetic_tasks(n_per_task, seed, task_seed=0):
     y = ((x.astype(np.float32) / 255 - 0.5) @ direction > 0).astype(np.int32)
     xs.append(x)
     ys.append(y)
-  from ewc_jax.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
   return pad_tasks(xs, ys)
 
 

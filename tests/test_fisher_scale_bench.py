@@ -58,6 +58,7 @@ def test_measure_returns_the_fields():
   assert row["examples"] == 20 and row["devices"] == 1 and row["batches"] == 3
   assert row["warmup_examples"] == 12                 # a full batch and one of the last size (4)
   assert row["fisher_s"] > 0 and row["warmup_s"] > 0 and row["examples_per_s"] > 0
+  assert row["fisher_cpu_s"] > 0 and row["warmup_cpu_s"] > 0
   np.testing.assert_allclose(row["s_per_example"] * 20, row["fisher_s"])
   assert row["compiles_in_timed_call"] == 0 and row["compile_s_in_timed_call"] == 0
   assert row["peak_rss_mb"] >= row["peak_rss_warmup_mb"] > 0
@@ -100,3 +101,18 @@ def test_device_ratio_on_fake_numbers():
   assert out["devices"] == [1, 8] and out["time_ratio_many_over_one"] == 1.5
   np.testing.assert_allclose(out["speedup"], 2 / 3)
   np.testing.assert_allclose(out["fisher_sum_rel_diff"], 1e-6)
+
+
+def test_estimate_on_fake_numbers():
+  row = {"examples": 8, "warmup_s": 10.0, "fisher_s": 4.0, "warmup_cpu_s": 20.0,
+         "fisher_cpu_s": 6.0}
+  config = dataclasses.replace(TINY, sizes=(20, 40), device_examples=16)
+  out = fs.estimate(config, row, device_time_ratio=0.5)
+  assert out["children"] == 4 and out["timed_examples"] == 20 + 40 + 16 * 1.5
+  np.testing.assert_allclose(out["wall"]["warmup_s"], 40.0)
+  np.testing.assert_allclose(out["wall"]["fisher_s"], 0.5 * 84)       # 4 s / 8 rows per row
+  np.testing.assert_allclose(out["wall"]["total_s"], 40.0 + 42.0)
+  np.testing.assert_allclose(out["cpu"]["total_s"], 80.0 + 0.75 * 84)
+  assert out["wall"]["fisher_s_by_size"] == {"20": 10.0, "40": 20.0}
+  no_devices = fs.estimate(dataclasses.replace(config, device_examples=0), row)
+  assert no_devices["children"] == 2 and no_devices["timed_examples"] == 60

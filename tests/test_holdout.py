@@ -5,7 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ewc_jax import continual, heads, holdout
+from ewc_jax import continual, heads
+from ewc_jax.continual import holdout
 from tests.test_continual import CFG, T, synthetic_tasks
 
 
@@ -62,7 +63,7 @@ def test_run_reports_a_validation_matrix_the_same_for_every_seed():
 
 
 def test_sweep_ranks_by_validation_accuracy():
-  from ewc_jax import sweep  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   base = dataclasses.replace(CFG, validation_fraction=0.2, epochs=1)
   net = heads.task_incremental(T, 2, hidden=base.hidden)
   configs = sweep.grid(base, lam=[1.0, 1e4], seed=[0, 1])

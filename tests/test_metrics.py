@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ewc_jax import metrics
+from ewc_jax.continual import metrics
 
 R = np.array([[0.9, 0.1, 0.2],
               [0.8, 0.95, 0.3],

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ewc_jax import checkpoint, continual, fisher_diagonal, heads, train
+from ewc_jax import checkpoint, continual, fisher_diagonal, heads
+from ewc_jax.continual import step as step_lib
 
 T = 3
 CFG = continual.Config(epochs=1, batch_size=16, hidden=(16,), lam=100.0, chunk_steps=4,
@@ -18,7 +19,7 @@ CFG = continual.Config(epochs=1, batch_size=16, hidden=(16,), lam=100.0, chunk_s
 
 def float_tasks(n, nan_task=None):
   """T binary tasks of float features; every input of ``nan_task`` is NaN."""
-  from ewc_jax.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual.task_data import pad_tasks  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   xs, ys = [], []
   for t in range(T):
@@ -61,9 +62,9 @@ def test_nan_importance_stops_naming_reg():
   memory = continual.make_algorithm(CFG).init(heads.consolidated(net, params), T)
   rs = continual.RunState(
       task=1, epoch=0, step=0,
-      train_state=train.init_train_state(train.make_optimizer(), params, CFG.lr),
+      train_state=step_lib.init_train_state(step_lib.make_optimizer(), params, CFG.lr),
       memory=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), memory),
-      acc=np.zeros((T, T)), curves=[{k: [0.0] for k in train.METRIC_NAMES}], epoch_sums={})
+      acc=np.zeros((T, T)), curves=[{k: [0.0] for k in step_lib.METRIC_NAMES}], epoch_sums={})
   with pytest.raises(continual.NumericalError) as err:
     run(resume=rs)
   assert (err.value.task, err.value.step, err.value.part) == (1, 0, "reg")
@@ -97,7 +98,7 @@ def test_fisher_is_finite_for_logits_of_1e4(kind):
                         key=jax.random.key(0))
   for leaf in jax.tree.leaves(imp):
     assert np.all(np.isfinite(np.asarray(leaf))) and np.all(np.asarray(leaf) >= 0), kind
-  loss, acc = train.masked_cross_entropy(logits_fn(params, x), y, jnp.ones(20))
+  loss, acc = step_lib.masked_cross_entropy(logits_fn(params, x), y, jnp.ones(20))
   assert np.isfinite(float(loss)) and float(loss) > 1e3 and 0 <= float(acc) <= 1
 
 

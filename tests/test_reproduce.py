@@ -171,8 +171,8 @@ def test_tiny_real_run_writes_markdown_and_json(tiny_mnist_dir, tmp_path):
   out, store = tmp_path / "results.md", tmp_path / "results.json"
   out.write_text(f"# Mine\n\nhand-written\n\n{report.BEGIN}\nstale\n{report.END}\nafter\n")
   over = runner.Overrides(epochs=1, max_examples=300, num_tasks=2)
-  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out, store, over,
-                      log=lambda *a, **k: None)
+  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out=out, json_path=store,
+                   overrides=over, log=lambda *a, **k: None)
 
   records = json.loads(store.read_text())["records"]
   key = runner.row_key(tables.HSU_SPLIT, over, "task", "ewc")
@@ -200,11 +200,13 @@ def test_tiny_real_run_writes_markdown_and_json(tiny_mnist_dir, tmp_path):
 
   # Again: the stored row is kept (not trained); other seeds, or rerun=True, train it anew.
   lines = []
-  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out, store, over,
+  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out=out, json_path=store,
+                   overrides=over,
                    log=lambda *a, **k: lines.append(" ".join(map(str, a))))
   assert json.loads(store.read_text())["records"][key] == ewc
   assert len(lines) == 1 and lines[0].endswith("kept (--rerun trains it again)"), lines
-  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out, store, over,
+  runner.reproduce(tables.HSU_SPLIT, ["ewc"], ["task"], [0, 1], ds, out=out, json_path=store,
+                   overrides=over,
                    log=lambda *a, **k: None, rerun=True)
   again = json.loads(store.read_text())["records"][key]
   assert again["acc_matrix"] == ewc["acc_matrix"] and again["wall_seconds"] != ewc["wall_seconds"]
@@ -222,8 +224,8 @@ def test_iterations_protocol_trains_the_papers_iterations(tiny_mnist_dir, tmp_pa
   assert tables.length_for(setup, "joint", [300, 300], 2) == (1, None)  # --epochs override
   out, store = tmp_path / "results.md", tmp_path / "results.json"
   over = runner.Overrides(max_examples=300, num_tasks=2)
-  runner.reproduce(setup, ["ewc", "joint"], ["domain"], [0, 1], ds, out, store, over,
-                      log=lambda *a, **k: None)
+  runner.reproduce(setup, ["ewc", "joint"], ["domain"], [0, 1], ds, out=out,
+                   json_path=store, overrides=over, log=lambda *a, **k: None)
   records = json.loads(store.read_text())["records"]
   ewc = records[runner.row_key(setup, over, "domain", "ewc")]
   joint = records[runner.row_key(setup, over, "domain", "joint")]

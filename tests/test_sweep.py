@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ewc_jax import continual, heads, sweep
+from ewc_jax import continual, heads
+
+from ewc_jax.continual import sweep
 from tests import runs
 from tests.test_continual import T, synthetic_tasks
 
@@ -86,7 +88,8 @@ def test_grid_and_validation_check_every_value():
 
 FOUR_DEVICES = textwrap.dedent("""
     import dataclasses, json, jax, numpy as np
-    from ewc_jax import heads, sweep
+    from ewc_jax import heads
+    from ewc_jax.continual import sweep
     from tests.test_sweep import CONFIGS, data, net
     assert jax.device_count() == 4, jax.devices()
     configs = CONFIGS + [dataclasses.replace(c, seed=c.seed + 10) for c in CONFIGS]  # K = 6
@@ -122,7 +125,7 @@ TWO_PROCESSES = textwrap.dedent("""
     import json, sys, jax
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                                process_id=int(sys.argv[2]))
-    from ewc_jax import sweep
+    from ewc_jax.continual import sweep
     from tests.test_sweep import CONFIGS, data, net
     r = sweep.run(CONFIGS, net(), *data())   # mesh over both processes' devices
     print(json.dumps({"devices": [jax.device_count(), jax.local_device_count()],

@@ -7,6 +7,7 @@ one: write a module with a constructor returning an :class:`Algorithm` and regis
 
 from __future__ import annotations
 
+from ewc_jax import errors
 from ewc_jax.algorithms.base import Algorithm, Hyper
 from ewc_jax.algorithms.ewc import EWCMemory, PENALTIES, ewc
 from ewc_jax.algorithms.ewc_merged import ewc_merged
@@ -27,12 +28,16 @@ NAMES = tuple(REGISTRY)
 
 
 def make(name: str, *, penalty: str = "standard", p: float | None = None) -> Algorithm:
-  """The algorithm registered as ``name``; ``penalty`` applies to ``ewc`` only."""
+  """The algorithm registered as ``name``; ``penalty`` applies to ``ewc`` only.
+
+  The one check of these settings (:meth:`ewc_jax.continual.Config.validate` builds the
+  algorithm to check them): the errors are :class:`ewc_jax.errors.SettingError` naming
+  ``algo``, ``penalty`` or ``p``."""
   if name not in REGISTRY:
-    raise ValueError(f"`algo` must be one of {', '.join(NAMES)}, but got algo={name!r}.")
+    raise errors.SettingError.invalid("algo", name, "one of " + ", ".join(NAMES))
   if penalty != "standard" and name != "ewc":
-    raise ValueError(f"`penalty`={penalty!r} is only available with algo='ewc', got "
-                     f"algo={name!r}.")
+    raise errors.SettingError(lambda n: f"{n('penalty')}={penalty!r} is invalid: expected "
+                              f"standard unless {n('algo')}=ewc.")
   if name == "ewc":
     return ewc(penalty, p=p)
   return REGISTRY[name](p=p)

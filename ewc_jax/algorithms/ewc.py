@@ -11,7 +11,8 @@ exactly nothing) plus their p = 2 sufficient statistics (:class:`ewc_jax.penalty
 
 ``p``: a Python number fixes the exponent at trace time; p = 2 then reads the merged statistics
 (same value and gradient, one pass instead of one per anchor). ``None`` takes ``hyper.p`` at run
-time (sweeps over p), choosing with a ``lax.cond`` whose gradient keeps both branches' residuals.
+time (sweeps over p), choosing with :func:`ewc_jax.penalty.by_exponent`. Every penalty is
+:func:`ewc_jax.penalty.ewc_penalty` (λ/2 and the p = 2 choice written there once) but ``seed``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
-from jax import lax
 
+from ewc_jax import errors
 from ewc_jax import penalty as penalty_lib
 from ewc_jax.algorithms.base import Algorithm
 
@@ -47,20 +48,12 @@ def _consolidate(memory, backbone, importance, task_index, hyper):
                    merged=penalty_lib.merge_anchor(memory.merged, anchor))
 
 
-def _distance(backbone, memory: EWCMemory, p):
-  if isinstance(p, (int, float)):
-    if p == 2:
-      return penalty_lib.merged_distance(backbone, memory.merged)
-    return penalty_lib.weighted_distance(backbone, memory.anchors, p)
-  return lax.cond(jnp.asarray(p) == 2,
-                  lambda: penalty_lib.merged_distance(backbone, memory.merged),
-                  lambda: penalty_lib.weighted_distance(backbone, memory.anchors, p))
-
-
 def ewc(penalty: str = "standard", p: float | None = None) -> Algorithm:
+  """EWC with the ``penalty`` of the module docstring and exponent ``p`` (None: ``hyper.p``)."""
   if penalty == "standard":
     def pen(backbone, memory, hyper, task_index):
-      return 0.5 * hyper.lam * _distance(backbone, memory, hyper.p if p is None else p)
+      return penalty_lib.ewc_penalty(backbone, lam=hyper.lam, p=hyper.p if p is None else p,
+                                     anchors=memory.anchors, merged=memory.merged)
   elif penalty == "seed":
     def pen(backbone, memory, hyper, task_index):
       return penalty_lib.seed_parity_loss(backbone, memory.anchors, factor=hyper.lam,
@@ -68,9 +61,9 @@ def ewc(penalty: str = "standard", p: float | None = None) -> Algorithm:
                                           task_id=jnp.asarray(task_index) + 1)
   elif penalty == "clarena":
     def pen(backbone, memory, hyper, task_index):
-      return 0.5 * hyper.lam * _distance(backbone, memory, 2.0)
+      return penalty_lib.ewc_penalty(backbone, lam=hyper.lam, p=2.0, anchors=memory.anchors,
+                                     merged=memory.merged)
   else:
-    raise ValueError(f"`penalty` must be one of {', '.join(PENALTIES)}, but got "
-                     f"penalty={penalty!r}.")
+    raise errors.SettingError.invalid("penalty", penalty, "one of " + ", ".join(PENALTIES))
   return Algorithm(name="ewc" if penalty == "standard" else f"ewc_{penalty}",
                    init=_init, penalty=pen, consolidate=_consolidate, importance="fisher")

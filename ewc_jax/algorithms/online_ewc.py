@@ -27,8 +27,8 @@ def _consolidate(memory, backbone, importance, task_index, hyper):
 def online_ewc(p: float | None = None) -> Algorithm:
 
   def pen(backbone, memory, hyper, task_index):
-    return 0.5 * hyper.lam * penalty_lib.weighted_distance(
-        backbone, memory, hyper.p if p is None else p)
+    return penalty_lib.ewc_penalty(backbone, lam=hyper.lam, p=hyper.p if p is None else p,
+                                   anchors=memory)
   return Algorithm(name="online_ewc", init=_init, penalty=pen, consolidate=_consolidate,
                    importance="fisher")
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 
 def _install(at: str, marker: str | None) -> None:
-  from ewc_jax import checkpoint, interrupt  # pylint: disable=import-outside-toplevel
-  call, requested = checkpoint.RunCheckpointer.__call__, interrupt.requested
+  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from experiments import signals  # pylint: disable=import-outside-toplevel
+  call, requested = checkpoint.RunCheckpointer.__call__, signals.requested
   inside = []  # the (checkpointer, RunState) of the hook calls in progress
 
   def patched_call(self, rs, reason):
@@ -40,7 +41,7 @@ def _install(at: str, marker: str | None) -> None:
     return requested()
 
   checkpoint.RunCheckpointer.__call__ = patched_call
-  interrupt.requested = patched_requested
+  signals.requested = patched_requested  # what the command lines give as stop_requested
 
 
 if os.environ.get("EWC_JAX_TEST_HANG_AT"):

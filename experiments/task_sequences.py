@@ -17,13 +17,14 @@ and the reproduction all look a benchmark up here.
 Any TFDS image-classification dataset fits any of them (``dataset``): any H×W×C, any number of
 classes.
 
-    >>> from experiments import benchmark
-    >>> b = benchmark.get("split_mnist")
+    >>> from experiments import task_sequences
+    >>> b = task_sequences.get("split_mnist")
     >>> b.title, b.dataset, b.tasks_for(10), b.default_scenario
     ('Split MNIST', 'mnist', (5, 5), 'task')
-    >>> benchmark.get("split_cifar").tasks_for(100), benchmark.get("split_cifar").tasks_for(100, 5)
+    >>> cifar = task_sequences.get("split_cifar")
+    >>> cifar.tasks_for(100), cifar.tasks_for(100, 5)
     ((10, 10), (20, 20))
-    >>> sorted(benchmark.BENCHMARKS)
+    >>> sorted(task_sequences.BENCHMARKS)
     ['permuted_mnist', 'split_cifar', 'split_mnist']
 """
 

@@ -1,6 +1,8 @@
 r"""Hyperparameter sweeps: many continual-learning runs trained at once, as one vmapped program.
 
-    from ewc_jax import continual, sweep
+    from ewc_jax import continual
+
+    from ewc_jax.continual import sweep
     configs = sweep.grid(continual.Config(epochs=2), lam=[1, 10, 100, 1000], seed=[0, 1, 2])
     result = sweep.run(configs, net, train, test)     # 12 runs: one program, a config axis
     result.acc_matrix                                  # [12, T, T]
@@ -59,10 +61,11 @@ from ewc_jax import errors
 from ewc_jax import executable_cache
 from ewc_jax import heads
 from ewc_jax import interrupt
-from ewc_jax import metrics as metrics_lib
-from ewc_jax import train as train_lib
+from ewc_jax.continual import metrics as metrics_lib
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import task_data
 
-SWEEPABLE = ("lam", "p", "gamma", "lr", "seed")
+SWEEPABLE = continual.SWEEPABLE
 CONFIG_AXIS, DATA_AXIS = "config", "data"
 
 
@@ -168,14 +171,15 @@ def _per_config(curves: list, k: int) -> list[dict]:
           for task in curves]
 
 
-def run(configs: Sequence[continual.Config], net: heads.Network, train: train_lib.TaskData,
-        test: train_lib.TaskData, *, max_parallel: int | None = None,
+def run(configs: Sequence[continual.Config], net: heads.Network, train: task_data.TaskData,
+        test: task_data.TaskData, *, max_parallel: int | None = None,
         devices: Sequence[jax.Device] | None = None,
-        preprocess: Callable = train_lib.scale_pixels,
+        preprocess: Callable = step_lib.scale_pixels,
         progress: Callable[..., Any] | None = None,
         chunk_progress: Callable[[int, int, range], Any] | None = None,
         checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None,
-        executables: "executable_cache.Cached | None" = None) -> SweepResult:
+        executables: "executable_cache.Cached | None" = None,
+        stop_requested: interrupt.StopRequested | None = None) -> SweepResult:
   """Trains every config on the same task sequence; see the module docstring.
 
   Args:
@@ -189,12 +193,14 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
     checkpointer: a :class:`ewc_jax.checkpoint.SweepCheckpointer`: every chunk's whole batched
       state is saved after each task (and every ``every`` steps), and restored from when the
       folder holds it (resume: bit-identical). Every chunk's checkpoint is checked to come from
-      this sweep (configs, layout) before anything is trained. Without one, a stop requested
-      by :func:`ewc_jax.interrupt.catch`'s handlers still ends the sweep between chunks.
+      this sweep (configs, layout) before anything is trained.
     executables: a store of compiled programs and the key of the shared settings (as for
       ``continual.run``: everything the programs are built from but the swept values); the
       layout (configs per chunk, mesh shape) and whether p is read at run time are added to
       the key here. Every chunk then loads the programs the first one compiled.
+    stop_requested: without a ``checkpointer``, ``stop_requested()`` naming a signal ends the
+      sweep at the next chunk boundary (:func:`ewc_jax.interrupt.stop_hook`; the checkpointer's
+      own ``stop_requested`` saves first).
   """
   configs = tuple(configs)
   validate(configs)
@@ -236,18 +242,20 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: train_li
     ckpt, resume = None, None
     if checkpointer is not None:
       ckpt = checkpointer.for_chunk(i, identity(i))
-      resume = ckpt.restore(lambda part=part: checkpoint_lib.abstract_run_state(
+      resume = ckpt.restore(lambda part=part: continual.abstract_run_state(
           part[0], net, train, preprocess=abstract_preprocess, num_configs=len(part),
           dynamic_p=dynamic_p, sharding=sharding))
       if resume is not None and checkpointer.log is not None:
-        where = checkpoint_lib.describe_position(resume, part[0], np.asarray(train.counts))
+        where = continual.describe_position(resume, part[0], np.asarray(train.counts))
         checkpointer.log(f"chunk {i + 1}/{layout.num_chunks}: resuming from "
                          f"{ckpt.step_path(ckpt.restored_step)} ({where})")
     with ckpt if ckpt is not None else contextlib.nullcontext():
       result = continual.run(part[0], net, train, test, preprocess=preprocess,
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
-                             on_checkpoint=ckpt if ckpt is not None else interrupt.check,
+                             on_checkpoint=ckpt if ckpt is not None else (
+                                 interrupt.stop_hook(stop_requested) if stop_requested
+                                 else None),
                              executables=executables)
     mats.append(np.array(result.acc_matrix))
     if result.val_acc_matrix is not None:

@@ -1,8 +1,8 @@
-"""Task sequences as padded arrays (:class:`ewc_jax.train.TaskData`): every task's examples in one
+"""Task sequences as padded arrays (:class:`TaskData`): every task's examples in one
 ``[T, N_max, ...]`` array with per-task counts, so one compiled program serves every task.
 
     >>> import numpy as np
-    >>> from ewc_jax import task_data
+    >>> from ewc_jax.continual import task_data
     >>> data = task_data.pad_tasks([np.ones((3, 2)), np.ones((1, 2))], [np.zeros(3), np.ones(1)])
     >>> data.inputs.shape, data.counts.tolist()
     ((2, 3, 2), [3, 1])
@@ -12,12 +12,26 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from ewc_jax.train import TaskData
+
+class TaskData(NamedTuple):
+  """Every task's examples padded to one shape.
+
+  Attributes:
+    inputs: ``[T, N_max, ...]`` (any dtype; ``preprocess`` turns a batch into model inputs).
+    labels: ``[T, N_max]`` int32 labels (within the task, or global for class-incremental).
+    counts: ``[T]`` int32 number of valid rows of each task (the first ``counts[t]`` rows).
+    task_ids: optional ``[T, N_max]`` int32 task of each example, when a training set mixes
+      tasks (joint training); ``None`` means every example of set t belongs to task t.
+  """
+  inputs: jax.Array
+  labels: jax.Array
+  counts: jax.Array
+  task_ids: jax.Array | None = None
 
 
 def pad_tasks(task_inputs: Sequence[np.ndarray], task_labels: Sequence[np.ndarray]) -> TaskData:

@@ -3,8 +3,9 @@
 Shapes never depend on the task: every task's data are padded to one ``[N_max, ...]`` shape with a
 count of valid rows, the task index is an int32 array, and the regulariser's memory (e.g. stacked
 anchors with zero-importance free slots) has a fixed shape. The train step takes that memory as an
-*argument*; :func:`bind_memory` gives the closure over it (anchors change only between tasks, by
-building a new closure, never by mutation), without baking them into the program as constants.
+*argument* (anchors change only between tasks, never by mutation), so they are never baked into
+the program as constants. What a step is built from is one :class:`Step`; what a chunk reads,
+one :class:`ChunkInputs`.
 
 The loss of a step is ``loss = loss_cls + loss_reg`` and the step reports ``loss``, ``loss_cls``,
 ``loss_reg`` and the batch accuracy ``acc``, like the reference's training step.
@@ -29,6 +30,7 @@ from jax import lax
 from ewc_jax import algorithms
 from ewc_jax import errors
 from ewc_jax import heads
+from ewc_jax.continual.task_data import TaskData
 
 PyTree = Any
 METRIC_NAMES = ("loss", "loss_cls", "loss_reg", "acc")
@@ -42,22 +44,6 @@ class TrainState(NamedTuple):
   params: PyTree
   opt_state: PyTree
   model_state: PyTree = {}
-
-
-class TaskData(NamedTuple):
-  """Every task's examples padded to one shape.
-
-  Attributes:
-    inputs: ``[T, N_max, ...]`` (any dtype; ``preprocess`` turns a batch into model inputs).
-    labels: ``[T, N_max]`` int32 labels (within the task, or global for class-incremental).
-    counts: ``[T]`` int32 number of valid rows of each task (the first ``counts[t]`` rows).
-    task_ids: optional ``[T, N_max]`` int32 task of each example, when a training set mixes
-      tasks (joint training); ``None`` means every example of set t belongs to task t.
-  """
-  inputs: jax.Array
-  labels: jax.Array
-  counts: jax.Array
-  task_ids: jax.Array | None = None
 
 
 def scale_pixels(x: jax.Array) -> jax.Array:
@@ -96,63 +82,107 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Arra
   return jnp.sum(weights * xent) / count, jnp.sum(weights * correct) / count
 
 
-def loss_fn(net: heads.Network, algo: algorithms.Algorithm, params: PyTree, x, y, w,
-            task_index, memory, hyper, example_tasks=None, *, consolidate: str = "shared",
+class Step(NamedTuple):
+  """What a train step is built from (fixed for a run; closed over, never traced).
+
+  Attributes:
+    net: the network (:class:`ewc_jax.heads.Network`).
+    algo: the algorithm (:class:`ewc_jax.algorithms.Algorithm`): its penalty is ``loss_reg``.
+    tx: the optimizer (:func:`make_optimizer`).
+    preprocess: a batch of stored rows -> the backbone's inputs (default :func:`scale_pixels`).
+    batch_size: examples per step.
+    num_steps: steps per compiled chunk (:func:`train_chunk`).
+    consolidate: the parameters the penalty sees (:func:`ewc_jax.heads.consolidated`).
+    augment: ``augment(key, x)`` of the training batches (:mod:`ewc_jax.augment`), or None.
+  """
+  net: heads.Network
+  algo: algorithms.Algorithm
+  tx: optax.GradientTransformation
+  preprocess: Callable = scale_pixels
+  batch_size: int = 128
+  num_steps: int = 64
+  consolidate: str = "shared"
+  augment: Callable | None = None
+
+
+class Batch(NamedTuple):
+  """A training batch: inputs ``x``, labels ``y``, row weights ``w`` (1: a real row, 0: padding)
+  and, when a batch mixes tasks, each row's task ``example_tasks`` (``[B]``)."""
+  x: jax.Array
+  y: jax.Array
+  w: jax.Array
+  example_tasks: jax.Array | None = None
+
+
+class ChunkInputs(NamedTuple):
+  """What :func:`train_chunk` reads besides the train state (in a sweep, the fields with a
+  config axis are those of :data:`CHUNK_AXES` marked 0).
+
+  Attributes:
+    data: every task's padded training data (:class:`TaskData`).
+    order: the epoch's order of the rows (:func:`epoch_order`).
+    start_step: the chunk's first step within the epoch (int32).
+    task_index: the task being trained (int32).
+    memory: the algorithm's memory of the consolidated parameters.
+    hyper: the numeric hyperparameters (:class:`ewc_jax.algorithms.Hyper`).
+    stop_step: the epoch's end when cut short (training counted in iterations), or None.
+    key: the epoch's dropout / augmentation key, or None (no dropout, no augmentation).
+  """
+  data: TaskData
+  order: jax.Array
+  start_step: Any
+  task_index: Any
+  memory: PyTree
+  hyper: algorithms.Hyper
+  stop_step: Any = None
+  key: jax.Array | None = None
+
+
+# The sweep's config axis of each input: 0 (one value per config) or None (shared).
+CHUNK_AXES = ChunkInputs(data=None, order=0, start_step=None, task_index=None, memory=0, hyper=0,
+                         stop_step=None, key=0)
+
+
+def loss_fn(spec: Step, params: PyTree, batch: Batch, *, task_index, memory, hyper,
             model_state: PyTree = None, rng: jax.Array | None = None):
   """``loss_cls + loss_reg`` and ``(loss_cls, loss_reg, acc, model_state)``; the penalty sees the
   consolidated parameters (:func:`ewc_jax.heads.consolidated`: the backbone and every head shared
   by several tasks). The network runs in train mode (:func:`ewc_jax.heads.train_logits`:
   ``model_state`` is the updated one, ``rng`` the dropout key).
 
-  ``example_tasks`` (``[B]``) gives each example's head when a batch mixes tasks; classes
+  ``batch.example_tasks`` (``[B]``) gives each example's head when a batch mixes tasks; classes
   stay masked as of ``task_index`` (class-incremental).
   """
-  ids = task_index if example_tasks is None else example_tasks
-  logits, model_state = heads.train_logits(net, params, model_state or {}, x, ids,
+  ids = task_index if batch.example_tasks is None else batch.example_tasks
+  logits, model_state = heads.train_logits(spec.net, params, model_state or {}, batch.x, ids,
                                            seen_through=task_index, rng=rng)
-  loss_cls, acc = masked_cross_entropy(logits, y, w)
-  theta = heads.consolidated(net, params, consolidate)
-  loss_reg = algo.penalty(theta, memory, hyper, task_index).astype(jnp.float32)
+  loss_cls, acc = masked_cross_entropy(logits, batch.y, batch.w)
+  theta = heads.consolidated(spec.net, params, spec.consolidate)
+  loss_reg = spec.algo.penalty(theta, memory, hyper, task_index).astype(jnp.float32)
   return loss_cls + loss_reg, (loss_cls, loss_reg, acc, model_state)
 
 
-def train_step(net: heads.Network, algo: algorithms.Algorithm, tx: optax.GradientTransformation,
-               state: TrainState, batch, task_index, memory, hyper, *,
-               consolidate: str = "shared", rng: jax.Array | None = None):
-  """One optimizer step on ``batch = (x, y, w)`` or ``(x, y, w, example_tasks)``.
+def train_step(spec: Step, state: TrainState, batch: Batch, *, task_index, memory, hyper,
+               rng: jax.Array | None = None):
+  """One optimizer step on ``batch``.
 
   ``memory`` is the algorithm's memory of the consolidated subtree
-  (``algo.init(heads.consolidated(net, params, consolidate), num_tasks)``); ``rng`` the dropout
-  key of this step (``None``: none, for networks without dropout). The model state is replaced
-  by the one of the train-mode forward pass (BatchNorm's running averages updated with this
-  batch's statistics). Returns ``(state, metrics)``. Pure; jit it with ``net``, ``algo`` and
-  ``tx`` static (see :func:`make_train_step`).
+  (``spec.algo.init(heads.consolidated(spec.net, params, spec.consolidate), num_tasks)``): an
+  argument, so one compiled program serves every task (anchors change only between tasks, by
+  passing a new memory, never by mutation, and are never baked into the program as constants);
+  ``rng`` the dropout key of this step (``None``: none, for networks without dropout). The model
+  state is replaced by the one of the train-mode forward pass (BatchNorm's running averages
+  updated with this batch's statistics). Returns ``(state, metrics)``. Pure; jit it with
+  ``spec`` closed over, e.g. ``jax.jit(functools.partial(train_step, spec))``.
   """
-  x, y, w = batch[:3]
-  example_tasks = batch[3] if len(batch) > 3 else None
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, net, algo, consolidate=consolidate,
-                                                 model_state=state.model_state, rng=rng),
-                               has_aux=True)
-  (loss, (loss_cls, loss_reg, acc, model_state)), grads = grad_fn(
-      state.params, x, y, w, task_index, memory, hyper, example_tasks)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, spec, model_state=state.model_state,
+                                                 rng=rng, task_index=task_index,
+                                                 memory=memory, hyper=hyper), has_aux=True)
+  (loss, (loss_cls, loss_reg, acc, model_state)), grads = grad_fn(state.params, batch)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "loss_cls": loss_cls, "loss_reg": loss_reg, "acc": acc}
   return TrainState(params, opt_state, model_state), metrics
-
-
-def make_train_step(net, algo, tx, consolidate: str = "shared") -> Callable:
-  """The jitted core ``step(state, batch, task_index, memory, hyper)``."""
-  return jax.jit(functools.partial(train_step, net, algo, tx, consolidate=consolidate))
-
-
-def bind_memory(step: Callable, memory: PyTree, hyper: algorithms.Hyper) -> Callable:
-  """``step(state, batch, task_index)`` closing over an (immutable) memory, e.g. anchors.
-
-  The memory is passed to the jitted core as an argument, so a new closure after each task
-  reuses the same compiled program.
-  """
-  return lambda state, batch, task_index: step(state, batch, task_index, memory, hyper)
 
 
 def epoch_order(key: jax.Array, count: jax.Array, n_max: int, length: int) -> jax.Array:
@@ -163,16 +193,13 @@ def epoch_order(key: jax.Array, count: jax.Array, n_max: int, length: int) -> ja
   return jnp.pad(order, (0, length - n_max))
 
 
-def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
-                state: TrainState, data: TaskData, order: jax.Array, start_step,
-                task_index, memory, hyper, stop_step=None, key: jax.Array | None = None, *,
-                consolidate: str = "shared", augment: Callable | None = None):
-  """``num_steps`` steps of one epoch, from batch ``start_step`` of ``order``.
+def train_chunk(spec: Step, state: TrainState, inputs: ChunkInputs):
+  """``spec.num_steps`` steps of one epoch, from batch ``inputs.start_step`` of ``inputs.order``.
 
   Batches past the task's data, or from ``stop_step`` on (an epoch cut short when training is
   counted in iterations), are skipped (no optimizer update): the steps that have data are a
-  prefix of the chunk, and a ``lax.fori_loop`` runs exactly those (a ``lax.cond`` per step
-  inside a ``lax.scan`` cost ~9 % of a step on CPU); the last partial batch is masked. Its
+  prefix of the chunk, and a ``lax.fori_loop`` runs exactly those (no ``lax.cond`` per step);
+  the last partial batch is masked. Its
   masked rows are filled with the epoch's first examples (``order`` read cyclically),
   so a BatchNorm backbone computes that batch's statistics on real examples of the task (the
   loss still counts each valid row once; for a stateless backbone the numbers do not depend on
@@ -184,8 +211,11 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
   ``metrics["opt_state_finite"]`` whether the returned state's parameters / optimizer state are
   finite.
   """
+  data, order, start_step, task_index, memory, hyper, stop_step, key = inputs
+  batch_size, num_steps, preprocess, augment = (spec.batch_size, spec.num_steps, spec.preprocess,
+                                                spec.augment)
   count = data.counts[task_index]
-  inputs, labels = data.inputs[task_index], data.labels[task_index]
+  rows, labels = data.inputs[task_index], data.labels[task_index]
 
   def body(state, i):
     step = start_step + i
@@ -196,16 +226,14 @@ def train_chunk(net, algo, tx, preprocess, batch_size: int, num_steps: int,
       valid = valid & (step < stop_step)
     w = valid.astype(jnp.float32)
     rng = None if key is None else jax.random.fold_in(key, step)
-    x = preprocess(inputs[idx])
+    x = preprocess(rows[idx])
     if augment is not None:
       if rng is None:
         raise ValueError("`augment` needs the chunk's `key` (its draws come from it).")
       x = augment(jax.random.fold_in(rng, AUGMENT_STREAM), x)
-    batch = (x, labels[idx], w)
-    if data.task_ids is not None:
-      batch = batch + (data.task_ids[task_index][idx],)
-    state, metrics = train_step(net, algo, tx, state, batch, task_index, memory, hyper,
-                                consolidate=consolidate, rng=rng)
+    tasks = None if data.task_ids is None else data.task_ids[task_index][idx]
+    state, metrics = train_step(spec, state, Batch(x, labels[idx], w, tasks),
+                                task_index=task_index, memory=memory, hyper=hyper, rng=rng)
     return state, dict(metrics, count=jnp.sum(w))
 
   # Steps with data: start_step + i < min(ceil(count / batch_size), stop_step).
