@@ -88,8 +88,10 @@ def main(argv=None) -> None:
   parser.add_argument("--out", required=True, help="the JSON to write")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  from benchmarks import versions  # pylint: disable=import-outside-toplevel
-  record = {**measure(args.seed), "versions": versions.versions()}
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  record = {**measure(args.seed),
+            "versions": {n: metadata.version(n) for n in ("jax", "jaxlib", "flax", "optax",
+                                                          "numpy", "ml_dtypes")}}
   Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
   print(json.dumps(record, indent=2))
 
