@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ewc_jax import continual, heads
+from ewc_jax.continual.programs import SUBSET_STREAM, ConsolidateInputs
 from tests import runs
 
 D, T = 16, 3
@@ -105,7 +106,7 @@ def test_fisher_examples_is_the_fisher_of_random_rows():
   ewc_jax.subset.random_rows draws from the Fisher key folded with SUBSET_STREAM."""
   from ewc_jax import fisher as fisher_lib  # pylint: disable=import-outside-toplevel
   from ewc_jax import subset  # pylint: disable=import-outside-toplevel
-  from ewc_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from ewc_jax.continual import step as train_lib  # pylint: disable=import-outside-toplevel
   cfg = dataclasses.replace(CFG, algo="online_ewc", fisher="true", fisher_examples=20)
   train = synthetic_tasks(200, 0)
   net = heads.task_incremental(T, 2, hidden=cfg.hidden)
@@ -117,10 +118,10 @@ def test_fisher_examples_is_the_fisher_of_random_rows():
 
   def importance(c):
     memory = continual.programs(c, net, algo, train).consolidate(
-        algo.init(theta, T), params, model_state, train, task, key, hyper)
+        algo.init(theta, T), ConsolidateInputs(params, model_state, train, task, key, hyper))
     return jax.tree.map(lambda a: np.asarray(a[0]), memory.importance)
 
-  rows = np.asarray(subset.random_rows(jax.random.fold_in(key, continual.SUBSET_STREAM),
+  rows = np.asarray(subset.random_rows(jax.random.fold_in(key, SUBSET_STREAM),
                                        np.arange(train.inputs.shape[1]) < train.counts[task], 20))
   assert rows.sum() == 20
   logits = heads.consolidated_logits_fn(net, params, task, model_state)
