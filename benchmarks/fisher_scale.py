@@ -301,9 +301,11 @@ def scaling(rows: Sequence[dict]) -> dict:
   slope = (sum((x - mean_n) * (r["fisher_s"] - mean_t) for x, r in zip(ns, rows)) / var
            if var else None)
   rss_ratio = max(rss) / min(rss)
+  cpu = [r["fisher_cpu_s"] / r["examples"] for r in rows]
   return {"examples": ns, "s_per_example": per,
           "s_per_example_vs_smallest": [p / per[0] for p in per],
           "s_per_example_max_over_min": max(per) / min(per),
+          "cpu_s_per_example": cpu, "cpu_s_per_example_max_over_min": max(cpu) / min(cpu),
           "fit_fisher_s": None if slope is None else {
               "intercept_s": mean_t - slope * mean_n, "s_per_example": slope},
           "rss_measured": "stream_peak_rss_mb" if stream else "peak_rss_mb",
@@ -405,10 +407,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "1-device one (the --quick run measured 0.91x). `cpu` is process CPU time over "
                  "all threads, less sensitive to the load than `wall`.")}, folder=args.out)
     return 0
-  rows = []
+  name = "fisher_scale_quick" if args.quick else "fisher_scale"
+  note = ("quick configuration (reduced model and N, for a CPU); the issue's full configuration "
+          "is the default run" if args.quick else "full configuration (issue 25)")
+
+  def write(rows: list[dict], devices: dict | None, complete: bool) -> None:
+    # Written after every child, so that a run cut short keeps what it measured.
+    common.write(name, {"config": dataclasses.asdict(config), "configuration": note,
+                        "kind": "empirical", "complete": complete, "rows": rows,
+                        "scaling": scaling(rows) if rows else None,
+                        "devices": devices}, folder=args.out)
+
+  rows: list[dict] = []
   for n in config.sizes:
     rows.append(run_child(config, n))
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    write(rows, None, complete=False)
   devices = None
   if config.device_examples:
     pair = []
@@ -416,12 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       pair.append(run_child(config, config.device_examples, d, platform="cpu"))
       print(json.dumps(pair[-1]), file=sys.stderr, flush=True)
     devices = {"rows": pair, **device_ratio(*pair)}
-  name = "fisher_scale_quick" if args.quick else "fisher_scale"
-  note = ("quick configuration (reduced model and N, for a CPU); the issue's full configuration "
-          "is the default run" if args.quick else "full configuration (issue 25)")
-  common.write(name, {"config": dataclasses.asdict(config), "configuration": note,
-                      "kind": "empirical", "rows": rows, "scaling": scaling(rows),
-                      "devices": devices}, folder=args.out)
+  write(rows, devices, complete=True)
   return 0
 
 

@@ -72,8 +72,8 @@ def test_measure_returns_the_fields():
 
 
 def test_scaling_summary_on_fake_numbers():
-  rows = [{"examples": n, "fisher_s": 2.0 + 0.01 * n, "stream_peak_rss_mb": rss,
-           "peak_rss_mb": rss + whole}
+  rows = [{"examples": n, "fisher_s": 2.0 + 0.01 * n, "fisher_cpu_s": 0.02 * n,
+           "stream_peak_rss_mb": rss, "peak_rss_mb": rss + whole}
           for n, rss, whole in ((4000, 105.0, 0.0), (1000, 100.0, 50.0), (16000, 108.0, 0.0))]
   out = fs.scaling(rows)
   assert out["examples"] == [1000, 4000, 16000]
@@ -82,6 +82,8 @@ def test_scaling_summary_on_fake_numbers():
   np.testing.assert_allclose(out["s_per_example_vs_smallest"][0], 1.0)
   np.testing.assert_allclose(out["fit_fisher_s"]["intercept_s"], 2.0)
   np.testing.assert_allclose(out["fit_fisher_s"]["s_per_example"], 0.01)
+  np.testing.assert_allclose(out["cpu_s_per_example"], [0.02] * 3)
+  np.testing.assert_allclose(out["cpu_s_per_example_max_over_min"], 1.0)
   assert out["rss_measured"] == "stream_peak_rss_mb" and out["rss_mb"] == [100.0, 105.0, 108.0]
   np.testing.assert_allclose(out["rss_max_over_min"], 1.08)
   assert out["rss_flat_within_10pct"]
