@@ -12,15 +12,15 @@ transformation; :func:`path_mask` builds leaf masks. Flax NNX ``State`` works ev
 from ewc_jax.anchor_io import restore_anchors
 from ewc_jax.anchor_io import save_anchors
 from ewc_jax.fisher import KINDS as FISHER_KINDS
-from ewc_jax.fisher import FisherAccumulator
-from ewc_jax.fisher import FisherState
 from ewc_jax.fisher import LeafPlan
-from ewc_jax.fisher import fisher_accumulator
 from ewc_jax.fisher import fisher_diagonal
-from ewc_jax.fisher import fisher_from_batches
-from ewc_jax.fisher import fisher_from_nll
 from ewc_jax.fisher import fisher_plan
 from ewc_jax.fisher import num_parameters
+from ewc_jax.fisher_stream import FisherAccumulator
+from ewc_jax.fisher_stream import FisherState
+from ewc_jax.fisher_stream import fisher_accumulator
+from ewc_jax.fisher_stream import fisher_from_batches
+from ewc_jax.fisher_stream import fisher_from_nll
 from ewc_jax.masks import path_mask
 from ewc_jax.penalty import Anchor
 from ewc_jax.penalty import Merged

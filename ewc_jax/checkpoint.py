@@ -134,6 +134,8 @@ class RunCheckpointer:
       :meth:`save` returns once its checkpoint is committed.
     warn: called with one line when :meth:`restore` skips a corrupt checkpoint for an older
       one (default: ``warnings.warn`` with :class:`CheckpointFallback`).
+    added: keys of ``config`` that the caller added since checkpoints were written, with the
+      value those checkpoints ran with (their absence then counts as that value).
 
   Integrity: every checkpoint carries a CRC-32 of each array (dtype, shape, bytes) and of its
   metadata; :meth:`restore` verifies them, and a checkpoint that does not match (or cannot be
@@ -144,13 +146,15 @@ class RunCheckpointer:
   def __init__(self, directory: str | os.PathLike, config: dict, *, keep: int = 2,
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
                async_save: bool = True, warn: Callable[[str], Any] | None = None,
-               stop_requested: interrupt.StopRequested | None = None):
+               stop_requested: interrupt.StopRequested | None = None,
+               added: dict | None = None):
     if not isinstance(keep, (int, np.integer)) or keep < 1:
       raise errors.SettingError.invalid("keep", keep, "an integer >= 1")
     if not isinstance(every, (int, np.integer)) or every < 0:
       raise errors.SettingError.invalid("checkpoint_every", every, "an integer >= 0")
     self.directory = Path(directory).absolute()
     self.config = jsonable(config)
+    self.added = dict(added or {})
     self.keep, self.every, self.chunk_steps = int(keep), int(every), int(chunk_steps)
     self.async_save = bool(async_save)
     self.stop_requested = stop_requested
@@ -287,7 +291,7 @@ class RunCheckpointer:
         raise first_error
     else:
       meta = self.read_meta(step)
-    diff = config_diff(meta["config"], self.config)
+    diff = config_diff(meta["config"], self.config, added=self.added)
     if diff:
       text = (f"checkpoint {self.step_path(step)} was written by a different configuration: "
               + "; ".join(diff))
@@ -440,7 +444,7 @@ class SweepCheckpointer:
 
   Args:
     directory: the sweep's checkpoint folder.
-    config, keep, every, chunk_steps, async_save, warn: as for :class:`RunCheckpointer`.
+    config, keep, every, chunk_steps, async_save, warn, added: as for :class:`RunCheckpointer`.
     log: called with one line when a chunk resumes from a checkpoint (e.g. ``print``).
   """
 
@@ -448,11 +452,13 @@ class SweepCheckpointer:
                every: int = 0, chunk_steps: int = continual.Config.chunk_steps,
                async_save: bool = True, log: Callable[[str], Any] | None = None,
                warn: Callable[[str], Any] | None = None,
-               stop_requested: interrupt.StopRequested | None = None):
+               stop_requested: interrupt.StopRequested | None = None,
+               added: dict | None = None):
     self.directory = Path(directory).absolute()
     self.config = jsonable(config)
     self.kwargs = {"keep": keep, "every": every, "chunk_steps": chunk_steps,
-                   "async_save": async_save, "warn": warn, "stop_requested": stop_requested}
+                   "async_save": async_save, "warn": warn, "stop_requested": stop_requested,
+                   "added": added}
     RunCheckpointer(self.directory, {}, **self.kwargs)  # checks keep/every now
     self.log = log
 

@@ -91,9 +91,6 @@ def jsonable(obj: Any) -> Any:
 
 # Config fields added after checkpoints were written, with the value those checkpoints ran with.
 _ADDED = {"optimizer": "adam", "backbone": "mlp", "width": None, "augment": "none", "init": "flax"}
-# Run-identity keys (beside the config's fields) added since: the value those checkpoints ran
-# with (classes_per_task: every split checkpoint before it was Split MNIST, 2 classes per task).
-_ADDED_KEYS = {"classes_per_task": 2}
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(config_lib.Config))
 
 
@@ -110,13 +107,15 @@ def _fill_added(obj: Any) -> Any:
   return obj
 
 
-def config_diff(saved: dict, current: dict) -> list[str]:
+def config_diff(saved: dict, current: dict, *, added: dict | None = None) -> list[str]:
   """``"key (checkpoint: a, now: b)"`` for every key whose value differs (JSON-normalised;
-  fields added to ``Config`` since the checkpoint count with the value it ran with)."""
+  fields added to ``Config`` since the checkpoint count with the value it ran with, and so do
+  the caller's identity keys in ``added``: ``{key: the value checkpoints without it ran with}``)."""
   saved, current = _fill_added(jsonable(saved)), jsonable(current)
+  added = added or {}
   out = []
   for key in sorted(set(saved) | set(current)):
-    a = saved.get(key, _ADDED.get(key, _ADDED_KEYS.get(key, "<absent>")))
+    a = saved.get(key, _ADDED.get(key, added.get(key, "<absent>")))
     b = current.get(key, "<absent>")
     if a != b:
       out.append(f"{key} (checkpoint: {a!r}, now: {b!r})")

@@ -170,6 +170,15 @@ def row_scale(mask: jax.Array, reduction: str) -> jax.Array:
   return 1.0 / jnp.maximum(count, 1.0)
 
 
+class Rows(NamedTuple):
+  """A call's rows (``[N, ...]``, or one batch's ``[B, ...]``): the inputs (a pytree) and their
+  optional labels, label mask and row weights (None: the defaults of the program)."""
+  inputs: Any
+  labels: Any = None
+  lmask: Any = None
+  weights: Any = None
+
+
 class Spec(NamedTuple):
   """Static settings of a program (part of its cache key). ``shardings``: per leaf, the
   ``NamedSharding`` of a parameter sharded over several devices (its importance keeps it: every
@@ -203,8 +212,9 @@ def _constrain(values: list, spec: Spec, only_active: bool = True) -> list:
 
 
 def batch_program(traced: Traced, spec: Spec, sample_fn: Callable | None = None):
-  """``(f, plan)``: ``f(args, extra, leaves, xb, labels, mask, wb, key) -> ([S per active leaf],
-  flags)`` (``extra``: the consts of ``sample_fn``, see :func:`as_function`) is one batch's summed contribution Σ_b w_b (∂ℓ_b/∂θ)² (kinds as in
+  """``(f, plan)``: ``f(args, extra, leaves, rows, key) -> ([S per active leaf], flags)``
+  (``rows``: one batch's :class:`Rows`, every field given; ``extra``: the consts of
+  ``sample_fn``, see :func:`as_function`) is one batch's summed contribution Σ_b w_b (∂ℓ_b/∂θ)² (kinds as in
   ``ewc_jax.fisher``); ``flags`` are ``[probabilities, labels out of range]`` seen in the batch
   (categorical only), and ``plan`` is ``(path, reason)`` per leaf."""
   flat = per_example.inline_calls(traced.closed)
@@ -226,8 +236,9 @@ def batch_program(traced: Traced, spec: Spec, sample_fn: Callable | None = None)
     full, it = list(leaves), iter(values)
     return [next(it) if on else x for x, on in zip(full, spec.active)]
 
-  def categorical(args, extra, leaves, xb, labels, lmask, wb, key):
+  def categorical(args, extra, leaves, rows: Rows, key):
     del extra
+    xb, labels, lmask, wb = rows
     scale = row_scale(lmask, reduction)
     labelled = kind in ("empirical", "batch_squared")
     if kind == "empirical":
@@ -264,8 +275,8 @@ def batch_program(traced: Traced, spec: Spec, sample_fn: Callable | None = None)
     zeros = [jnp.zeros(s, jnp.float32) for s in active_only(traced.shapes)]
     return lax.fori_loop(0, positions * c, one, zeros), flags
 
-  def nll(args, extra, leaves, xb, labels, lmask, wb, key):
-    del labels, lmask
+  def nll(args, extra, leaves, rows: Rows, key):
+    xb, wb = rows.inputs, rows.weights
     if sample_fn is not None:
       xb = sample_fn(extra, list(leaves), xb, key)
     return active_only(sq(args, leaves, xb, jnp.zeros(wb.shape), wb)[0]), []
@@ -290,8 +301,10 @@ def _flags(logits, labels, lmask, wb, check_labels: bool):
   return [probs, bad]
 
 
-def _defaults(out_shape, n, labels, lmask, weights, key, categorical: bool):
-  """The optional arguments' defaults, made inside the program (no eager op per call)."""
+def _defaults(out_shape, n, rows: Rows, key, categorical: bool):
+  """The optional arguments' defaults, made inside the program (no eager op per call):
+  ``(labels, lmask, weights, key)``."""
+  _, labels, lmask, weights = rows
   positions = tuple(out_shape[:-1]) if categorical else ()
   labels = jnp.zeros((n,) + positions, jnp.int32) if labels is None else labels.astype(jnp.int32)
   lmask = (jnp.ones((n,) + positions, jnp.float32) if lmask is None
@@ -313,11 +326,10 @@ def _fill_masked(weights, n: int, *trees):
   return tuple(jax.tree.map(fill, t) for t in trees)
 
 
-def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple, n: int,
+def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple, n: int, *,
                  batch_size: int, has_mask: bool, normalize: bool, host_loop: bool = False):
-  """``f(args, leaves, inputs, labels, lmask, weights, key) -> ([F per active leaf], flags,
-  [finite per active leaf])`` over ``n`` rows in batches of ``batch_size`` (the last one padded
-  and masked).
+  """``f(args, leaves, rows, key) -> ([F per active leaf], flags, [finite per active leaf])``
+  over the ``n`` :class:`Rows` in batches of ``batch_size`` (the last one padded and masked).
 
   The batches run in a ``lax.scan`` (``f`` is then one jittable function), or, with
   ``host_loop`` (eager calls) for a model with convolutions, in a Python loop over one compiled
@@ -330,9 +342,9 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
   active_shapes = [s for s, on in zip(shapes, spec.active) if on]
   num_flags = 2 if spec.lik.categorical else 0
 
-  def prepare(labels, lmask, weights, key, inputs):
-    labels, lmask, weights, key = _defaults(out_shape, n, labels, lmask, weights, key,
-                                            spec.lik.categorical)
+  def prepare(rows, key):
+    inputs = rows.inputs
+    labels, lmask, weights, key = _defaults(out_shape, n, rows, key, spec.lik.categorical)
     if has_mask:
       inputs, labels, lmask = _fill_masked(weights, n, inputs, labels, lmask)
 
@@ -346,7 +358,7 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
   def add(args, leaves, carry, batch, key):
     acc, flags = carry
     xb, yb, mb, wb, i = batch
-    c, f = batch_fn(args, [], leaves, xb, yb, mb, wb, jax.random.fold_in(key, i))
+    c, f = batch_fn(args, [], leaves, Rows(xb, yb, mb, wb), jax.random.fold_in(key, i))
     c = _constrain(c, spec)
     return [a + x for a, x in zip(acc, c)], [a | x for a, x in zip(flags, f)]
 
@@ -369,8 +381,8 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
     step_jit = jax.jit(step, donate_argnums=(2,))
     start_jit, finish_jit = jax.jit(start), jax.jit(finish)
 
-    def run(args, leaves, inputs, labels, lmask, weights, key):
-      xs, ys, ms, ws, key, total = prepare_jit(labels, lmask, weights, key, inputs)
+    def run(args, leaves, rows, key):
+      xs, ys, ms, ws, key, total = prepare_jit(rows, key)
       carry = start_jit()
       for i in range(num_batches):
         batch = (jax.tree.map(lambda a, i=i: a[i], xs), ys[i], ms[i], ws[i], np.int32(i))
@@ -378,8 +390,8 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
       return finish_jit(*carry, total)
     return run
 
-  def program(args, leaves, inputs, labels, lmask, weights, key):
-    xs, ys, ms, ws, key, total = prepare(labels, lmask, weights, key, inputs)
+  def program(args, leaves, rows, key):
+    xs, ys, ms, ws, key, total = prepare(rows, key)
     def body(carry, batch):
       return add(args, leaves, carry, batch, key), None
     unroll = (num_batches if getattr(batch_fn, "convolutions", False)
@@ -391,13 +403,14 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
 
 
 def update_program(batch_fn: Callable, spec: Spec, out_shape: tuple, n: int):
-  """``f(args, extra, leaves, xb, labels, lmask, weights, key, sums, count) -> (sums, count,
-  flags)``: one batch of ``n`` rows added to a running Fisher (every leaf's sum, in order)."""
-  def program(args, extra, leaves, xb, labels, lmask, weights, key, sums, count):
-    labels, lmask, weights, key = _defaults(out_shape, n, labels, lmask, weights, key,
-                                            spec.lik.categorical)
-    xb, labels, lmask = _fill_masked(weights, n, xb, labels, lmask)
-    values, flags = batch_fn(args, extra, leaves, xb, labels, lmask, weights, key)
+  """``f(args, extra, leaves, rows, key, (sums, count)) -> (sums, count, flags)``: one batch of
+  ``n`` :class:`Rows` added to a running Fisher (every leaf's sum, in order, and the total row
+  weight)."""
+  def program(args, extra, leaves, rows, key, running):
+    sums, count = running
+    labels, lmask, weights, key = _defaults(out_shape, n, rows, key, spec.lik.categorical)
+    xb, labels, lmask = _fill_masked(weights, n, rows.inputs, labels, lmask)
+    values, flags = batch_fn(args, extra, leaves, Rows(xb, labels, lmask, weights), key)
     it = iter(_constrain(values, spec))
     sums = [s + next(it) if on else s for s, on in zip(sums, spec.active)]
     return sums, count + jnp.sum(weights), flags

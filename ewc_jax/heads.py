@@ -316,7 +316,7 @@ def logits(net: Network, params: PyTree, x: jax.Array, task_ids: Any,
 
 
 def train_logits(net: Network, params: PyTree, model_state: PyTree, x: jax.Array, task_ids: Any,
-                 seen_through: Any = None, rng: jax.Array | None = None
+                 *, seen_through: Any = None, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, PyTree]:
   """``([B, C] logits, model_state)`` in train mode (see :func:`train_features`)."""
   feats, model_state = train_features(net, params["backbone"], model_state, x, rng)

@@ -199,13 +199,19 @@ class ExperimentConfig:
                "task)")
 
   def identity(self, dataset: str) -> dict:
-    """What a run's checkpoints must come from (``dataset``: ``"<name>:<version>"``)."""
+    """What a run's checkpoints must come from (``dataset``: ``"<name>:<version>"``; keys
+    added since checkpoints were written: :data:`IDENTITY_ADDED`)."""
     split = {"classes_per_task": self.classes_per_task} if self.bench.split else {}
     return {"benchmark": self.benchmark, "dataset": dataset, "num_tasks": self.task_count,
             **split, **_set_options(self), "max_examples": self.max_examples,
             "seeds": list(self.seed_list),
             "input_norm": self.input_norm_name, **dataclasses.asdict(self.run)}
 
+
+# Identity keys added after checkpoints were written, with the value those checkpoints ran with
+# (classes_per_task: every split checkpoint before it was Split MNIST, 2 classes per task); the
+# checkpointers take it as ``added``.
+IDENTITY_ADDED = {"classes_per_task": 2}
 
 SWEPT = continual.HYPER_FIELDS  # the Config fields a sweep takes lists of (and seeds)
 

@@ -25,7 +25,8 @@ byte adds ~20 ms); `import experiments.data` ~0.08 s (numpy), the whole process
 cache. The normal path with the arrays cached still takes ~0.35 s.
 
 Cache files are replaced (new file, rename), never rewritten in place: a process
-holding a map of one keeps its old contents.
+holding a map of one keeps its old contents. The cache is `experiments.data_cache`, the
+index `experiments.data_index`; this module opens TFDS and decodes.
 
 Verified: the index entry records a SHA-256 content hash of each cached array,
 computed from the decoded array when the file is written; every read (the index
@@ -43,14 +44,9 @@ optional extra (`pip install -e .[prepare]`); reading a prepared one never does.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import io
-import json
 import os
-import re
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -59,7 +55,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments import files
+from experiments import data_cache
+from experiments import data_index
+from experiments.data_cache import content_hash
 
 # `tensorflow_datasets` (~0.2 s to import) and Pillow are imported where they are
 # needed, so that a load served from the index imports neither; `data.tfds` still
@@ -67,7 +65,6 @@ from experiments import files
 
 SPLITS: tuple[str, str] = ("train", "test")
 _READ_CHUNK = 10_000  # records per `__getitems__` call
-_INDEX_FORMAT = 2  # bump when the index entry or the cache files change meaning
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _PREPARE_HINT = (
   "preparing a TFDS dataset needs TensorFlow, which is not installed: "
@@ -205,225 +202,6 @@ def _image_label_keys(name: str, info: Any) -> tuple[str, str, tuple[int, ...]]:
   return image_key, label_key, shape
 
 
-def _safe(part: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.]+", "_", part)
-
-
-def _cache_paths(cache_dir: Path, info: Any, split: str, prepared_dir: str) -> tuple[Path, Path]:
-  """The (images, labels) `.npy` files of one split.
-
-  Named by dataset, config, version and split, plus a short hash of the prepared
-  folder they were decoded from, so that two data folders holding the same
-  dataset version never share (and silently swap) decoded arrays.
-  """
-  parts = [info.name, info.config_name or "", str(info.version), split]
-  folder = hashlib.sha256(os.path.realpath(prepared_dir).encode()).hexdigest()[:10]
-  stem = "-".join(_safe(p) for p in parts if p) + f"-{folder}"
-  root = cache_dir / "datasets"
-  return root / f"{stem}.images.npy", root / f"{stem}.labels.npy"
-
-
-def _load_npy(path: Path) -> np.ndarray | None:
-  """The array in `path`, memory-mapped read-only; None when missing or not a `.npy`."""
-  try:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (OSError, ValueError, EOFError):
-    return None  # missing, truncated, corrupt or foreign file: re-decode and overwrite it
-  if not isinstance(array, np.ndarray):  # e.g. a zip archive under this name
-    with contextlib.suppress(Exception):
-      array.close()
-    return None
-  return np.asarray(array)  # a plain (read-only) ndarray view of the mapping
-
-
-def content_hash(array: np.ndarray) -> str:
-  """`sha256:<hex>` of an array's bytes (C order), as recorded in the index."""
-  data = np.ascontiguousarray(array)
-  return "sha256:" + hashlib.sha256(memoryview(data).cast("B")).hexdigest()
-
-
-def _read_cache(
-  paths: tuple[Path, Path],
-  n: int,
-  shape: tuple[int, ...],
-  hashes: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
-  """Cached (images, labels), or None when missing, corrupt, not matching in dtype/shape,
-  or (given `hashes`) when a file's content hash differs from the recorded one."""
-  images, labels = _load_npy(paths[0]), _load_npy(paths[1])
-  if (
-    images is None
-    or labels is None
-    or images.dtype != np.uint8
-    or images.shape != (n, *shape)
-    or labels.dtype != np.int32
-    or labels.shape != (n,)
-  ):
-    return None
-  if hashes is not None and [content_hash(images), content_hash(labels)] != list(hashes):
-    return None
-  return images, labels
-
-
-def _write_cache(paths: tuple[Path, Path], images: np.ndarray, labels: np.ndarray) -> None:
-  """Writes the images and labels `.npy` files, each atomically."""
-  for path, array in zip(paths, (images, labels)):
-    files.write_atomic(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
-
-
-def _recorded_hashes(folder: Path) -> dict[str, str]:
-  """`{cache file name: content hash}` from every index entry in `folder` (a few small
-  JSON files): the normal path checks the cache files against them too (the newest entry
-  wins where two disagree). A file no entry mentions (the index lost) is re-hashed and
-  trusted, as its dtype and shape match."""
-  out: dict[str, tuple[int, str]] = {}
-  with contextlib.suppress(OSError):
-    for path in folder.glob("*.index.json"):
-      try:
-        entry = json.loads(path.read_bytes())
-        mtime = path.stat().st_mtime_ns
-        for info in entry["splits"].values():
-          for part in ("images", "labels"):
-            name, digest = info[part], info[f"{part}_hash"]
-            if isinstance(name, str) and isinstance(digest, str):
-              if name not in out or out[name][0] < mtime:
-                out[name] = (mtime, digest)
-      except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        continue
-  return {name: digest for name, (_, digest) in out.items()}
-
-
-def _warn_mismatch(path: Path) -> None:
-  """The one warning line of a cache file that fails its content check."""
-  print(
-    f"warning: dataset cache file {path} does not match the content hash recorded in its "
-    "index (corrupted?); rebuilding it from TFDS",
-    file=sys.stderr,
-    flush=True,
-  )
-
-
-# --- the index: a repeated request answered without TFDS ---
-
-
-def _tfds_version() -> str | None:
-  """The installed `tensorflow-datasets` version, without importing it.
-
-  Read from the `*.dist-info/METADATA` beside the package that would be imported
-  (~0.2 ms); `importlib.metadata` (~25 ms to import) only when that is ambiguous.
-  """
-  spec = importlib.util.find_spec("tensorflow_datasets")
-  if spec is None or not spec.origin:
-    return None
-  found = list(Path(spec.origin).parents[1].glob("tensorflow_datasets-*.dist-info/METADATA"))
-  if len(found) == 1:
-    with contextlib.suppress(OSError), open(found[0], encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("Version:"):
-          return line.split(":", 1)[1].strip()
-        if not line.strip():
-          break  # end of the headers
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-
-  try:
-    return metadata.version("tensorflow-datasets")
-  except metadata.PackageNotFoundError:
-    return None
-
-
-def _index_key(name: str, data_dir: str | None) -> dict[str, Any]:
-  """What a request is looked up by: the name as given, the data folder, TFDS's version."""
-  key: dict[str, Any] = {
-    "name": name,
-    "data_dir": os.path.abspath(data_dir) if data_dir is not None else None,
-    "tfds_version": _tfds_version(),
-  }
-  if data_dir is None:  # TFDS's own default folder depends on $HOME
-    key["tfds_default_data_dir"] = os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
-  return key
-
-
-def _index_path(cache_dir: Path, key: dict[str, Any]) -> Path:
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-  return cache_dir / "datasets" / f"{_safe(key['name'])[:40]}-{digest}.index.json"
-
-
-def _fingerprint(prepared_dir: str) -> dict[str, Any] | None:
-  """Name, size and mtime_ns of each entry of the prepared folder, and the names beside it.
-
-  The names beside it (the dataset's other version folders) catch a newly prepared
-  version that TFDS would now pick. None when the folder cannot be listed.
-  """
-  try:
-    with os.scandir(prepared_dir) as entries:
-      files = []
-      for entry in entries:
-        st = entry.stat()
-        files.append([entry.name, st.st_size, st.st_mtime_ns])
-    siblings = sorted(os.listdir(os.path.dirname(os.path.normpath(prepared_dir))))
-  except OSError:
-    return None
-  return {"files": sorted(files), "siblings": siblings}
-
-
-def _write_index(path: Path, entry: dict[str, Any]) -> None:
-  text = json.dumps(entry, indent=1, sort_keys=True).encode()
-  files.write_atomic(path, lambda f: f.write(text))
-
-
-def _plain_name(value: Any) -> bool:
-  return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
-
-
-def _load_indexed(path: Path, key: dict[str, Any], t0: float) -> Dataset | None:
-  """The dataset from the index entry at `path`, or None when it does not (still) hold."""
-  try:
-    entry = json.loads(path.read_bytes())
-  except (OSError, ValueError):
-    return None
-  try:
-    if entry["format"] != _INDEX_FORMAT or entry["key"] != key:
-      return None
-    prepared_dir = entry["prepared_dir"]
-    if not isinstance(prepared_dir, str) or _fingerprint(prepared_dir) != entry["fingerprint"]:
-      return None
-    arrays = {}
-    for split in SPLITS:
-      info = entry["splits"][split]
-      n, shape = info["count"], info["image_shape"]
-      files = (info["images"], info["labels"])
-      hashes = (info["images_hash"], info["labels_hash"])
-      if (
-        not isinstance(n, int)
-        or not isinstance(shape, list)
-        or not all(isinstance(d, int) for d in shape)
-        or not all(_plain_name(f) for f in files)
-        or not all(isinstance(h, str) for h in hashes)
-      ):
-        return None
-      cached = _read_cache(
-        (path.parent / files[0], path.parent / files[1]), n, tuple(shape), hashes
-      )
-      if cached is None:  # missing, damaged or changed: the normal path (it warns)
-        return None
-      arrays[split] = cached
-    name, version = entry["name"], entry["version"]
-    if not isinstance(name, str) or not isinstance(version, str):
-      return None
-  except (KeyError, TypeError):
-    return None
-  return Dataset(
-    train_images=arrays["train"][0],
-    train_labels=arrays["train"][1],
-    test_images=arrays["test"][0],
-    test_labels=arrays["test"][1],
-    name=name,
-    version=version,
-    load_seconds=time.perf_counter() - t0,
-    from_cache=True,
-  )
-
-
 def _decode_split(
   source: Sequence[Any],
   name: str,
@@ -456,34 +234,19 @@ def _decode_split(
   return images, labels
 
 
-def load_dataset(
-  name: str = "mnist",
-  *,
-  data_dir: str | os.PathLike[str] | None = None,
-  cache_dir: str | os.PathLike[str] | None = None,
-  manual_dir: str | os.PathLike[str] | None = None,
-  download: bool = True,
-) -> Dataset:
-  """Loads the train and test splits of a TFDS image-classification dataset.
+class _Opened(NamedTuple):
+  """A dataset's TFDS sources per split, its image and label keys and its image shape."""
 
-  Args:
-    name: TFDS dataset name (`'mnist'`, `'fashion_mnist'`, `'name/config:version'`).
-    data_dir: TFDS data folder; default `default_data_dir()`.
-    cache_dir: folder for decoded-array caches; default `default_cache_dir()`.
-    manual_dir: folder with manually downloaded raw files, handed to TFDS's
-      `download_and_prepare` when the dataset is not prepared yet.
-    download: whether TFDS may download and prepare a dataset that is not
-      prepared in `data_dir` (preparing needs TensorFlow).
+  sources: Any
+  image_key: str
+  label_key: str
+  shape: tuple[int, ...]
 
-  Returns:
-    A `Dataset` with uint8 [N, H, W, C] images and int32 [N] labels; arrays
-    read from the cache are read-only memory maps of the cache files.
 
-  Raises:
-    DataError: for a bad `dataset` name, a missing or unreadable `data_dir`, a
-      non-image dataset, or a dataset that is not prepared and cannot be.
-  """
-  t0 = time.perf_counter()
+def _check_request(
+  name: Any, data_dir: Any, cache_dir: Any, download: bool
+) -> tuple[str | None, Path]:
+  """The checked `(data_dir, cache root)` of a request (defaults filled in)."""
   if not isinstance(name, str) or not name.strip():
     raise DataError(f"dataset {name!r} is not valid; expected a TFDS dataset name such as 'mnist'")
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir is not None else default_data_dir()
@@ -494,13 +257,11 @@ def load_dataset(
       f"cache_dir {str(cache_root)!r} is inside data_dir {data_dir!r}; "
       "expected a folder outside the (read-only) data folder"
     )
+  return data_dir, cache_root
 
-  key = _index_key(name, data_dir)
-  index_path = _index_path(cache_root, key)
-  indexed = _load_indexed(index_path, key, t0)
-  if indexed is not None:
-    return indexed
 
+def _open_sources(name: str, data_dir: str | None, manual_dir: Any, download: bool) -> _Opened:
+  """The dataset's TFDS sources, prepared first where allowed (`download`)."""
   tfds = _tfds()
   builder = _builder(name, data_dir)
   image_key, label_key, shape = _image_label_keys(name, builder.info)
@@ -542,78 +303,130 @@ def load_dataset(
   missing = [s for s in SPLITS if s not in sources]
   if missing:
     raise DataError(f"dataset {name!r} has splits {sorted(sources)}; expected {list(SPLITS)}")
+  return _Opened(sources, image_key, label_key, shape)
 
-  info = sources[SPLITS[0]].dataset_info
-  prepared_dir = os.path.abspath(os.fspath(info.data_dir))
-  fingerprint = _fingerprint(prepared_dir)  # before reading: a later change is then seen
-  arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-  splits_entry: dict[str, Any] = {}
-  from_cache = True
-  cached_all = True  # every split's files are in the cache (read, or written now)
-  recorded = _recorded_hashes(cache_root / "datasets")
-  for split in SPLITS:
-    source = sources[split]
-    paths = _cache_paths(cache_root, info, split, prepared_dir)
-    cached = _read_cache(paths, len(source), shape)
-    digests = None
-    if cached is not None:  # checked against every hash an index recorded for these files
-      digests = [content_hash(a) for a in cached]
-      changed = [p for p, d in zip(paths, digests) if recorded.get(p.name, d) != d]
-      if changed:
-        _warn_mismatch(changed[0])
-        cached = None
-    if cached is None:
-      from_cache = False
-      try:
-        cached = _decode_split(source, name, split, image_key, label_key, shape)
-      except DataError:
-        raise
-      except Exception as err:  # noqa: BLE001 (array_record/Riegeli: truncated or corrupt files)
-        text = str(err).strip()
-        raise DataError(
-          f"data_dir {str(data_dir or prepared_dir)!r}: the {split} split of dataset {name!r} in "
-          f"{prepared_dir} "
-          f"cannot be read ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
-          "its files are truncated or corrupt: prepare the dataset again (see `make "
-          "prepare-data`)"
-        ) from err
-      digests = [content_hash(a) for a in cached]
-      try:
-        _write_cache(paths, *cached)
-      except OSError as err:
-        cached_all = False
-        warnings.warn(f"could not write dataset cache {paths[0]}: {err}", stacklevel=2)
-    arrays[split] = cached
-    splits_entry[split] = {
-      "images": paths[0].name,
-      "labels": paths[1].name,
-      "images_hash": digests[0],
-      "labels_hash": digests[1],
-      "count": len(source),
-      "image_shape": list(shape),
-    }
-  if cached_all and fingerprint is not None:
-    entry = {
-      "format": _INDEX_FORMAT,
-      "key": key,
-      "name": info.name,
-      "version": str(info.version),
-      "prepared_dir": prepared_dir,
-      "fingerprint": fingerprint,
-      "splits": splits_entry,
-    }
-    try:
-      _write_index(index_path, entry)
-    except OSError as err:
-      warnings.warn(f"could not write dataset index {index_path}: {err}", stacklevel=2)
 
+def _cached_split(
+  paths: tuple[Path, Path], n: int, shape: tuple[int, ...], recorded: dict[str, str]
+) -> tuple[tuple[np.ndarray, np.ndarray], list[str]] | None:
+  """The cached `(arrays, content hashes)` of a split, checked against every hash an index
+  recorded for its files (one warning line when one differs); None: decode it."""
+  cached = data_cache.read_cache(paths, n, shape)
+  if cached is None:
+    return None
+  digests = [content_hash(a) for a in cached]
+  changed = [p for p, d in zip(paths, digests) if recorded.get(p.name, d) != d]
+  if changed:
+    data_cache.warn_mismatch(changed[0])
+    return None
+  return cached, digests
+
+
+def _decoded_split(
+  source: Sequence[Any], name: str, split: str, opened: _Opened, folders: tuple[Any, str]
+) -> tuple[np.ndarray, np.ndarray]:
+  """`_decode_split`, with unreadable files (`folders`: the data and prepared folders) named."""
+  data_dir, prepared_dir = folders
+  try:
+    return _decode_split(source, name, split, opened.image_key, opened.label_key, opened.shape)
+  except DataError:
+    raise
+  except Exception as err:  # noqa: BLE001 (array_record/Riegeli: truncated or corrupt files)
+    text = str(err).strip()
+    raise DataError(
+      f"data_dir {str(data_dir or prepared_dir)!r}: the {split} split of dataset {name!r} in "
+      f"{prepared_dir} "
+      f"cannot be read ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
+      "its files are truncated or corrupt: prepare the dataset again (see `make "
+      "prepare-data`)"
+    ) from err
+
+
+def _dataset(
+  arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+  name: str,
+  version: str,
+  t0: float,
+  from_cache: bool,
+) -> Dataset:
+  """The `Dataset` of the train and test arrays, timed from `t0`."""
   return Dataset(
     train_images=arrays["train"][0],
     train_labels=arrays["train"][1],
     test_images=arrays["test"][0],
     test_labels=arrays["test"][1],
-    name=info.name,
-    version=str(info.version),
+    name=name,
+    version=version,
     load_seconds=time.perf_counter() - t0,
     from_cache=from_cache,
   )
+
+
+def load_dataset(
+  name: str = "mnist",
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  cache_dir: str | os.PathLike[str] | None = None,
+  manual_dir: str | os.PathLike[str] | None = None,
+  download: bool = True,
+) -> Dataset:
+  """Loads the train and test splits of a TFDS image-classification dataset.
+
+  Args:
+    name: TFDS dataset name (`'mnist'`, `'fashion_mnist'`, `'name/config:version'`).
+    data_dir: TFDS data folder; default `default_data_dir()`.
+    cache_dir: folder for decoded-array caches; default `default_cache_dir()`.
+    manual_dir: folder with manually downloaded raw files, handed to TFDS's
+      `download_and_prepare` when the dataset is not prepared yet.
+    download: whether TFDS may download and prepare a dataset that is not
+      prepared in `data_dir` (preparing needs TensorFlow).
+
+  Returns:
+    A `Dataset` with uint8 [N, H, W, C] images and int32 [N] labels; arrays
+    read from the cache are read-only memory maps of the cache files.
+
+  Raises:
+    DataError: for a bad `dataset` name, a missing or unreadable `data_dir`, a
+      non-image dataset, or a dataset that is not prepared and cannot be.
+  """
+  t0 = time.perf_counter()
+  data_dir, cache_root = _check_request(name, data_dir, cache_dir, download)
+  key = data_index.index_key(name, data_dir)
+  index_path = data_index.index_path(cache_root, key)
+  indexed = data_index.load_indexed(index_path, key, SPLITS)
+  if indexed is not None:
+    return _dataset(indexed.arrays, indexed.name, indexed.version, t0, True)
+
+  opened = _open_sources(name, data_dir, manual_dir, download)
+  info = opened.sources[SPLITS[0]].dataset_info
+  prepared_dir = os.path.abspath(os.fspath(info.data_dir))
+  fingerprint = data_index.fingerprint(prepared_dir)  # before reading: a later change is seen
+  arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+  splits_entry: dict[str, Any] = {}
+  from_cache = True
+  cached_all = True  # every split's files are in the cache (read, or written now)
+  recorded = data_cache.recorded_hashes(cache_root / "datasets")
+  for split in SPLITS:
+    source = opened.sources[split]
+    paths = data_cache.cache_paths(cache_root, info, split, prepared_dir)
+    found = _cached_split(paths, len(source), opened.shape, recorded)
+    if found is None:
+      from_cache = False
+      decoded = _decoded_split(source, name, split, opened, (data_dir, prepared_dir))
+      found = decoded, [content_hash(a) for a in decoded]
+      try:
+        data_cache.write_cache(paths, *decoded)
+      except OSError as err:
+        cached_all = False
+        warnings.warn(f"could not write dataset cache {paths[0]}: {err}", stacklevel=2)
+    arrays[split] = found[0]
+    splits_entry[split] = data_index.split_entry(paths, found[1], len(source), opened.shape)
+  if cached_all and fingerprint is not None:
+    entry = data_index.entry(
+      key, info.name, str(info.version), prepared_dir, fingerprint, splits_entry
+    )
+    try:
+      data_index.write_index(index_path, entry)
+    except OSError as err:
+      warnings.warn(f"could not write dataset index {index_path}: {err}", stacklevel=2)
+  return _dataset(arrays, info.name, str(info.version), t0, from_cache)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+from ewc_jax import errors
 from experiments import task_sequences as benchmark_lib
 
 SCENARIOS = ("task", "domain", "class")
@@ -160,12 +161,13 @@ PROTOCOLS = {("hsu", "split"): HSU_SPLIT, ("vandeven", "split"): VDV_SPLIT,
 
 
 def get_setup(protocol: str, benchmark: str) -> Setup:
-  """The :class:`Setup` of ``protocol`` on ``benchmark``; a ValueError naming both flags when
-  that paper has no such table."""
+  """The :class:`Setup` of ``protocol`` on ``benchmark``; a
+  :class:`ewc_jax.errors.SettingError` naming both settings when that paper has no such table."""
   if (protocol, benchmark) not in PROTOCOLS:
     have = ", ".join(f"{p}/{b}" for p, b in PROTOCOLS)
-    raise ValueError(f"--protocol={protocol!r} --benchmark={benchmark!r} is invalid: expected "
-                     f"one of {have}.")
+    raise errors.SettingError(lambda n: (
+        f"{n('protocol', protocol)} {n('benchmark', benchmark)} is invalid: expected one of "
+        f"{have}."))
   return PROTOCOLS[(protocol, benchmark)]
 
 

@@ -54,7 +54,7 @@ def pad_images(images: np.ndarray, pad: int) -> np.ndarray:
 
 
 def permuted(ds, scenario: str, num_tasks: int, max_examples: int | None,
-             key: jax.Array, pad: int = 0, permute_first: bool = False) -> Tasks:
+             key: jax.Array, *, pad: int = 0, permute_first: bool = False) -> Tasks:
   """Permuted benchmark: every task has all 10 classes with its own fixed pixel permutation.
 
   Class-incremental labels are offset by 10·t (a 10·T-way head); otherwise labels are 0..9.

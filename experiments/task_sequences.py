@@ -108,7 +108,8 @@ def _split_cifar(*args, **kwargs):
 
 
 def _permuted(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int,
-              classes_per_task: int | None = None, pad: int = 0, permute_first: bool = False):
+              classes_per_task: int | None = None, *, pad: int = 0,
+              permute_first: bool = False):
   del classes_per_task  # every task has every class
   import jax  # pylint: disable=import-outside-toplevel
   from experiments import protocols  # pylint: disable=import-outside-toplevel

@@ -83,7 +83,8 @@ def prepare_checkpoints(config: config_lib.ExperimentConfig, root: Path, pattern
         f"{n('resume', False)}: {root} already holds checkpoints; pass {n('resume')} to "
         f"continue them or {n('force_restart')} to discard them and start over."))
   for folder in existing if identity is not None else ():
-    with checkpoint.RunCheckpointer(folder, identity) as ckpt:
+    with checkpoint.RunCheckpointer(folder, identity,
+                                    added=config_lib.IDENTITY_ADDED) as ckpt:
       ckpt.check_config()
 
 
@@ -124,7 +125,8 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
   ckpt = savers.enter_context(checkpoint.RunCheckpointer(
       workdir / "checkpoints" / f"seed_{run.seed}", identity, keep=config.keep,
       every=config.checkpoint_every, chunk_steps=run.chunk_steps,
-      warn=report.warning, stop_requested=signals.requested)) if config.checkpoint else None
+      warn=report.warning, stop_requested=signals.requested,
+      added=config_lib.IDENTITY_ADDED)) if config.checkpoint else None
   resume = (ckpt.restore(lambda: continual.abstract_run_state(run, net, train,
                                                                preprocess=preprocess))
             if ckpt is not None else None)

@@ -83,7 +83,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
           every=exp.checkpoint_every, chunk_steps=first.chunk_steps,
           log=lambda line, prefix=prefix: print(prefix + line, flush=True),
           warn=lambda line, prefix=prefix: report.warning(prefix + line),
-          stop_requested=signals.requested)
+          stop_requested=signals.requested, added=config_lib.IDENTITY_ADDED)
     executables = None
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
       from experiments import compile_cache  # pylint: disable=import-outside-toplevel

@@ -77,7 +77,8 @@ def test_validate_names_the_field(settings, flag_message):
 
 def test_checkpoint_identity_keys_are_kept():
   """Checkpoints written before the config redesign stay resumable: the same keys (split
-  benchmarks add classes_per_task, which checkpoint.config_diff reads as 2 where absent)."""
+  benchmarks add classes_per_task, which config.IDENTITY_ADDED has checkpoint.config_diff read
+  as 2 where absent)."""
   from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
   old_keys = ({"benchmark", "dataset", "num_tasks", "max_examples", "seeds", "input_norm"}
               | {f.name for f in dataclasses.fields(continual.Config)})
@@ -86,8 +87,10 @@ def test_checkpoint_identity_keys_are_kept():
   ident = config.make("split_mnist").identity("mnist:3.0.1")
   assert set(ident) == old_keys | {"classes_per_task"} and ident["num_tasks"] == 5
   old = {k: v for k, v in ident.items() if k != "classes_per_task"}
-  assert checkpoint.config_diff(old, ident) == []
-  assert checkpoint.config_diff(old, dict(ident, classes_per_task=5)) != []
+  added = config.IDENTITY_ADDED
+  assert checkpoint.config_diff(old, ident, added=added) == []
+  assert checkpoint.config_diff(old, dict(ident, classes_per_task=5), added=added) != []
+  assert checkpoint.config_diff(old, ident) != []  # the library knows no experiments' key
 
 
 def test_sweep_config_grid_and_checks():

@@ -130,18 +130,18 @@ def test_the_device_side_checks_find_what_the_host_side_ones_find():
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import fisher, validation  # pylint: disable=import-outside-toplevel
+  from ewc_jax import fisher_checks, validation  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   for trial in range(4):
     labels = rng.integers(-2, 7, (12, 3)).astype(np.int32)
     weights = (rng.random(12) > 0.3).astype(np.float32) if trial % 2 else None
     lmask = (rng.random((12, 3)) > 0.3).astype(np.float32) if trial > 1 else None
-    count, row, value = (int(v) for v in fisher._labels_out_of_range(  # pylint: disable=protected-access
+    count, row, value = (int(v) for v in fisher_checks.labels_out_of_range(
         jnp.asarray(labels), None if weights is None else jnp.asarray(weights),
         None if lmask is None else jnp.asarray(lmask), 5))
     assert count > 0
     with pytest.raises(ValueError, match=re.escape(f"labels[{row}]={value} ({count} labels")):
-      fisher._check_labels(labels, weights, lmask, 5)  # pylint: disable=protected-access
+      fisher_checks.check_labels(labels, weights, lmask, 5)
   for bad in (-0.5, np.nan, np.inf):
     imp = rng.random((5, 4)).astype(np.float32)
     imp[3, 1], imp[4, 0] = bad, -1.0

@@ -15,6 +15,7 @@ import pytest
 
 import pause
 
+from ewc_jax import errors
 from experiments import paper_tables as tables
 from experiments import reproduce
 from experiments import reproduce_runner as runner
@@ -47,10 +48,10 @@ def test_iterations_to_epochs():
 def test_table_lookups():
   assert tables.get_setup("vandeven", "permuted") is tables.VDV_PERMUTED
   assert tables.get_setup("hsu", "split") is tables.HSU_SPLIT
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(errors.SettingError) as err:
     tables.get_setup("hsu", "permuted")
-  assert str(err.value) == ("--protocol='hsu' --benchmark='permuted' is invalid: expected one of "
-                            "hsu/split, vandeven/split, vandeven/permuted.")
+  assert err.value.for_flags() == ("--protocol='hsu' --benchmark='permuted' is invalid: expected "
+                                   "one of hsu/split, vandeven/split, vandeven/permuted.")
   assert tables.HSU_SPLIT.published["l2"]["domain"] == (66.00, 3.73)
   assert tables.VDV_SPLIT.lam["online_ewc"]["class"] == (1e9, 0.8)
   for setup in tables.PROTOCOLS.values():  # every reported algorithm: a cell per scenario
@@ -264,24 +265,24 @@ def test_bad_combination_exits_2_with_one_line(tmp_path):
 
 
 def _options(*argv):
-  """The :class:`reproduce.Options` of a command line (the global flags reset around it)."""
+  """The :class:`ReproduceConfig` of a command line (the global flags reset around it)."""
   reproduce.FLAGS.unparse_flags()
   try:
     reproduce.FLAGS(["reproduce", *argv])
-    return reproduce.Options.from_flags(reproduce.FLAGS)
+    return reproduce.config_from_flags()
   finally:
     reproduce.FLAGS.unparse_flags()
 
 
 def test_options_from_flags():
   opts = _options()
-  assert opts.setup is tables.HSU_SPLIT and opts.algos == tables.HSU_SPLIT.algos
+  assert opts.setup is tables.HSU_SPLIT and opts.algo_names == tables.HSU_SPLIT.algos
   assert opts.scenarios == tables.SCENARIOS and opts.seeds == (0, 1, 2)
-  assert (opts.out, opts.json_path) == (Path("docs/results.md"), Path("docs/results.json"))
+  assert (opts.out_path, opts.json_path) == (Path("docs/results.md"), Path("docs/results.json"))
   assert opts.overrides == runner.Overrides() and opts.checkpoint and opts.checkpoint_every == 0
   opts = _options("--protocol=vandeven", "--benchmark=permuted", "--hidden=400,400",
                   "--epochs=6", "--algos=ewc", "--json=elsewhere/store.json")
-  assert opts.setup is tables.VDV_PERMUTED and opts.algos == ("ewc",)
+  assert opts.setup is tables.VDV_PERMUTED and opts.algo_names == ("ewc",)
   assert opts.overrides == runner.Overrides(epochs=6, hidden=(400, 400))
   assert opts.json_path == Path("elsewhere/store.json")
   import dataclasses  # pylint: disable=import-outside-toplevel
@@ -296,7 +297,8 @@ def test_options_from_flags():
      "--benchmark=split: expected some of finetune, joint, ewc, online_ewc."),
     (["--scenarios=task,x"], "--scenarios=task,x is invalid: expected some of task, domain, "
      "class."),
-    (["--scenarios="], "--scenarios= is invalid: expected some of task, domain, class."),
+    (["--scenarios="], "--scenarios= is invalid: expected at least one value (a comma-separated "
+     "list)."),
     (["--num_tasks=6"], "--num_tasks=6 is invalid: expected 1..5."),
     (["--epochs=0"], "--epochs=0 is invalid: expected an integer >= 1."),
     (["--hidden=0"], "--hidden=0 is invalid: expected integers >= 1."),
@@ -305,9 +307,9 @@ def test_options_from_flags():
      "(0: only after each task)."),
 ])
 def test_options_errors_name_the_flag_value_and_what_is_allowed(argv, message):
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(errors.SettingError) as err:
     _options(*argv)
-  assert str(err.value) == message
+  assert err.value.for_flags() == message
 
 
 def test_each_departure_is_its_own_variant():

@@ -175,6 +175,7 @@ def static_metrics() -> dict:
   files = module_files()
   names = set(files)
   sizes, functions, positional, graph, upward, inner, lam = {}, [], [], {}, {}, 0, []
+  most_positional = 0
   for name, path in files.items():
     source = path.read_text()
     tree = ast.parse(source)
@@ -184,6 +185,7 @@ def static_metrics() -> dict:
       where = f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name}"
       functions.append({"where": where, "lines": length,
                         "docstring": ast.get_docstring(fn) is not None})
+      most_positional = max(most_positional, _positional(fn))
       if _positional(fn) > MAX_POSITIONAL:
         positional.append({"where": where, "positional": _positional(fn)})
     imports = _imports(name, tree, names)
@@ -203,7 +205,7 @@ def static_metrics() -> dict:
       "longest_functions": functions[:10],
       "long_functions_without_docstring": [
           f for f in functions if f["lines"] > MAX_FUNCTION_LINES and not f["docstring"]],
-      "max_positional": positional[0]["positional"] if positional else 0,
+      "max_positional": most_positional,
       "signatures_over_max_positional": positional,
       "import_cycles": _cycles(graph),
       "upward_imports": upward,

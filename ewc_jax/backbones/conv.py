@@ -126,13 +126,15 @@ def _canonical(lhs, rhs, dimension_numbers) -> bool:
       lhs.shape, rhs.shape, dimension_numbers) == want
 
 
-def loop_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding,
+def loop_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding, *,
               lhs_dilation: Sequence[int] | None = None,
               rhs_dilation: Sequence[int] | None = None, dimension_numbers=None,
               feature_group_count: int = 1, batch_group_count: int = 1, precision=None,
-              preferred_element_type=None, *, kernel_grad: str = "conv") -> jax.Array:
+              preferred_element_type=None, kernel_grad: str = "conv") -> jax.Array:
   """``lax.conv_general_dilated`` (same arguments, same values) with the gradients of the
   module docstring for ungrouped, undilated NHWC/HWIO 2-D convolutions on the CPU.
+
+  The arguments after ``padding`` are keyword-only (as ``flax.linen.Conv`` passes them).
 
   ``kernel_grad``: ``"conv"`` (a plain convolution of transposed arrays) or ``"unfold"`` (one
   matmul of the unfolded input; pass ``functools.partial(loop_conv, kernel_grad="unfold")``).
