@@ -9,6 +9,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = ROOT.parent / "shared" / "tensorflow_datasets"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+  """Tests that share a module-scoped fixture of their module (a run they all read) go to one
+  worker under ``--dist loadgroup``, so that it is built once, not once per worker; a test's
+  own ``xdist_group`` wins."""
+  for item in items:
+    if item.get_closest_marker("xdist_group") is not None:
+      continue
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(info, "names_closure", ()):
+      defs = info.name2fixturedefs.get(name)
+      if defs and defs[-1].scope == "module":
+        item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
+        break
+
+
 @pytest.fixture(scope="session")
 def real_data_dir():
   """The prepared MNIST beside the checkout (read-only); skips when it is not there."""
