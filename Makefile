@@ -7,7 +7,7 @@ ARGS   ?=
 # Test processes (pytest-xdist); tests sharing a costly session fixture share one (loadgroup).
 WORKERS ?= 2
 
-.PHONY: install run test docs bench bench-peers prepare-data clean
+.PHONY: install run test test-all docs bench bench-peers prepare-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ run: install
 	@$(BIN)/python -m experiments.prepare_data --check >/dev/null 2>&1 || $(MAKE) prepare-data
 	$(BIN)/python -m experiments.split_mnist --algo=ewc $(ARGS)
 
+# The linter, then the suite less the `extended` tests (see pyproject.toml); test-all: every test.
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup -m "not extended" $(ARGS)
+
+test-all: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup $(ARGS)
 
 # The docs site into site/: the `docs` extra first, then a strict build (any warning fails).

@@ -103,7 +103,8 @@ def _conv(eqn, site, a, d, wb):
                      for offset in itertools.product(*(range(f) for f in filt))], np.int32)
 
   def offset_sum(start):
-    u = lax.dynamic_slice(a, (0, *start, 0), (bn, *window, c))
+    zero_i = jnp.zeros((), jnp.result_type(*start))   # one index dtype (int64 under x64)
+    u = lax.dynamic_slice(a, (zero_i, *start, zero_i), (bn, *window, c))
     u = lax.slice(u, (0,) * (n_sp + 2), u.shape, (1, *strides, 1))
     u = jnp.transpose(u.reshape(b, -1, groups, cg), (0, 2, 1, 3))  # [B, G, P, Cg]
     g = jnp.einsum("bgpc,bgpo->bgco", u, d, precision=_HIGHEST)

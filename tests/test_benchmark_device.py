@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.extended
 def test_quick_mode_writes_every_part(tiny_mnist_dir, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "benchmarks.device", "--quick",
                          f"--data_dir={tiny_mnist_dir}", f"--out={tmp_path}"], cwd=ROOT,

@@ -196,7 +196,7 @@ def check_failed_save(proc, workdir):
   assert not (workdir / ".lock").exists() and not (workdir / "results.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_a_failed_save_never_leaves_the_process_alive_20_times(tiny_mnist_dir, tmp_path):
   """(1) 20 times: the run ends with its one line within seconds, however many threads orbax
   left (before: it printed the line, then waited forever in ``threading._shutdown``)."""

@@ -88,7 +88,7 @@ def combinations(data_dir: str, workdirs: list, seed: int = 0, n: int = N) -> li
   return jobs
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_fuzz_200_flag_combinations(tiny_mnist_dir, tmp_path):
   workdirs = [str(tmp_path / f"w{i}") for i in range(3)]
   jobs = combinations(tiny_mnist_dir, workdirs)

@@ -84,6 +84,7 @@ def _check_commands(folder: Path, *extra: str) -> list[tuple[list[str], dict]]:
           for i in range(PROCESSES)]
 
 
+@pytest.mark.extended
 def test_two_processes_give_the_single_process_results(tmp_path):
   outs = run_processes(tmp_path, _check_commands(tmp_path))
   results = [json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))

@@ -103,6 +103,20 @@ def test_grouped_and_depthwise_convolutions_equal_vmap():
   assert [plan[f"['Conv_{i}']['kernel']"] for i in range(3)] == ["conv"] * 3
 
 
+def test_convolutions_in_float64_equal_vmap():
+  """Under ``jax.enable_x64`` (int64 indices) the conv rule's loop over filter offsets works; the
+  Fisher is accumulated in float32, as documented, so float32 rounding is what it differs by."""
+  m = _Convs()
+  rng = np.random.default_rng(3)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=(4, 8, 8, 2)), jnp.float64)
+    params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), jnp.float64),
+                          jax.eval_shape(m.init, jax.random.key(0), x[:1])["params"])
+    _check(lambda p, xb: m.apply({"params": p}, xb), params, x, jnp.arange(4) % 3, rtol=1e-6)
+    got = fisher_diagonal(lambda p, xb: m.apply({"params": p}, xb), params, x, jnp.arange(4) % 3)
+    assert {v.dtype for v in jax.tree.leaves(got)} == {jnp.dtype(jnp.float32)}
+
+
 def test_several_images_per_example_conv_equals_vmap():
   rng = np.random.default_rng(2)
   def fn(p, x):                      # x: [B, 2, 6, 6, 1]: two views per example

@@ -213,6 +213,7 @@ def test_tiny_real_run_writes_markdown_and_json(tiny_mnist_dir, tmp_path):
   assert again["acc_matrix"] == ewc["acc_matrix"] and again["wall_seconds"] != ewc["wall_seconds"]
 
 
+@pytest.mark.extended
 def test_iterations_protocol_trains_the_papers_iterations(tiny_mnist_dir, tmp_path):
   """van de Ven's protocol counts iterations per task (joint too, on the union of the tasks so
   far), keeps Adam across tasks and penalises the shared head; the record and the markdown say
@@ -320,6 +321,7 @@ def test_each_departure_is_its_own_variant():
           != runner.row_key(tables.VDV_PERMUTED, runner.Overrides(epochs=5), "domain", "ewc"))
 
 
+@pytest.mark.extended
 def test_reproduce_killed_then_resumed_gives_the_same_record(tiny_mnist_dir, tmp_path):
   """The reproduction runner checkpoints its sweeps: killed (SIGKILL) after task 2 is trained,
   the same command resumes from the task-1 checkpoint; the record's matrices are bit-identical

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import cli_batch
 import pause
@@ -27,6 +28,7 @@ def run(module, *args):
 RESNET = ("--width=4", "--epochs=1", "--batch_size=50", "--noplots", "--noprogress")
 
 
+@pytest.mark.extended
 def test_split_cifar10_resnet18_killed_and_resumed_is_bit_identical(tiny_cifar_dir, tmp_path):
   """The default command (ResNet-18 with BatchNorm, crop + flip, per-channel inputs) on tiny
   CIFAR-10 end to end; SIGKILL in the middle of task 2 (running statistics and augmentation
@@ -92,6 +94,7 @@ def test_split_cifar100_in_20_tasks_and_its_limits(tiny_cifar_dir, tmp_path):
     assert "Traceback" not in res["stderr"]
 
 
+@pytest.mark.extended
 def test_any_image_dataset_in_split_and_permuted(tiny_cifar_dir, tmp_path):
   """Split MNIST's benchmark on CIFAR-10 (MLP over 32·32·3 inputs); Permuted on it too; and
   --classes_per_task is refused where every task has every class."""

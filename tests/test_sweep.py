@@ -106,6 +106,7 @@ FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.extended
 def test_sharded_over_four_forced_cpu_devices_equals_unsharded():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -133,6 +134,7 @@ TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.extended
 def test_two_processes_distributed_equal_one_process(full_sweep):
   """Multi-host on one machine: 2 processes x 2 CPU devices, jax.distributed (gloo)."""
   import socket  # pylint: disable=import-outside-toplevel
@@ -160,6 +162,7 @@ def run_cli(*args, env=None):
                         env={**os.environ, **(env or {})})
 
 
+@pytest.mark.extended
 def test_cli_sweep_loads_the_programs_an_earlier_sweep_saved(tiny_mnist_dir, tmp_path):
   """A sweep saves its compiled programs (one entry for its two chunks); a sweep over other λ
   values (arguments of the programs) loads them (train_chunk is not traced again) and gives
@@ -228,6 +231,7 @@ def test_sgd_sweep_over_lr_equals_its_single_runs():
   assert swept.curves[1][0]["loss_cls"][0] < swept.curves[0][0]["loss_cls"][0]
 
 
+@pytest.mark.extended
 def test_cnn_sweep_over_lam_and_seeds_equals_its_single_runs():
   """--backbone=cnn: a vmapped sweep over λ × seeds gives each config's single run, with the
   MLP's tolerances. Batched convolutions (a kernel per config) are other XLA kernels than
