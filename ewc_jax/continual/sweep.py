@@ -25,6 +25,20 @@ steps): a config's result is then close to, not equal to, its single run.
 Memory: ``max_parallel`` caps the configs trained together; larger sweeps run as several
 sweeps in sequence (chunks of equal size, so one compiled program serves them all).
 
+Shared first task: configs that differ only in what the penalty reads
+(:data:`ewc_jax.algorithms.PENALTY_ONLY`: λ, p, γ) train their first task alike when the
+algorithm says so (``Algorithm.penalty_free_first_task``: the penalty of the empty memory is
+exactly zero, every registered algorithm). :func:`run` groups them (:func:`prefix_groups`:
+same seed and learning rate), trains, evaluates and consolidates the first task of one
+representative per group, packed into chunks of the sweep's own size (the same compiled
+programs: a program over another number of configs may round differently, e.g. XLA:CPU
+reduces [3, 32, 32] and [4, 32, 32] with different kernels), then hands every chunk the state
+of its configs' representatives (``continual.run(..., resume=...)``) and goes on from task 2.
+So the first task is trained in ceil(groups / chunk size) chunks instead of one per chunk, and
+every config's results are bit-identical to the unshared sweep (``share_first_task=False``).
+This saves work only when the sweep has several chunks (``max_parallel``); not yet with a
+``checkpointer`` or across processes.
+
 Devices: with several devices (``devices``, default ``jax.devices()``) the config axis is
 sharded over a 2-D device mesh ``('config', 'data')``:
 
@@ -325,7 +339,9 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       sweep at the next chunk boundary (:func:`ewc_jax.interrupt.stop_hook`; the checkpointer's
       own ``stop_requested`` saves first).
     share_first_task: train the first task once per :func:`prefix_groups` group when the
-      algorithm allows it (``False``: every config trains it; the same bits, more work).
+      algorithm allows it, the representatives fill fewer chunks than the sweep has and no
+      ``checkpointer`` is given (not yet: a chunk would resume from a state it never saved);
+      ``False``: every config trains it (the same bits, more work).
   """
   configs = tuple(configs)
   validate(configs)
@@ -336,7 +352,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
   layout, sharding, padded, chunks = setup.layout, setup.sharding, setup.padded, setup.chunks
   groups = prefix_groups(padded)
   first_task = None  # trained when a chunk needs it (none: every chunk restored)
-  shared = share_first_task and _shares_first_task(configs, groups, layout, train, dynamic_p)
+  shared = (share_first_task and checkpointer is None  # (its chunks save from task 1 on)
+            and _shares_first_task(configs, groups, layout, train, dynamic_p))
 
   def identity(i):
     return {"layout": layout._asdict(),
@@ -368,9 +385,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       if first_task is None:
         first_task = _train_first_task(
             setup, tuple(padded[groups.index(g)] for g in range(max(groups) + 1)), net, train,
-            test, progress, dynamic_p,
-            stop_requested or (checkpointer.kwargs["stop_requested"] if checkpointer
-                               else None))
+            test, progress, dynamic_p, stop_requested)
         _add_timings(timings, first_task.timings)
       resume = _fan_out(first_task, [groups[k] for k in idx], sharding)
     with ckpt if ckpt is not None else contextlib.nullcontext():
