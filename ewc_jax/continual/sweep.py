@@ -36,8 +36,8 @@ reduces [3, 32, 32] and [4, 32, 32] with different kernels), then hands every ch
 of its configs' representatives (``continual.run(..., resume=...)``) and goes on from task 2.
 So the first task is trained in ceil(groups / chunk size) chunks instead of one per chunk, and
 every config's results are bit-identical to the unshared sweep (``share_first_task=False``).
-This saves work only when the sweep has several chunks (``max_parallel``); not yet with a
-``checkpointer`` or across processes.
+This saves work only when the sweep has several chunks (``max_parallel``); not yet across
+processes.
 
 Devices: with several devices (``devices``, default ``jax.devices()``) the config axis is
 sharded over a 2-D device mesh ``('config', 'data')``:
@@ -250,27 +250,56 @@ def _first_task_chunks(num_groups: int, layout: Layout) -> int:
   return -(-num_groups // layout.chunk_size)
 
 
+def _restore(ckpt, part: Sequence[continual.Config], net, train, setup: _Setup,
+             preprocess: Callable, dynamic_p: bool, log, name: str):
+  """The RunState of ``ckpt``'s newest checkpoint of the chunk ``part`` (None: none), with the
+  "resuming from" line (``name``: which chunk)."""
+  resume = ckpt.restore(lambda: continual.abstract_run_state(
+      part[0], net, train, preprocess=preprocess, num_configs=len(part), dynamic_p=dynamic_p,
+      sharding=setup.sharding))
+  if resume is not None and log is not None:
+    where = continual.describe_position(resume, part[0], np.asarray(train.counts))
+    log(f"{name}: resuming from {ckpt.step_path(ckpt.restored_step)} ({where})")
+  return resume
+
+
+def _first_task_parts(setup: _Setup, representatives: tuple) -> list[tuple]:
+  """The representatives in chunks of the sweep's size, the last padded with copies."""
+  size = setup.layout.chunk_size
+  num_chunks = _first_task_chunks(len(representatives), setup.layout)
+  padded = representatives + (representatives[-1],) * (num_chunks * size - len(representatives))
+  return [padded[i:i + size] for i in range(0, len(padded), size)]
+
+
 def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, progress,
-                      dynamic_p: bool, stop_requested) -> _FirstTask:
+                      preprocess: Callable, dynamic_p: bool, stop_requested,
+                      checkpointer) -> _FirstTask:
   """Trains, evaluates and consolidates the first task of ``representatives`` (one config
   per group) with the sweep's own programs: chunks of its size on its mesh, padded with
   copies of the last representative (a config's bits do not depend on the other configs of
   its chunk, while a program over another number of configs may round differently); stops at
-  the start of task 2."""
-  size = setup.layout.chunk_size
-  num_chunks = _first_task_chunks(len(representatives), setup.layout)
-  padded = representatives + (representatives[-1],) * (num_chunks * size - len(representatives))
+  the start of task 2. With a ``checkpointer`` each of these chunks is saved (and resumed) like
+  the sweep's own (:meth:`ewc_jax.checkpoint.SweepCheckpointer.for_first_task`)."""
+  parts = _first_task_parts(setup, representatives)
   states, timings, diverged = [], {}, {}
-  for start in range(0, len(padded), size):
-    part = padded[start:start + size]
-    result = continual.run(part[0], net, train, test, preprocess=setup.preprocess,
-                           progress=progress, hyper=_hyper(part), seeds=[c.seed for c in part],
-                           dynamic_p=dynamic_p, sharding=setup.sharding,
-                           on_checkpoint=(interrupt.stop_hook(stop_requested)
-                                          if stop_requested else None),
-                           executables=setup.executables, until_task=1)
+  for j, part in enumerate(parts):
+    ckpt, resume = None, None
+    if checkpointer is not None:
+      ckpt = checkpointer.for_first_task(j, _first_task_identity(setup, part))
+      resume = _restore(ckpt, part, net, train, setup, preprocess, dynamic_p, checkpointer.log,
+                        f"first task {j + 1}/{len(parts)}")
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+      result = continual.run(part[0], net, train, test, preprocess=setup.preprocess,
+                             progress=progress, hyper=_hyper(part),
+                             seeds=[c.seed for c in part], dynamic_p=dynamic_p,
+                             sharding=setup.sharding, resume=resume,
+                             on_checkpoint=ckpt if ckpt is not None else (
+                                 interrupt.stop_hook(stop_requested) if stop_requested
+                                 else None),
+                             executables=setup.executables, until_task=1)
     states.append(result.state)
-    diverged.update({start + k: rec for k, rec in (result.diverged or {}).items()})
+    size = setup.layout.chunk_size
+    diverged.update({j * size + k: rec for k, rec in (result.diverged or {}).items()})
     _add_timings(timings, result.timings)
   cat = lambda *xs: np.concatenate(xs)  # noqa: E731
   trees = jax.tree.map(cat, *(jax.device_get((rs.train_state, rs.memory)) for rs in states))
@@ -281,6 +310,11 @@ def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, p
                     val_acc=(None if first.val_acc is None
                              else cat(*(rs.val_acc for rs in states))),
                     curves=curves, diverged=diverged, timings=timings)
+
+
+def _first_task_identity(setup: _Setup, part: Sequence[continual.Config]) -> dict:
+  return {"layout": setup.layout._asdict(),
+          "first_task_configs": [dataclasses.asdict(c) for c in part]}
 
 
 def _fan_out(first: _FirstTask, groups: Sequence[int], sharding) -> continual.RunState:
@@ -339,9 +373,9 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       sweep at the next chunk boundary (:func:`ewc_jax.interrupt.stop_hook`; the checkpointer's
       own ``stop_requested`` saves first).
     share_first_task: train the first task once per :func:`prefix_groups` group when the
-      algorithm allows it, the representatives fill fewer chunks than the sweep has and no
-      ``checkpointer`` is given (not yet: a chunk would resume from a state it never saved);
-      ``False``: every config trains it (the same bits, more work).
+      algorithm allows it and the representatives fill fewer chunks than the sweep has (with a
+      ``checkpointer``, saved under ``first_task_<i>``); ``False``: every config trains it
+      (the same bits, more work).
   """
   configs = tuple(configs)
   validate(configs)
@@ -352,8 +386,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
   layout, sharding, padded, chunks = setup.layout, setup.sharding, setup.padded, setup.chunks
   groups = prefix_groups(padded)
   first_task = None  # trained when a chunk needs it (none: every chunk restored)
-  shared = (share_first_task and checkpointer is None  # (its chunks save from task 1 on)
-            and _shares_first_task(configs, groups, layout, train, dynamic_p))
+  shared = share_first_task and _shares_first_task(configs, groups, layout, train, dynamic_p)
+  representatives = tuple(padded[groups.index(g)] for g in range(max(groups) + 1))
 
   def identity(i):
     return {"layout": layout._asdict(),
@@ -362,6 +396,9 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
   if checkpointer is not None:  # every chunk from this sweep, before anything is trained
     for i in range(layout.num_chunks):
       with checkpointer.for_chunk(i, identity(i)) as ckpt:
+        ckpt.check_config()
+    for j, part in enumerate(_first_task_parts(setup, representatives) if shared else []):
+      with checkpointer.for_first_task(j, _first_task_identity(setup, part)) as ckpt:
         ckpt.check_config()
 
   t_start = time.perf_counter()
@@ -374,18 +411,12 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
     ckpt, resume = None, None
     if checkpointer is not None:
       ckpt = checkpointer.for_chunk(i, identity(i))
-      resume = ckpt.restore(lambda part=part: continual.abstract_run_state(
-          part[0], net, train, preprocess=preprocess, num_configs=len(part),
-          dynamic_p=dynamic_p, sharding=sharding))
-      if resume is not None and checkpointer.log is not None:
-        where = continual.describe_position(resume, part[0], np.asarray(train.counts))
-        checkpointer.log(f"chunk {i + 1}/{layout.num_chunks}: resuming from "
-                         f"{ckpt.step_path(ckpt.restored_step)} ({where})")
+      resume = _restore(ckpt, part, net, train, setup, preprocess, dynamic_p, checkpointer.log,
+                        f"chunk {i + 1}/{layout.num_chunks}")
     if resume is None and shared:  # the first task: trained once per group, then fanned out
       if first_task is None:
-        first_task = _train_first_task(
-            setup, tuple(padded[groups.index(g)] for g in range(max(groups) + 1)), net, train,
-            test, progress, dynamic_p, stop_requested)
+        first_task = _train_first_task(setup, representatives, net, train, test, progress,
+                                       preprocess, dynamic_p, stop_requested, checkpointer)
         _add_timings(timings, first_task.timings)
       resume = _fan_out(first_task, [groups[k] for k in idx], sharding)
     with ckpt if ckpt is not None else contextlib.nullcontext():
