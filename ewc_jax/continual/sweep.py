@@ -263,6 +263,13 @@ def _restore(ckpt, part: Sequence[continual.Config], net, train, setup: _Setup,
   return resume
 
 
+def _on_checkpoint(ckpt, stop_requested) -> Callable | None:
+  """A chunk's ``on_checkpoint``: its checkpointer, else a stop at the next chunk boundary."""
+  if ckpt is not None:
+    return ckpt
+  return interrupt.stop_hook(stop_requested) if stop_requested else None
+
+
 def _first_task_parts(setup: _Setup, representatives: tuple) -> list[tuple]:
   """The representatives in chunks of the sweep's size, the last padded with copies."""
   size = setup.layout.chunk_size
@@ -293,9 +300,7 @@ def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, p
                              progress=progress, hyper=_hyper(part),
                              seeds=[c.seed for c in part], dynamic_p=dynamic_p,
                              sharding=setup.sharding, resume=resume,
-                             on_checkpoint=ckpt if ckpt is not None else (
-                                 interrupt.stop_hook(stop_requested) if stop_requested
-                                 else None),
+                             on_checkpoint=_on_checkpoint(ckpt, stop_requested),
                              executables=setup.executables, until_task=1)
     states.append(result.state)
     size = setup.layout.chunk_size
@@ -423,9 +428,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       result = continual.run(part[0], net, train, test, preprocess=setup.preprocess,
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
-                             on_checkpoint=ckpt if ckpt is not None else (
-                                 interrupt.stop_hook(stop_requested) if stop_requested
-                                 else None),
+                             on_checkpoint=_on_checkpoint(ckpt, stop_requested),
                              executables=setup.executables)
     mats.append(np.array(result.acc_matrix))
     if result.val_acc_matrix is not None:
