@@ -11,6 +11,10 @@ cache, as a second CLI run does; the compile seconds are reported apart). The ma
 shared: the load average before and after is recorded. Also compared: K x the fastest PyTorch
 peer's single run on this machine (benchmarks/results/peers.json; 17.3 s when absent).
 
+--max_parallel=N: the vmapped sweep in chunks of N configs; its first task is then trained once per
+seed (the configs differing only in λ share it; ewc_jax.continual.sweep) unless
+--no_share_first_task (the same bits: a before/after comparison).
+
 Two diagnostics: (1) a control run, config 0 with its learning rate moved by one float32 ulp, to
 show how far float-level differences carry on this protocol (vmapped and sequential runs differ
 only in the float rounding of batched vs unbatched matmuls); (2) the first layer's forward and
@@ -84,9 +88,12 @@ def sequential(net, train, test, configs):
   return np.stack([r.acc_matrix for r in results]), phases
 
 
+SWEEP_OPTIONS: dict = {}  # sweep.run's max_parallel and share_first_task (from the flags)
+
+
 def vmapped(net, train, test, configs, devices=None):
   from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
-  r = sweep.run(configs, net, train, test, devices=devices)
+  r = sweep.run(configs, net, train, test, devices=devices, **SWEEP_OPTIONS)
   return r.acc_matrix, {k: v for k, v in r.timings.items() if k != "total"}
 
 
@@ -190,22 +197,26 @@ def main():
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--devices", type=int, default=4)
   parser.add_argument("--no_devices", action="store_true")
+  parser.add_argument("--max_parallel", type=int, default=None)
+  parser.add_argument("--no_share_first_task", action="store_true")
   parser.add_argument("--devices_child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  SWEEP_OPTIONS.update(max_parallel=args.max_parallel,
+                       share_first_task=not args.no_share_first_task)
   if args.devices_child:
     print(json.dumps(devices_child(args.repeats)))
     return
   before = uptime()
   payload = {"protocol": "Split MNIST task-incremental, default Config (ewc, empirical Fisher, "
                          "5 tasks, 2 epochs, batch 128, MLP 784-400-400), real MNIST",
-             "uptime_before": before}
+             "uptime_before": before, "sweep_options": dict(SWEEP_OPTIONS)}
   payload["same_process"] = same_process(args.repeats)
   if not args.no_devices:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices}",
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--devices_child",
-                           f"--repeats={args.repeats}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+                           f"--repeats={args.repeats}", *sys.argv[1:]], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
       raise SystemExit(f"devices child failed:\n{proc.stderr[-3000:]}")
     payload["forced_host_devices"] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -441,6 +441,8 @@ class SweepCheckpointer:
   grid and the shared flags) plus the layout (chunks, mesh shape) and the configs of the chunk,
   so a changed grid, flag, ``--max_parallel`` or device count is refused naming the keys.
   Finished chunks keep their final state: a resumed sweep restores it instead of training.
+  A sweep that trains its first task once per group (:func:`ewc_jax.continual.sweep.run`) saves
+  that part under ``directory/first_task_<i>`` (:meth:`for_first_task`) the same way.
 
   Args:
     directory: the sweep's checkpoint folder.
@@ -469,6 +471,12 @@ class SweepCheckpointer:
     """The checkpointer of chunk ``index`` (``identity``: what else identifies that chunk)."""
     return RunCheckpointer(self.folder(index), {**self.config, **identity, "chunk": index},
                            **self.kwargs)
+
+  def for_first_task(self, index: int, identity: dict) -> RunCheckpointer:
+    """The checkpointer of chunk ``index`` of the shared first task (the groups'
+    representatives, ``directory/first_task_<i>``; see :func:`ewc_jax.continual.sweep.run`)."""
+    return RunCheckpointer(self.directory / f"first_task_{index}",
+                           {**self.config, **identity, "first_task_chunk": index}, **self.kwargs)
 
 
 def committed_steps(directory: str | os.PathLike) -> list[int]:

@@ -20,8 +20,10 @@ bars, log x-axis).
 
 Checkpoints as for a single run (--checkpoint, --resume, --force_restart, --checkpoint_every,
 --keep): the whole batched state of every config is saved under <workdir>/checkpoints/
-group_<g>/chunk_<i> (one folder per seed group and --max_parallel chunk) after each task and
-every --checkpoint_every steps; re-running the same command resumes every config bit for bit.
+group_<g>/chunk_<i> (one folder per seed group and --max_parallel chunk; first_task_<i> for the
+first task when it is trained once per group of configs differing only in λ, p, γ) after each
+task and every --checkpoint_every steps; re-running the same command resumes every config bit for
+bit.
 The checkpoints' identity is the swept grid, the shared flags and the layout (chunks, devices):
 anything else is refused naming the keys. The workdir is locked for the run; SIGINT/SIGTERM
 save the position and exit 130/143. With --distributed, sweeps are not checkpointed (yet).

@@ -53,6 +53,41 @@ def test_each_config_equals_its_single_run(full_sweep):
   assert full_sweep.acc_matrix[:, 0, 0].min() > 0.7  # they learn (a meaningful comparison)
 
 
+class _Bars:
+  """A progress callback counting the bars of each task (one per chunk that trains it)."""
+
+  def __init__(self):
+    self.tasks = []
+
+  def __call__(self, task, total, done=0):
+    self.tasks.append(task)
+    return runs._Bar()  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("algo,values", [
+    ("ewc", {"lam": [10.0, 100.0, 1000.0], "seed": [0, 1]}),          # 2 groups, 3 chunks
+    ("online_ewc", {"gamma": [0.5, 1.0], "p": [1.5, 2.0]})])           # 1 group, dynamic p
+def test_shared_first_task_is_bit_identical_to_the_unshared_sweep(algo, values):
+  """The first task trained once per group (configs differing only in λ, p, γ), with the
+  sweep's own programs, then fanned out: every matrix and curve equals the unshared sweep's
+  bit for bit, and each config its single run (to the tolerance of the test above)."""
+  configs = sweep.grid(dataclasses.replace(BASE, algo=algo), **values)
+  bars = [_Bars(), _Bars()]
+  shared, unshared = (sweep.run(configs, net(), *data(), max_parallel=2, progress=bars[i],
+                                share_first_task=i == 0) for i in range(2))
+  groups = sweep.prefix_groups(configs)
+  assert bars[0].tasks.count(0) == -(-(max(groups) + 1) // 2) < shared.layout.num_chunks
+  assert bars[1].tasks.count(0) == unshared.layout.num_chunks
+  assert bars[0].tasks.count(1) == bars[1].tasks.count(1) == shared.layout.num_chunks
+  np.testing.assert_array_equal(shared.acc_matrix, unshared.acc_matrix)
+  assert shared.curves == unshared.curves  # floats, compared exactly
+  for k, cfg in enumerate(configs):
+    single = continual.run(cfg, net(), *data())
+    np.testing.assert_allclose(shared.acc_matrix[k], single.acc_matrix, atol=1e-6)
+    if groups[k] == groups[0]:  # the first task: its group's
+      assert shared.curves[k][0] == shared.curves[0][0]
+
+
 def test_max_parallel_chunks_give_the_same_results(full_sweep):
   chunked = sweep.run(CONFIGS, net(), *data(), max_parallel=2)
   assert chunked.layout.num_chunks == 2 and chunked.layout.padding == 1

@@ -1,6 +1,7 @@
 """Sweeps killed (SIGKILL), interrupted (SIGTERM) and resumed: every config's accuracy matrix
 and curves bit-identical to the uninterrupted sweep; with --max_parallel chunks and on a
-sharded mesh of forced host devices.
+sharded mesh of forced host devices. With --max_parallel=2 the first task is trained once per
+seed (the configs differ only in λ) in a chunk of its own, checkpointed under first_task_0.
 
 Positions are reached through the test-only EWC_JAX_TEST_HANG_AT pause
 (tests/hooks/sitecustomize.py; the position of the chunk being trained). Tiny protocol: 3 tasks
@@ -52,7 +53,9 @@ def per_config(workdir):
 
 
 def chunk_steps(workdir, chunk):
-  folder = Path(workdir) / "checkpoints" / "group_0" / f"chunk_{chunk}"
+  """The step folders of a chunk (an int) or of the shared first task's chunk ("first_task_0")."""
+  folder = Path(workdir) / "checkpoints" / "group_0" / (
+      chunk if isinstance(chunk, str) else f"chunk_{chunk}")
   return sorted(os.listdir(folder), key=lambda n: (len(n), n)) if folder.is_dir() else []
 
 
@@ -72,7 +75,8 @@ def reference(tiny_mnist_dir, tmp_path_factory):
 def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
     reference, tiny_mnist_dir, tmp_path):
   """SIGKILL mid-task in chunk 1, then mid-epoch in chunk 2, then finished: all 4 matrices and
-  curves equal the uninterrupted sweep's."""
+  curves equal the uninterrupted sweep's. (Both chunks start at task 2 from the shared first
+  task, trained and checkpointed before chunk 1.)"""
   w = tmp_path / "run"
   # 1. Chunk 1 paused in task 2 after step 16 (a chunk checkpoint there): SIGKILL.
   proc = start_paused(w, tiny_mnist_dir, "1:0:16", *EVERY)
@@ -82,7 +86,7 @@ def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
   assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr[-2000:]
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
-  assert chunk_steps(w, 0) and not chunk_steps(w, 1)
+  assert chunk_steps(w, "first_task_0") and chunk_steps(w, 0) and not chunk_steps(w, 1)
   # A changed grid is refused, naming what differs (nothing is trained).
   cmd, env = command(w, tiny_mnist_dir, *EVERY, "--lam=1,10")
   bad = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -90,9 +94,10 @@ def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
   assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
   assert "values (checkpoint: {'lam': [1.0, 1000.0]" in lines[0], lines[0]
   assert "--force_restart" in lines[0] and "Traceback" not in bad.stderr
-  # 2. Resumes chunk 1 from task 2, step 16 and finishes it; chunk 2 paused in task 1, epoch 2,
-  #    step 16 (a position the resumed chunk 1 never passes again): SIGKILL.
-  proc = start_paused(w, tiny_mnist_dir, "0:1:16", *EVERY)
+  # 2. Resumes chunk 1 from task 2, step 16 and finishes it; chunk 2, from the saved first task,
+  #    paused in task 2, epoch 1, step 16 (a position the resumed chunk 1 never passes again):
+  #    SIGKILL.
+  proc = start_paused(w, tiny_mnist_dir, "1:0:16", *EVERY)
   proc.send_signal(signal.SIGKILL)
   out, _ = proc.communicate(timeout=60)
   assert "chunk 1/2: resuming from" in out and "(task 2, epoch 1, step 16)" in out, out
@@ -100,8 +105,9 @@ def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
   # 3. Finishes: chunk 1 restored as done, chunk 2 resumed from its chunk checkpoint.
   proc = run_ok(w, tiny_mnist_dir, *EVERY)
   assert "chunk 1/2: resuming from" in proc.stdout and "(all tasks done)" in proc.stdout
-  assert "chunk 2/2: resuming from" in proc.stdout
-  assert "(task 1, epoch 2, step 16)" in proc.stdout, proc.stdout
+  lines = [line for line in proc.stdout.splitlines() if "chunk 2/2: resuming from" in line]
+  assert len(lines) == 1 and "(task 2, epoch 1, step 16)" in lines[0], proc.stdout
+  assert "first task" not in proc.stdout  # chunk 2 restored: the first task is not needed
   got = per_config(w)
   for k, (a, b) in enumerate(zip(got, reference)):
     assert a == b, f"config {k} differs"
@@ -110,21 +116,22 @@ def test_sweep_killed_in_each_chunk_then_resumed_is_bit_identical_per_config(
 def test_sweep_sigterm_saves_the_position_and_resumes_bit_identical(reference, tiny_mnist_dir,
                                                                      tmp_path):
   """Paused between two chunk checkpoints (task 1, epoch 2, step 16 with --checkpoint_every=64
-  saves none there): SIGTERM saves that position, one line, exit 143; the resumed sweep equals
-  the uninterrupted one."""
+  saves none there), in the shared first task: SIGTERM saves that position, one line, exit 143;
+  the resumed sweep equals the uninterrupted one."""
   w = tmp_path / "run"
   flags = ("--max_parallel=2", "--checkpoint_every=64")  # not part of the identity
   proc = start_paused(w, tiny_mnist_dir, "0:1:16", *flags)
-  assert not chunk_steps(w, 0)
+  assert not chunk_steps(w, "first_task_0") and not chunk_steps(w, 0)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 143, err[-3000:]
   assert "Traceback" not in err
   assert err.strip().splitlines()[-1] == ("interrupted (SIGTERM) at task 1, epoch 2, step 16; "
                                           "saved; run the same command to resume"), err
-  assert chunk_steps(w, 0) == ["0"]
+  assert chunk_steps(w, "first_task_0") == ["0"] and not chunk_steps(w, 0)
   proc = run_ok(w, tiny_mnist_dir, *flags)
-  assert "chunk 1/2: resuming from" in proc.stdout and "(task 1, epoch 2, step 16)" in proc.stdout
+  assert "first task 1/1: resuming from" in proc.stdout
+  assert "(task 1, epoch 2, step 16)" in proc.stdout
   assert per_config(w) == reference
 
 

@@ -8,7 +8,7 @@ one: write a module with a constructor returning an :class:`Algorithm` and regis
 from __future__ import annotations
 
 from ewc_jax import errors
-from ewc_jax.algorithms.base import Algorithm, Hyper
+from ewc_jax.algorithms.base import PENALTY_ONLY, Algorithm, Hyper
 from ewc_jax.algorithms.ewc import EWCMemory, PENALTIES, ewc
 from ewc_jax.algorithms.ewc_merged import ewc_merged
 from ewc_jax.algorithms.finetune import finetune
@@ -43,5 +43,5 @@ def make(name: str, *, penalty: str = "standard", p: float | None = None) -> Alg
   return REGISTRY[name](p=p)
 
 
-__all__ = ["Algorithm", "EWCMemory", "Hyper", "NAMES", "PENALTIES", "REGISTRY", "ewc",
+__all__ = ["Algorithm", "EWCMemory", "Hyper", "NAMES", "PENALTIES", "PENALTY_ONLY", "REGISTRY", "ewc",
            "ewc_merged", "finetune", "joint", "l2", "make", "online_ewc"]

@@ -17,6 +17,13 @@ class Hyper(NamedTuple):
   lr: Any = 1e-3
 
 
+# The Hyper fields read only by an algorithm's penalty and consolidation (never by the
+# optimizer or the data order): configs differing only in these train their first task alike
+# when the algorithm says so (``Algorithm.penalty_free_first_task``), and a sweep trains that
+# task once per group of them (:mod:`ewc_jax.continual.sweep`).
+PENALTY_ONLY = ("lam", "p", "gamma")
+
+
 class InitFn(Protocol):
   """``(theta, num_tasks) -> memory``: the empty memory of the consolidated parameters θ, an
   immutable pytree whose shape does not depend on the task (one compiled program for all)."""
@@ -50,6 +57,11 @@ class Algorithm(NamedTuple):
     importance: what ``consolidate`` is given: ``"fisher"`` (the configured Fisher kind),
       ``"unit"`` (ones, e.g. L2) or ``None`` (nothing to consolidate).
     joint: train task t on the union of tasks 1..t (the upper bound).
+    penalty_free_first_task: training the first task, evaluating it and the consolidation
+      after it give the same bits whatever the :data:`PENALTY_ONLY` values (from ``init``'s
+      empty memory the penalty and its gradient are exactly zero, and the first consolidation
+      reads them at most times that empty memory), so a sweep may train the first task once for
+      configs differing only in those. False (the default) for an algorithm that does not say.
   """
   name: str
   init: InitFn
@@ -57,3 +69,4 @@ class Algorithm(NamedTuple):
   consolidate: ConsolidateFn
   importance: str | None = "fisher"
   joint: bool = False
+  penalty_free_first_task: bool = False

@@ -66,4 +66,5 @@ def ewc(penalty: str = "standard", p: float | None = None) -> Algorithm:
   else:
     raise errors.SettingError.invalid("penalty", penalty, "one of " + ", ".join(PENALTIES))
   return Algorithm(name="ewc" if penalty == "standard" else f"ewc_{penalty}",
-                   init=_init, penalty=pen, consolidate=_consolidate, importance="fisher")
+                   init=_init, penalty=pen, consolidate=_consolidate, importance="fisher",
+                   penalty_free_first_task=True)

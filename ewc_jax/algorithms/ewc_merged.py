@@ -24,4 +24,4 @@ def ewc_merged(p: float | None = 2.0) -> Algorithm:
           penalty_lib.ewc_penalty(backbone, lam=hyper.lam, p=2.0, merged=memory)),
       consolidate=lambda memory, backbone, importance, task_index, hyper: (
           penalty_lib.merge_anchor(memory, penalty_lib.Anchor(backbone, importance))),
-      importance="fisher")
+      importance="fisher", penalty_free_first_task=True)

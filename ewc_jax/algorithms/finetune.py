@@ -12,4 +12,4 @@ def finetune(p: float | None = None) -> Algorithm:
       init=lambda backbone, num_tasks: (),
       penalty=lambda backbone, memory, hyper, task_index: jnp.zeros((), jnp.float32),
       consolidate=lambda memory, backbone, importance, task_index, hyper: memory,
-      importance=None)
+      importance=None, penalty_free_first_task=True)

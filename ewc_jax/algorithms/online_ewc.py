@@ -30,7 +30,7 @@ def online_ewc(p: float | None = None) -> Algorithm:
     return penalty_lib.ewc_penalty(backbone, lam=hyper.lam, p=hyper.p if p is None else p,
                                    anchors=memory)
   return Algorithm(name="online_ewc", init=_init, penalty=pen, consolidate=_consolidate,
-                   importance="fisher")
+                   importance="fisher", penalty_free_first_task=True)  # γ · 0 + F_1 = F_1
 
 
 __all__ = ["online_ewc"]

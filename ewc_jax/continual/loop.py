@@ -31,7 +31,8 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
         resume: RunState | None = None,
         on_checkpoint: Callable[[RunState, str], None] | None = None,
         dynamic_p: bool = False, sharding: jax.sharding.NamedSharding | None = None,
-        executables: executable_cache.Cached | None = None) -> Result:
+        executables: executable_cache.Cached | None = None,
+        until_task: int | None = None) -> Result:
   """Trains tasks ``0..T-1`` in order; returns the accuracy matrix, curves and timings.
 
   Args:
@@ -62,6 +63,8 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
     executables: load the compiled programs from (else save them to) a store under a key that
       names everything they are built from (:mod:`ewc_jax.executable_cache`; the caller's
       promise: the command lines pass one, a library user with their own module should not).
+    until_task: stop once tasks ``0..until_task-1`` are trained, evaluated and consolidated
+      (default: all); ``Result.state`` is then where the run stands (``resume`` goes on).
   """
   cfg.validate()
   num_tasks = int(train.inputs.shape[0])
@@ -104,14 +107,14 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
     rs = resume if not batched or resume.diverged is not None else resume._replace(diverged={})
   loop = _Loop(cfg, c, train, test, validation, hyper, k_order, k_fisher, k_dropout, fold,
                lead, progress, on_checkpoint, timings)
-  while rs.task < num_tasks:
+  while rs.task < (num_tasks if until_task is None else min(until_task, num_tasks)):
     rs = _train_task(loop, rs)
     rs = _evaluate_and_consolidate(loop, rs)
     if on_checkpoint is not None:
       on_checkpoint(rs, "task")
   return Result(acc_matrix=rs.acc, curves=rs.curves, timings=timings,
                 params=rs.train_state.params, memory=rs.memory, val_acc_matrix=rs.val_acc,
-                model_state=rs.train_state.model_state, diverged=rs.diverged)
+                model_state=rs.train_state.model_state, diverged=rs.diverged, state=rs)
 
 
 def _sweep_inputs(hyper: algorithms.Hyper, seeds: Sequence[int], sharding, data: tuple):

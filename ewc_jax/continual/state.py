@@ -29,6 +29,7 @@ class Result(NamedTuple):
   val_acc_matrix: np.ndarray | None = None  # [T, T] on the validation split (None: no split)
   model_state: PyTree = None      # the backbone's final model state (e.g. batch_stats; {}: none)
   diverged: dict | None = None    # sweeps: {config index: divergence_record} (their rows: NaN)
+  state: "RunState | None" = None  # where the run stopped (see ``continual.run``'s until_task)
 
 
 

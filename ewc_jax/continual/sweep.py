@@ -25,6 +25,20 @@ steps): a config's result is then close to, not equal to, its single run.
 Memory: ``max_parallel`` caps the configs trained together; larger sweeps run as several
 sweeps in sequence (chunks of equal size, so one compiled program serves them all).
 
+Shared first task: configs that differ only in what the penalty reads
+(:data:`ewc_jax.algorithms.PENALTY_ONLY`: λ, p, γ) train their first task alike when the
+algorithm says so (``Algorithm.penalty_free_first_task``: the penalty of the empty memory is
+exactly zero, every registered algorithm). :func:`run` groups them (:func:`prefix_groups`:
+same seed and learning rate), trains, evaluates and consolidates the first task of one
+representative per group, packed into chunks of the sweep's own size (the same compiled
+programs: a program over another number of configs may round differently, e.g. XLA:CPU
+reduces [3, 32, 32] and [4, 32, 32] with different kernels), then hands every chunk the state
+of its configs' representatives (``continual.run(..., resume=...)``) and goes on from task 2.
+So the first task is trained in ceil(groups / chunk size) chunks instead of one per chunk, and
+every config's results are bit-identical to the unshared sweep (``share_first_task=False``).
+This saves work only when the sweep has several chunks (``max_parallel``); not yet across
+processes.
+
 Devices: with several devices (``devices``, default ``jax.devices()``) the config axis is
 sharded over a 2-D device mesh ``('config', 'data')``:
 
@@ -171,6 +185,167 @@ def _per_config(curves: list, k: int) -> list[dict]:
           for task in curves]
 
 
+def prefix_groups(configs: Sequence[continual.Config]) -> list[int]:
+  """Per config, its group: configs differing only in :data:`ewc_jax.algorithms.PENALTY_ONLY`
+  fields (λ, p, γ) share one, numbered in order of first appearance. When the algorithm's
+  first task is penalty-free (``Algorithm.penalty_free_first_task``), :func:`run` trains that
+  task once per group (its first config) and hands each member its group's state."""
+  shared = [n for n in SWEEPABLE if n not in algorithms.PENALTY_ONLY]
+  ids: dict[tuple, int] = {}
+  return [ids.setdefault(tuple(getattr(c, n) for n in shared), len(ids)) for c in configs]
+
+
+class _Setup(NamedTuple):
+  """A sweep's split into chunks and its placement (:func:`_setup`)."""
+  layout: Layout
+  sharding: NamedSharding | None
+  preprocess: Callable           # with the data-parallel constraint, when the mesh has one
+  padded: tuple                  # the configs, padded to whole chunks
+  chunks: list[range]            # the indices (into padded) of each chunk
+  executables: "executable_cache.Cached | None"
+
+
+def _setup(configs: tuple, devices: list, max_parallel: int | None, preprocess: Callable,
+           dynamic_p: bool, executables: "executable_cache.Cached | None") -> _Setup:
+  layout = plan(len(configs), len(devices), max_parallel)
+  sharding = None
+  if layout.num_devices > 1:
+    mesh = make_mesh(layout, devices)
+    sharding = NamedSharding(mesh, PartitionSpec(CONFIG_AXIS))
+    if layout.data_parallel > 1:
+      preprocess = data_parallel(preprocess, mesh)
+  if executables is not None:
+    executables = executable_cache.Cached(executables.store, (
+        f"{executables.key}-k{layout.chunk_size}-c{layout.config_parallel}"
+        f"-d{layout.data_parallel}-p{int(dynamic_p)}"))
+  chunks = [range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
+            for i in range(layout.num_chunks)]
+  return _Setup(layout, sharding, preprocess, configs + (configs[-1],) * layout.padding, chunks,
+                executables)
+
+
+def _hyper(part: Sequence[continual.Config]) -> algorithms.Hyper:
+  return algorithms.Hyper(*(np.array([getattr(c, n) for c in part], np.float32)
+                            for n in algorithms.Hyper._fields))
+
+
+def _add_timings(timings: dict, new: dict) -> None:
+  for name, sec in new.items():
+    timings[name] = timings.get(name, 0.0) + sec
+
+
+class _FirstTask(NamedTuple):
+  """The state after the first task of one representative per group (a leading group axis, on
+  the host): what :func:`_fan_out` hands to the members of each group."""
+  trees: tuple                  # (train_state, memory), NumPy leaves [G, ...]
+  acc: np.ndarray               # [G, T, T]
+  val_acc: np.ndarray | None
+  curves: list                  # as RunState.curves, per-epoch lists of G values
+  diverged: dict                # {group: divergence_record}
+  timings: dict
+
+
+def _first_task_chunks(num_groups: int, layout: Layout) -> int:
+  """The chunks (of the sweep's size) that hold one representative per group."""
+  return -(-num_groups // layout.chunk_size)
+
+
+def _restore(ckpt, part: Sequence[continual.Config], net, train, setup: _Setup,
+             preprocess: Callable, dynamic_p: bool, log, name: str):
+  """The RunState of ``ckpt``'s newest checkpoint of the chunk ``part`` (None: none), with the
+  "resuming from" line (``name``: which chunk)."""
+  resume = ckpt.restore(lambda: continual.abstract_run_state(
+      part[0], net, train, preprocess=preprocess, num_configs=len(part), dynamic_p=dynamic_p,
+      sharding=setup.sharding))
+  if resume is not None and log is not None:
+    where = continual.describe_position(resume, part[0], np.asarray(train.counts))
+    log(f"{name}: resuming from {ckpt.step_path(ckpt.restored_step)} ({where})")
+  return resume
+
+
+def _on_checkpoint(ckpt, stop_requested) -> Callable | None:
+  """A chunk's ``on_checkpoint``: its checkpointer, else a stop at the next chunk boundary."""
+  if ckpt is not None:
+    return ckpt
+  return interrupt.stop_hook(stop_requested) if stop_requested else None
+
+
+def _first_task_parts(setup: _Setup, representatives: tuple) -> list[tuple]:
+  """The representatives in chunks of the sweep's size, the last padded with copies."""
+  size = setup.layout.chunk_size
+  num_chunks = _first_task_chunks(len(representatives), setup.layout)
+  padded = representatives + (representatives[-1],) * (num_chunks * size - len(representatives))
+  return [padded[i:i + size] for i in range(0, len(padded), size)]
+
+
+def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, progress,
+                      preprocess: Callable, dynamic_p: bool, stop_requested,
+                      checkpointer) -> _FirstTask:
+  """Trains, evaluates and consolidates the first task of ``representatives`` (one config
+  per group) with the sweep's own programs: chunks of its size on its mesh, padded with
+  copies of the last representative (a config's bits do not depend on the other configs of
+  its chunk, while a program over another number of configs may round differently); stops at
+  the start of task 2. With a ``checkpointer`` each of these chunks is saved (and resumed) like
+  the sweep's own (:meth:`ewc_jax.checkpoint.SweepCheckpointer.for_first_task`)."""
+  parts = _first_task_parts(setup, representatives)
+  states, timings, diverged = [], {}, {}
+  for j, part in enumerate(parts):
+    ckpt, resume = None, None
+    if checkpointer is not None:
+      ckpt = checkpointer.for_first_task(j, _first_task_identity(setup, part))
+      resume = _restore(ckpt, part, net, train, setup, preprocess, dynamic_p, checkpointer.log,
+                        f"first task {j + 1}/{len(parts)}")
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+      result = continual.run(part[0], net, train, test, preprocess=setup.preprocess,
+                             progress=progress, hyper=_hyper(part),
+                             seeds=[c.seed for c in part], dynamic_p=dynamic_p,
+                             sharding=setup.sharding, resume=resume,
+                             on_checkpoint=_on_checkpoint(ckpt, stop_requested),
+                             executables=setup.executables, until_task=1)
+    states.append(result.state)
+    size = setup.layout.chunk_size
+    diverged.update({j * size + k: rec for k, rec in (result.diverged or {}).items()})
+    _add_timings(timings, result.timings)
+  cat = lambda *xs: np.concatenate(xs)  # noqa: E731
+  trees = jax.tree.map(cat, *(jax.device_get((rs.train_state, rs.memory)) for rs in states))
+  first = states[0]
+  curves = [{m: [sum((rs.curves[t][m][e] for rs in states), []) for e in range(len(epochs))]
+             for m, epochs in task.items()} for t, task in enumerate(first.curves)]
+  return _FirstTask(trees=trees, acc=cat(*(rs.acc for rs in states)),
+                    val_acc=(None if first.val_acc is None
+                             else cat(*(rs.val_acc for rs in states))),
+                    curves=curves, diverged=diverged, timings=timings)
+
+
+def _first_task_identity(setup: _Setup, part: Sequence[continual.Config]) -> dict:
+  return {"layout": setup.layout._asdict(),
+          "first_task_configs": [dataclasses.asdict(c) for c in part]}
+
+
+def _fan_out(first: _FirstTask, groups: Sequence[int], sharding) -> continual.RunState:
+  """The RunState at the start of task 2 of configs whose groups are ``groups`` (each gets
+  its group's representative's state, bit for bit), placed as the sweep places its state."""
+  take = lambda x: np.take(x, groups, axis=0)  # noqa: E731
+  train_state, memory = jax.device_put(jax.tree.map(take, first.trees), sharding)
+  curves = [{m: [[epoch[g] for g in groups] for epoch in epochs] for m, epochs in task.items()}
+            for task in first.curves]
+  return continual.RunState(
+      task=1, epoch=0, step=0, train_state=train_state, memory=memory, acc=take(first.acc),
+      curves=curves, epoch_sums={}, val_acc=None if first.val_acc is None else take(first.val_acc),
+      diverged={k: first.diverged[g] for k, g in enumerate(groups) if g in first.diverged})
+
+
+def _shares_first_task(configs: tuple, groups: list[int], layout: Layout, train,
+                       dynamic_p: bool) -> bool:
+  """Whether :func:`run` trains the first task once per group: the algorithm's first task is
+  penalty-free, there is a later task, one representative per group fills fewer chunks than
+  the sweep has, and the sweep runs in one process (the state is fanned out through this
+  host)."""
+  return (continual.make_algorithm(configs[0], dynamic_p).penalty_free_first_task
+          and int(train.inputs.shape[0]) >= 2 and jax.process_count() == 1
+          and _first_task_chunks(max(groups) + 1, layout) < layout.num_chunks)
+
+
 def run(configs: Sequence[continual.Config], net: heads.Network, train: task_data.TaskData,
         test: task_data.TaskData, *, max_parallel: int | None = None,
         devices: Sequence[jax.Device] | None = None,
@@ -179,7 +354,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
         chunk_progress: Callable[[int, int, range], Any] | None = None,
         checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None,
         executables: "executable_cache.Cached | None" = None,
-        stop_requested: interrupt.StopRequested | None = None) -> SweepResult:
+        stop_requested: interrupt.StopRequested | None = None,
+        share_first_task: bool = True) -> SweepResult:
   """Trains every config on the same task sequence; see the module docstring.
 
   Args:
@@ -201,26 +377,22 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
     stop_requested: without a ``checkpointer``, ``stop_requested()`` naming a signal ends the
       sweep at the next chunk boundary (:func:`ewc_jax.interrupt.stop_hook`; the checkpointer's
       own ``stop_requested`` saves first).
+    share_first_task: train the first task once per :func:`prefix_groups` group when the
+      algorithm allows it and the representatives fill fewer chunks than the sweep has (with a
+      ``checkpointer``, saved under ``first_task_<i>``); ``False``: every config trains it
+      (the same bits, more work).
   """
   configs = tuple(configs)
   validate(configs)
   swept = swept_names(configs)
   devices = list(jax.devices() if devices is None else devices)
-  layout = plan(len(configs), len(devices), max_parallel)
-  sharding, abstract_preprocess = None, preprocess
-  if layout.num_devices > 1:
-    mesh = make_mesh(layout, devices)
-    sharding = NamedSharding(mesh, PartitionSpec(CONFIG_AXIS))
-    if layout.data_parallel > 1:
-      preprocess = data_parallel(preprocess, mesh)
-  padded = configs + (configs[-1],) * layout.padding
   dynamic_p = "p" in swept
-  if executables is not None:
-    executables = executable_cache.Cached(executables.store, (
-        f"{executables.key}-k{layout.chunk_size}-c{layout.config_parallel}"
-        f"-d{layout.data_parallel}-p{int(dynamic_p)}"))
-  chunks = [range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
-            for i in range(layout.num_chunks)]
+  setup = _setup(configs, devices, max_parallel, preprocess, dynamic_p, executables)
+  layout, sharding, padded, chunks = setup.layout, setup.sharding, setup.padded, setup.chunks
+  groups = prefix_groups(padded)
+  first_task = None  # trained when a chunk needs it (none: every chunk restored)
+  shared = share_first_task and _shares_first_task(configs, groups, layout, train, dynamic_p)
+  representatives = tuple(padded[groups.index(g)] for g in range(max(groups) + 1))
 
   def identity(i):
     return {"layout": layout._asdict(),
@@ -230,6 +402,9 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
     for i in range(layout.num_chunks):
       with checkpointer.for_chunk(i, identity(i)) as ckpt:
         ckpt.check_config()
+    for j, part in enumerate(_first_task_parts(setup, representatives) if shared else []):
+      with checkpointer.for_first_task(j, _first_task_identity(setup, part)) as ckpt:
+        ckpt.check_config()
 
   t_start = time.perf_counter()
   mats, val_mats, curves, timings, diverged = [], [], [], {}, {}
@@ -237,26 +412,24 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
     part = [padded[k] for k in idx]
     if chunk_progress is not None:
       chunk_progress(i, layout.num_chunks, range(idx.start, min(idx.stop, len(configs))))
-    hyper = algorithms.Hyper(*(np.array([getattr(c, n) for c in part], np.float32)
-                               for n in algorithms.Hyper._fields))
+    hyper = _hyper(part)
     ckpt, resume = None, None
     if checkpointer is not None:
       ckpt = checkpointer.for_chunk(i, identity(i))
-      resume = ckpt.restore(lambda part=part: continual.abstract_run_state(
-          part[0], net, train, preprocess=abstract_preprocess, num_configs=len(part),
-          dynamic_p=dynamic_p, sharding=sharding))
-      if resume is not None and checkpointer.log is not None:
-        where = continual.describe_position(resume, part[0], np.asarray(train.counts))
-        checkpointer.log(f"chunk {i + 1}/{layout.num_chunks}: resuming from "
-                         f"{ckpt.step_path(ckpt.restored_step)} ({where})")
+      resume = _restore(ckpt, part, net, train, setup, preprocess, dynamic_p, checkpointer.log,
+                        f"chunk {i + 1}/{layout.num_chunks}")
+    if resume is None and shared:  # the first task: trained once per group, then fanned out
+      if first_task is None:
+        first_task = _train_first_task(setup, representatives, net, train, test, progress,
+                                       preprocess, dynamic_p, stop_requested, checkpointer)
+        _add_timings(timings, first_task.timings)
+      resume = _fan_out(first_task, [groups[k] for k in idx], sharding)
     with ckpt if ckpt is not None else contextlib.nullcontext():
-      result = continual.run(part[0], net, train, test, preprocess=preprocess,
+      result = continual.run(part[0], net, train, test, preprocess=setup.preprocess,
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
-                             on_checkpoint=ckpt if ckpt is not None else (
-                                 interrupt.stop_hook(stop_requested) if stop_requested
-                                 else None),
-                             executables=executables)
+                             on_checkpoint=_on_checkpoint(ckpt, stop_requested),
+                             executables=setup.executables)
     mats.append(np.array(result.acc_matrix))
     if result.val_acc_matrix is not None:
       val_mats.append(np.array(result.val_acc_matrix))
@@ -267,8 +440,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       if val_mats:
         val_mats[-1][k] = np.nan
     curves += [_per_config(result.curves, k) for k in range(len(part))]
-    for name, sec in result.timings.items():
-      timings[name] = timings.get(name, 0.0) + sec
+    _add_timings(timings, result.timings)
   timings["total"] = time.perf_counter() - t_start
   acc = np.concatenate(mats)[:len(configs)]
   val = np.concatenate(val_mats)[:len(configs)] if val_mats else None
@@ -334,5 +506,5 @@ def format_table(rows: list[dict], keys: Sequence[str]) -> str:
 
 
 __all__ = ["CONFIG_AXIS", "DATA_AXIS", "Layout", "SWEEPABLE", "SweepResult", "data_parallel",
-           "format_table", "grid", "make_mesh", "plan", "run", "swept_names", "table",
-           "validate"]
+           "format_table", "grid", "make_mesh", "plan", "prefix_groups", "run", "swept_names",
+           "table", "validate"]
