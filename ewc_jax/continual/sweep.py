@@ -78,6 +78,7 @@ from ewc_jax import interrupt
 from ewc_jax.continual import metrics as metrics_lib
 from ewc_jax.continual import step as step_lib
 from ewc_jax.continual import task_data
+from ewc_jax.continual.sweep_table import format_table, table
 
 SWEEPABLE = continual.SWEEPABLE
 CONFIG_AXIS, DATA_AXIS = "config", "data"
@@ -250,7 +251,7 @@ def _first_task_chunks(num_groups: int, layout: Layout) -> int:
   return -(-num_groups // layout.chunk_size)
 
 
-def _restore(ckpt, part: Sequence[continual.Config], net, train, setup: _Setup,
+def _restore(ckpt, part: Sequence[continual.Config], net, train, setup: _Setup, *,
              preprocess: Callable, dynamic_p: bool, log, name: str):
   """The RunState of ``ckpt``'s newest checkpoint of the chunk ``part`` (None: none), with the
   "resuming from" line (``name``: which chunk)."""
@@ -278,7 +279,7 @@ def _first_task_parts(setup: _Setup, representatives: tuple) -> list[tuple]:
   return [padded[i:i + size] for i in range(0, len(padded), size)]
 
 
-def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, progress,
+def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, *, progress,
                       preprocess: Callable, dynamic_p: bool, stop_requested,
                       checkpointer) -> _FirstTask:
   """Trains, evaluates and consolidates the first task of ``representatives`` (one config
@@ -293,8 +294,9 @@ def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, p
     ckpt, resume = None, None
     if checkpointer is not None:
       ckpt = checkpointer.for_first_task(j, _first_task_identity(setup, part))
-      resume = _restore(ckpt, part, net, train, setup, preprocess, dynamic_p, checkpointer.log,
-                        f"first task {j + 1}/{len(parts)}")
+      resume = _restore(ckpt, part, net, train, setup, preprocess=preprocess,
+                        dynamic_p=dynamic_p, log=checkpointer.log,
+                        name=f"first task {j + 1}/{len(parts)}")
     with ckpt if ckpt is not None else contextlib.nullcontext():
       result = continual.run(part[0], net, train, test, preprocess=setup.preprocess,
                              progress=progress, hyper=_hyper(part),
@@ -416,12 +418,14 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
     ckpt, resume = None, None
     if checkpointer is not None:
       ckpt = checkpointer.for_chunk(i, identity(i))
-      resume = _restore(ckpt, part, net, train, setup, preprocess, dynamic_p, checkpointer.log,
-                        f"chunk {i + 1}/{layout.num_chunks}")
+      resume = _restore(ckpt, part, net, train, setup, preprocess=preprocess,
+                        dynamic_p=dynamic_p, log=checkpointer.log,
+                        name=f"chunk {i + 1}/{layout.num_chunks}")
     if resume is None and shared:  # the first task: trained once per group, then fanned out
       if first_task is None:
-        first_task = _train_first_task(setup, representatives, net, train, test, progress,
-                                       preprocess, dynamic_p, stop_requested, checkpointer)
+        first_task = _train_first_task(
+            setup, representatives, net, train, test, progress=progress, preprocess=preprocess,
+            dynamic_p=dynamic_p, stop_requested=stop_requested, checkpointer=checkpointer)
         _add_timings(timings, first_task.timings)
       resume = _fan_out(first_task, [groups[k] for k in idx], sharding)
     with ckpt if ckpt is not None else contextlib.nullcontext():
@@ -451,58 +455,6 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
                      val_summaries=None if val is None else [metrics_lib.summarize(a)
                                                              for a in val],
                      diverged=dict(sorted(diverged.items())))
-
-
-def table(result: SweepResult) -> list[dict]:
-  """One row per combination of the swept values other than the seed, aggregated over seeds
-  (mean and population std), sorted by mean average accuracy, best first.
-
-  With a validation split (``Config.validation_fraction > 0``) the rows also hold
-  ``val_average_accuracy`` (and ``_std``) and are ranked by it: hyperparameters are chosen on
-  the validation split, never on the test set."""
-  keys = [n for n in result.swept if n != "seed"]
-  groups: dict[tuple, list[int]] = {}
-  for k, cfg in enumerate(result.configs):
-    groups.setdefault(tuple(getattr(cfg, n) for n in keys), []).append(k)
-  rows = []
-  for values, members in groups.items():
-    row = dict(zip(keys, values))
-    row["seeds"] = [result.configs[k].seed for k in members]
-    row["diverged_seeds"] = [result.configs[k].seed for k in members
-                             if k in (result.diverged or {})]
-    for metric in ("average_accuracy", "bwt", "mean_forgetting"):
-      vals = np.array([result.summaries[k][metric] for k in members])
-      row[metric] = float(vals.mean())
-      row[metric + "_std"] = float(vals.std())
-    if result.val_summaries is not None:
-      vals = np.array([result.val_summaries[k]["average_accuracy"] for k in members])
-      row["val_average_accuracy"] = float(vals.mean())
-      row["val_average_accuracy_std"] = float(vals.std())
-    rows.append(row)
-  rank = "val_average_accuracy" if result.val_summaries is not None else "average_accuracy"
-  rows.sort(key=lambda r: (np.isnan(r[rank]), -r[rank] if not np.isnan(r[rank]) else 0.0))
-  return rows
-
-
-def format_table(rows: list[dict], keys: Sequence[str]) -> str:
-  """The rows of :func:`table` as text (percent); the validation AA first when there is one."""
-  val = bool(rows) and "val_average_accuracy" in rows[0]
-  head = ("".join(f"{k:>10}" for k in keys) + (f"{'val AA (%)':>16}" if val else "")
-          + f"{'AA (%)':>16}{'BWT (%)':>16}{'forget (%)':>12}{'seeds':>7}")
-  lines = [head, "-" * len(head)]
-  for r in rows:
-    if r.get("diverged_seeds"):
-      seeds = ",".join(map(str, r["diverged_seeds"]))
-      lines.append("".join(f"{r[k]:>10g}" for k in keys)
-                   + f"   diverged (seed {seeds}): no result")
-      continue
-    lines.append("".join(f"{r[k]:>10g}" for k in keys)
-                 + (f"{100 * r['val_average_accuracy']:>9.2f} ± "
-                    f"{100 * r['val_average_accuracy_std']:<4.2f}" if val else "")
-                 + f"{100 * r['average_accuracy']:>9.2f} ± {100 * r['average_accuracy_std']:<4.2f}"
-                 + f"{100 * r['bwt']:>+9.2f} ± {100 * r['bwt_std']:<4.2f}"
-                 + f"{100 * r['mean_forgetting']:>12.2f}{len(r['seeds']):>7d}")
-  return "\n".join(lines)
 
 
 __all__ = ["CONFIG_AXIS", "DATA_AXIS", "Layout", "SWEEPABLE", "SweepResult", "data_parallel",
