@@ -4,8 +4,8 @@ and 8 forced host devices against 1 (issue 25).
     python -m benchmarks.fisher_scale [--quick] [--sizes=1000,10000,50000] [--device_examples=N]
                                       [--estimate] [--out=benchmarks/results]
 
-Writes ``<out>/fisher_scale.json`` (the full configuration, the default: meant for a machine
-with an accelerator) or, with ``--quick``, ``<out>/fisher_scale_quick.json`` (the reduced
+Writes ``<out>/fisher_scale.json`` (the full configuration, the default: about 45 minutes on a
+quiet 2-core CPU, written again after every child) or, with ``--quick``, ``<out>/fisher_scale_quick.json`` (the reduced
 configuration, a few minutes on 2 CPU cores). The JSON names its configuration (``config``,
 ``configuration``). The committed ``benchmarks/results/fisher_scale_quick.json`` is a ``--quick``
 run on a 2-core CPU shared with other work (its load averages are in it). ``--estimate`` times
