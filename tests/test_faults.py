@@ -247,7 +247,8 @@ def test_divergence_without_checkpoints_is_status_3(tiny_mnist_dir, tmp_path):
   assert len(proc.stderr.strip().splitlines()) == 1 and not w.exists()
 
 
-@pytest.mark.parametrize("delay", [0.2, 0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("delay", [0.2, 1.0, 3.0] + [pytest.param(d, marks=pytest.mark.extended)
+                                                     for d in (0.5, 2.0)])
 def test_sigint_at_any_moment_is_one_line_and_exit_130(reference, tiny_mnist_dir, tmp_path,
                                                          delay):
   """(4) SIGINT from 0.2 s on (imports, flag parsing, data, compile or training): exit 130 with

@@ -72,6 +72,7 @@ def test_split_cifar10_five_tasks_normalised_per_channel(tiny_cifar_dir, tmp_pat
   assert res["experiment"]["classes_per_task"] == 2
 
 
+@pytest.mark.extended
 def test_split_cifar100_in_20_tasks_and_its_limits(tiny_cifar_dir, tmp_path):
   proc = run("experiments.split_cifar", "--dataset=cifar100", "--classes_per_task=5",
              "--num_tasks=3", "--backbone=mlp", "--augment=none", *QUICK,

@@ -135,6 +135,7 @@ def test_sweep_sigterm_saves_the_position_and_resumes_bit_identical(reference, t
   assert per_config(w) == reference
 
 
+@pytest.mark.extended
 def test_sharded_sweep_killed_and_resumed_on_the_same_mesh(tiny_mnist_dir, tmp_path):
   """Two forced host devices: the config axis sharded over a (2, 1) mesh; each device's shard
   saved and restored onto the same mesh."""
