@@ -70,6 +70,8 @@ def test_every_relative_link_resolves_to_a_file_and_heading(page):
     dest = (page.parent / file).resolve() if file else page
     if not dest.exists():
       broken.append(f"{target}: no file {dest}")
+    elif dest.is_dir() and page.parent == ROOT / "docs":
+      broken.append(f"{target}: a folder (the site links files only; mkdocs --strict fails)")
     elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
       broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
     if file and page.parent == ROOT / "docs" and not dest.is_relative_to(ROOT / "docs"):
