@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-  from ewc_jax import executable_cache
+  from experiments import executable_cache
 
 
 def enable() -> Path:
@@ -59,7 +59,7 @@ def executables(parts: dict, *arrays) -> executable_cache.Cached:
 
   import jax  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import executable_cache  # pylint: disable=import-outside-toplevel
+  from experiments import executable_cache  # pylint: disable=import-outside-toplevel
   from experiments import data  # pylint: disable=import-outside-toplevel
 
   def version(package):

@@ -133,7 +133,9 @@ class ExperimentConfig:
 
   def resolved(self, num_classes: int) -> "ExperimentConfig":
     """Every default that depends on the dataset made concrete (dataset, input_norm,
-    num_tasks, classes_per_task), for a dataset of ``num_classes`` classes."""
+    num_tasks, classes_per_task), for a dataset of ``num_classes`` classes, after the checks
+    that depend on it (the task counts; :meth:`validate` has checked the rest)."""
+    self._check_counts(num_classes)
     bench = self.bench
     per = (bench.classes_per_task_for(num_classes, self.classes_per_task) if bench.split
            else None)
@@ -169,20 +171,6 @@ class ExperimentConfig:
     if self.run.augment != "none" and not bench.split:
       _invalid("augment", self.run.augment, f"none for {bench.name} (its inputs are permuted "
                "vectors, not images)")
-    num_classes = self.known_classes if num_classes is None else num_classes
-    if self.classes_per_task is not None:
-      per = self.classes_per_task
-      if not bench.split:
-        _invalid("classes_per_task", per, f"unset for {bench.name} (every task has every "
-                 "class)")
-      if not _is_int(per) or per < 1 or (num_classes is not None and per > num_classes):
-        _invalid("classes_per_task", per, "an integer in 1.." + str(num_classes or "C"))
-    most = None if num_classes is None else bench.tasks_for(num_classes, self.classes_per_task)[1]
-    n = self.num_tasks if (self.num_tasks is not None or num_classes is None) else (
-        bench.tasks_for(num_classes, self.classes_per_task)[0])
-    if n is not None and (not _is_int(n) or n < 1 or (most is not None and n > most)):
-      allowed = f"1..{most}" if most else ">= 1"
-      _invalid("num_tasks", n, f"an integer in {allowed}")
     if not _is_int(self.pad) or self.pad < 0:
       _invalid("pad", self.pad, "an integer >= 0")
     if bench.split and (self.pad or self.permute_first):
@@ -197,6 +185,24 @@ class ExperimentConfig:
     if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
       _invalid("checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: only after each "
                "task)")
+    self._check_counts(self.known_classes if num_classes is None else num_classes)
+
+  def _check_counts(self, num_classes: int | None) -> None:
+    """The rules on classes per task and tasks, for ``num_classes`` (None: unknown yet)."""
+    bench = self.bench
+    if self.classes_per_task is not None:
+      per = self.classes_per_task
+      if not bench.split:
+        _invalid("classes_per_task", per, f"unset for {bench.name} (every task has every "
+                 "class)")
+      if not _is_int(per) or per < 1 or (num_classes is not None and per > num_classes):
+        _invalid("classes_per_task", per, "an integer in 1.." + str(num_classes or "C"))
+    most = None if num_classes is None else bench.tasks_for(num_classes, self.classes_per_task)[1]
+    n = self.num_tasks if (self.num_tasks is not None or num_classes is None) else (
+        bench.tasks_for(num_classes, self.classes_per_task)[0])
+    if n is not None and (not _is_int(n) or n < 1 or (most is not None and n > most)):
+      allowed = f"1..{most}" if most else ">= 1"
+      _invalid("num_tasks", n, f"an integer in {allowed}")
 
   def identity(self, dataset: str) -> dict:
     """What a run's checkpoints must come from (``dataset``: ``"<name>:<version>"``; keys

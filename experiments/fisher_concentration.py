@@ -37,7 +37,7 @@ def measure(seed: int = 0, steps: int = 2000, draws: int = 5, subset_size: int =
                         reset_optimizer=False, init="pytorch", seed=seed)
   exp.validate()
   ds = train.load_dataset(exp)
-  exp = train.for_dataset(exp, ds)
+  exp = exp.resolved(ds.num_classes)
   built = train.build_tasks(exp, ds, exp.run)
   data, test = tasks.to_device(built.train), tasks.to_device(built.test)
   net = continual.make_network(exp.run, built.class_groups)

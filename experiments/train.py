@@ -43,15 +43,6 @@ def load_dataset(config: config_lib.ExperimentConfig):
   return data.load_dataset(config.dataset_name, data_dir=data_dir, manual_dir=config.manual_dir)
 
 
-def for_dataset(config: config_lib.ExperimentConfig, ds) -> config_lib.ExperimentConfig:
-  """``config`` with the defaults that depend on the dataset resolved, checked against it
-  (the number of tasks and classes per task its classes allow)."""
-  num_classes = ds.num_classes
-  config = config.resolved(num_classes)
-  config.validate(num_classes)
-  return config
-
-
 def check_batch_size(batch_size: int, counts, validation_fraction: float = 0.0,
                      max_examples: int | None = None) -> None:
   """:func:`ewc_jax.continual.holdout.check_batch_size`, blaming ``max_examples`` when it made
@@ -106,7 +97,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.Pa
   workdir = Path(workdir)
   t0 = time.perf_counter()
   ds = load_dataset(config)
-  config = for_dataset(config, ds)
+  config = config.resolved(ds.num_classes)
   load_seconds = time.perf_counter() - t0
   with contextlib.ExitStack() as savers:
     return _train_and_evaluate(config, workdir, ds, savers,
@@ -144,14 +135,15 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
     hook = tensorboard.chain(logger, hook)
   result = continual.run(run, net, train, test, preprocess=preprocess, resume=resume,
                          on_checkpoint=hook, progress=progress_lib.make(config.progress, prefix),
-                         executables=_executables(config, run, built, preprocess, train, test))
+                         compile_fn=_compiler(config, run, built, preprocess, train, test))
   return result, {"resumed_from": resumed_from,
                   "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
 
 
-def _executables(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
+def _compiler(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
                  train, test):
-  """The compiled-program store and key of this run (``None`` without ``compile_cache``)."""
+  """The compiler of this run: a store of executables under its key (``None``, i.e. compiled
+  afresh or by JAX's persistent cache, without ``compile_cache``)."""
   if not config.compile_cache:
     return None
   from experiments import compile_cache  # pylint: disable=import-outside-toplevel
@@ -279,5 +271,5 @@ def _write_outputs(config: config_lib.ExperimentConfig, workdir: Path, record: d
   print(f"wrote {workdir}/results.json, acc_matrix.csv" + (", *.png" if config.plots else ""))
 
 
-__all__ = ["train_and_evaluate", "load_dataset", "for_dataset", "build_tasks",
+__all__ = ["train_and_evaluate", "load_dataset", "build_tasks",
            "prepare_checkpoints", "check_batch_size", "benchmark_info"]

@@ -84,14 +84,14 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
           log=lambda line, prefix=prefix: print(prefix + line, flush=True),
           warn=lambda line, prefix=prefix: report.warning(prefix + line),
           stop_requested=signals.requested, added=config_lib.IDENTITY_ADDED)
-    executables = None
+    compile_fn = None
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
       from experiments import compile_cache  # pylint: disable=import-outside-toplevel
       swept = sweep.swept_names(configs)
-      executables = compile_cache.run_executables(exp, first, built, preprocess, train, test,
+      compile_fn = compile_cache.run_executables(exp, first, built, preprocess, train, test,
                                                   dynamic_p="p" in swept)
     result = sweep.run([configs[k] for k in members], net, train, test,
-                       preprocess=preprocess, executables=executables,
+                       preprocess=preprocess, compile_fn=compile_fn,
                        max_parallel=config.max_parallel,
                        progress=progress if exp.progress else None, chunk_progress=on_chunk,
                        checkpointer=saver, stop_requested=signals.requested)
@@ -173,7 +173,7 @@ def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer:
   workdir = Path(workdir)
   t0 = time.perf_counter()
   ds = train_lib.load_dataset(exp)
-  exp = train_lib.for_dataset(exp, ds)
+  exp = exp.resolved(ds.num_classes)
   config = dataclasses.replace(config, experiment=exp)
   load_seconds = time.perf_counter() - t0
   saves = None

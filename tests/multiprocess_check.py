@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from shard_compare import compare  # a sibling file: this runs as a script
 
 from ewc_jax import (Anchor, add_ewc_gradient, empty_merged, ewc_loss, fisher_diagonal,
                      fisher_from_batches, merge_anchor, restore_anchors, save_anchors,
@@ -71,18 +72,7 @@ def check(mesh_shape, folder):
   problems = []
 
   def same(name, got, want, like):
-    for (path, g), w, l in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                               jax.tree.leaves(want), jax.tree.leaves(like)):
-      where = f"{name}{jax.tree_util.keystr(path)}"
-      if not g.sharding.is_equivalent_to(l.sharding, g.ndim):
-        problems.append(f"{where}: sharding {g.sharding} != {l.sharding}")
-        continue
-      w = np.asarray(w)
-      scale = max(float(np.max(np.abs(w))), 1e-30)
-      for shard in g.addressable_shards:
-        err = float(np.max(np.abs(np.asarray(shard.data) - w[shard.index]), initial=0.0))
-        if err > 1e-6 * scale:
-          problems.append(f"{where}: shard {shard.index} differs by {err}")
+    compare(problems, name, got, want, like)
 
   f_ref = fisher_diagonal(model, params, x, y, batch_size=BATCH)
   f = fisher_diagonal(model, sp, xs, ys, batch_size=BATCH)

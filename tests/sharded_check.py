@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from shard_compare import compare  # a sibling file: this runs as a script
 
 import ewc_jax
 from ewc_jax import (Anchor, add_ewc_gradient, empty_merged, ewc_loss, fisher_diagonal,
@@ -44,16 +45,7 @@ def check(mesh_shape):
   problems = []
 
   def same(name, got, want, like):
-    for (path, g), w, l in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                               jax.tree.leaves(want), jax.tree.leaves(like)):
-      where = f"{name}{jax.tree_util.keystr(path)}"
-      if not g.sharding.is_equivalent_to(l.sharding, g.ndim):
-        problems.append(f"{where}: sharding {g.sharding.spec} != {l.sharding.spec}")
-      if g.addressable_shards[0].data.shape != l.addressable_shards[0].data.shape:
-        problems.append(f"{where}: a device holds {g.addressable_shards[0].data.shape}")
-      err = float(np.max(np.abs(np.asarray(g) - np.asarray(w))))
-      if err > 1e-6 * max(float(np.max(np.abs(np.asarray(w)))), 1e-30):
-        problems.append(f"{where}: differs by {err}")
+    compare(problems, name, got, want, like)
 
   f_ref = fisher_diagonal(model, params, x, y, batch_size=16)
   f = fisher_diagonal(model, sp, xs, ys, batch_size=16)

@@ -1,4 +1,4 @@
-"""ewc_jax.executable_cache: a run's compiled programs saved, loaded by the next run (nothing
+"""experiments.executable_cache (the command lines' `compile_fn`): a run's compiled programs saved, loaded by the next run (nothing
 traced or compiled, the same numbers), compiled again when unreadable.
 
 The test session has JAX's persistent compilation cache on (conftest): a program compiled by an
@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from ewc_jax import continual, executable_cache, heads
+from ewc_jax import continual, heads
+from experiments import executable_cache
 from tests.test_continual import CFG, T, synthetic_tasks
 
 UNIQUE = dataclasses.replace(CFG, hidden=(19,), seed=5)
@@ -30,7 +31,7 @@ def run(cfg, folder, key="k"):
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     result = continual.run(cfg, net, synthetic_tasks(120, 0), synthetic_tasks(60, 1),
-                           executables=cached)
+                           compile_fn=cached)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   return result, traced
@@ -91,3 +92,38 @@ def test_keys_are_checked():
   store = executable_cache.Folder("/nonexistent")
   with pytest.raises(ValueError, match=r"`key` must be 1-200 characters"):
     store.load("../escape", ("chunk",))
+
+
+def test_docstring_example():
+  import doctest  # pylint: disable=import-outside-toplevel
+  result = doctest.testmod(executable_cache, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_the_layout_is_part_of_the_key_and_the_programs_are_named_after_it():
+  """The same key for one run and for a sweep's config axis: two entries; the programs lowered
+  on a miss carry the digest of the whole key in their names."""
+
+  class Recorder:
+    def __init__(self):
+      self.loads, self.saves = [], []
+
+    def load(self, key, names):
+      self.loads.append(key)
+
+    def save(self, key, executables):
+      self.saves.append(key)
+
+  suffixes = []
+
+  def lower(suffix):
+    suffixes.append(suffix)
+    return {}
+
+  store = Recorder()
+  cached = executable_cache.Cached(store, "k")
+  for layout in ("", "configs4-config2"):
+    cached(continual.Uncompiled((), layout, lower))
+  assert store.loads == ["k", "k-configs4-config2"]
+  assert store.saves in ([], store.loads)  # nothing compiled: no persistent-cache hit either
+  assert len(set(suffixes)) == 2 and all(len(s) == 16 for s in suffixes)

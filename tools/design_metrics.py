@@ -24,6 +24,14 @@ is traced). The *current module* is the module of the innermost project frame (`
 module on the stack); ``modules`` is the number of distinct modules entered; ``stack`` the
 project modules on the call stack at the penalty (outermost first, consecutive repeats merged).
 
+The *lam trail* follows λ alone through the same run (given as ``--lam=LAM_MARK``): the calls
+of project functions that are handed λ, in the order they are made: an argument equal to
+``LAM_MARK`` (or a string naming it: the command line), or one holding it within three levels
+of dataclass fields, NamedTuple fields (a ``lam`` field: ``Hyper``, whose λ is a tracer while
+the train step is traced), mappings and sequences. Its ``modules`` are the distinct modules of
+those calls; a *stop* a change of module between consecutive ones; a *return* a stop into a
+module the trail had already left.
+
 Writes ``tools/results/design_metrics_<label>.json`` and prints a summary.
 """
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import io
 import json
 import os
@@ -47,6 +56,7 @@ MAX_FUNCTION_LINES = 60
 MAX_POSITIONAL = 6
 PENALTY_FUNCTIONS = ("ewc_loss", "ewc_penalty", "merged_distance", "weighted_distance",
                      "seed_parity_loss", "clarena_loss")
+LAM_MARK = 1234.5   # the λ of the traced run: a value no default or computation produces
 UPWARD = {"ewc_jax": ("experiments", "benchmarks", "tests", "tools"),
           "experiments": ("benchmarks", "tests", "tools")}
 # The runner's modules: the pure core (every other module of ewc_jax) must not import them.
@@ -219,7 +229,7 @@ def trace(data_dir: str | None) -> dict:
   docstring)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "trace.json"
-    argv = ["--algo=ewc", f"--workdir={tmp}/run", "--compile_cache=false",
+    argv = ["--algo=ewc", f"--workdir={tmp}/run", "--compile_cache=false", f"--lam={LAM_MARK}",
             "--steps_per_task=1"]
     if data_dir:
       argv.append(f"--data_dir={data_dir}")
@@ -243,6 +253,7 @@ def _trace_child(out: str, argv: list[str]) -> None:
   flags.FLAGS(["split_mnist"] + argv)
   penalty_file = str(ROOT / "ewc_jax" / "penalty.py")
   state = {"current": None, "stops": [], "done": None}
+  lam_calls: list[tuple[str, str]] = []
 
   def innermost(frame):
     while frame is not None:
@@ -258,6 +269,7 @@ def _trace_child(out: str, argv: list[str]) -> None:
       return
     if event == "call" and frame.f_code.co_filename == penalty_file and (
         frame.f_code.co_name in PENALTY_FUNCTIONS):
+      lam_calls.append((_project(frame), frame.f_code.co_name))  # the trail's end (λ: a tracer)
       stack, f = [], frame
       while f is not None:
         name = _project(f)
@@ -267,6 +279,10 @@ def _trace_child(out: str, argv: list[str]) -> None:
       state["done"] = {"stack": stack[::-1], "function": frame.f_code.co_name}
       sys.setprofile(None)
       return
+    if event == "call":
+      name = _project(frame)
+      if name is not None and _handed_lam(frame):
+        lam_calls.append((name, frame.f_code.co_name))
     if event == "return":
       frame = frame.f_back
     module, _ = innermost(frame)
@@ -293,12 +309,61 @@ def _trace_child(out: str, argv: list[str]) -> None:
     key = f"{a} {'<-' if back else '->'} {b}"
     pairs[key] = pairs.get(key, 0) + 1
   Path(out).write_text(json.dumps({
+      "lam_trail": _trail(lam_calls),
       "penalty_function": state["done"]["function"],
       "transitions": dict(sorted(pairs.items(), key=lambda kv: -kv[1])),
       "stops": len(stops), "returns": sum(r for _, r in stops),
       "stops_to_a_module_already_left": again, "modules": len(seen),
       "modules_entered": sorted(seen), "stack": state["done"]["stack"],
       "stack_modules": len(set(state["done"]["stack"]))}, indent=1))
+
+
+def _carries_lam(value, depth: int = 3) -> bool:
+  """Whether ``value`` is or holds the traced λ (:data:`LAM_MARK`; see the module docstring)."""
+  if isinstance(value, bool) or isinstance(value, type):
+    return False
+  if isinstance(value, (int, float)) or type(value).__module__ == "numpy" and not hasattr(
+      value, "__len__"):
+    try:
+      return float(value) == LAM_MARK
+    except (TypeError, ValueError):
+      return False
+  if isinstance(value, str):
+    return str(LAM_MARK) in value
+  if depth == 0:
+    return False
+  if isinstance(value, tuple) and hasattr(value, "_fields"):
+    return "lam" in value._fields or any(_carries_lam(v, depth - 1) for v in value)
+  if dataclasses.is_dataclass(value):
+    return any(_carries_lam(getattr(value, f.name, None), depth - 1)
+               for f in dataclasses.fields(value))
+  if isinstance(value, dict):
+    return "lam" in value or any(_carries_lam(v, depth - 1) for v in list(value.values())[:50])
+  if isinstance(value, (list, tuple)):
+    return any(_carries_lam(v, depth - 1) for v in value[:50])
+  return False
+
+
+def _handed_lam(frame) -> bool:
+  """Whether the call that made ``frame`` was handed λ (in any argument, ``self`` included:
+  a method of a config holding λ)."""
+  code = frame.f_code
+  n = code.co_argcount + code.co_kwonlyargcount
+  n += bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08)  # *args, **kwargs
+  local = frame.f_locals
+  return any(_carries_lam(local.get(name)) for name in code.co_varnames[:n])
+
+
+def _trail(calls: list[tuple[str, str]]) -> dict:
+  """The lam trail's numbers from its calls ``(module, function)`` in order."""
+  merged: list[str] = []
+  for module, _ in calls:
+    if not merged or merged[-1] != module:
+      merged.append(module)
+  returns = sum(m in merged[:i] for i, m in enumerate(merged))
+  return {"modules": len(set(merged)), "stops": len(merged), "returns": returns,
+          "route": merged, "calls": [f"{m}.{f}" for m, f in calls],
+}
 
 
 def main() -> None:
@@ -329,6 +394,9 @@ def main() -> None:
     print(f"trace to {t['penalty_function']}: {t['stops']} stops, {t['returns']} returns, "
           f"{t['stops_to_a_module_already_left']} to a module already left, {t['modules']} "
           f"modules; stack {t['stack_modules']} modules: {' > '.join(t['stack'])}")
+    lt = t["lam_trail"]
+    print(f"lam trail: {lt['modules']} modules, {lt['stops']} stops, {lt['returns']} returns: "
+          f"{' > '.join(lt['route'])}")
   print(f"wrote {path.relative_to(ROOT)}")
 
 

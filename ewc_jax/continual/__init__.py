@@ -20,7 +20,8 @@ The package, one concept per module: :mod:`~ewc_jax.continual.config` (the setti
 the boundary), :mod:`~ewc_jax.continual.network`, :mod:`~ewc_jax.continual.task_data` (padded
 task sequences; :mod:`~ewc_jax.continual.holdout`, the validation split),
 :mod:`~ewc_jax.continual.step` (optimizer, loss, train and evaluation steps),
-:mod:`~ewc_jax.continual.programs` (jit / vmap / sharding, ahead-of-time compilation),
+:mod:`~ewc_jax.continual.programs` (jit / vmap / sharding, ahead-of-time compilation through
+a ``compile_fn`` hook),
 :mod:`~ewc_jax.continual.loop` (:func:`run`), :mod:`~ewc_jax.continual.state` and
 :mod:`~ewc_jax.continual.finite` (finiteness checks).
 """
@@ -30,16 +31,17 @@ from ewc_jax.continual.config import (ALGOS, BACKBONES, HYPER_FIELDS, PENALTIES,
 from ewc_jax.continual.finite import NumericalError, check_finite, divergence_record, new_divergences
 from ewc_jax.continual.loop import run
 from ewc_jax.continual.network import make_network
-from ewc_jax.continual.programs import (DROPOUT_STREAM, Compiled, ConsolidateInputs, Programs,
-                                        compile_programs, fresh_state, programs, seed_keys,
-                                        sweep_jit)
+from ewc_jax.continual.programs import (DROPOUT_STREAM, Compiled, Compiler, ConsolidateInputs,
+                                        Programs, Uncompiled, compile_lowered, compile_programs,
+                                        fresh_state, programs, seed_keys, sweep_jit)
 from ewc_jax.continual.state import Result, RunState, abstract_run_state, describe_position
 from ewc_jax.continual.task_data import TaskData
 
 __all__ = [
-    "ALGOS", "BACKBONES", "Compiled", "Config", "ConsolidateInputs", "DROPOUT_STREAM",
+    "ALGOS", "BACKBONES", "Compiled", "Compiler", "Config", "ConsolidateInputs", "DROPOUT_STREAM",
     "HYPER_FIELDS", "NumericalError", "PENALTIES", "Programs", "Result", "RunState",
-    "SWEEPABLE", "TaskData", "abstract_run_state", "check_finite", "compile_programs",
+    "SWEEPABLE", "TaskData", "Uncompiled", "abstract_run_state", "check_finite",
+    "compile_lowered", "compile_programs",
     "describe_position", "divergence_record", "fresh_state", "hyper_of", "make_algorithm",
     "make_network", "new_divergences", "program_arguments", "programs", "run", "seed_keys",
     "sweep_jit",

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import algorithms
-from ewc_jax import executable_cache
 from ewc_jax import heads
 from ewc_jax.continual import holdout
 from ewc_jax.continual import step as step_lib
@@ -19,7 +18,7 @@ from ewc_jax.continual import task_data
 from ewc_jax.continual.config import Config, hyper_of, make_algorithm
 from ewc_jax.continual.finite import (NumericalError, check_finite, divergence_record,
                                       new_divergences)
-from ewc_jax.continual.programs import (Compiled, ConsolidateInputs, compile_programs,
+from ewc_jax.continual.programs import (Compiled, Compiler, ConsolidateInputs, compile_programs,
                                         fresh_state, i32, seed_keys, seed_uint32, sweep_jit)
 from ewc_jax.continual.state import Result, RunState
 
@@ -31,7 +30,7 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
         resume: RunState | None = None,
         on_checkpoint: Callable[[RunState, str], None] | None = None,
         dynamic_p: bool = False, sharding: jax.sharding.NamedSharding | None = None,
-        executables: executable_cache.Cached | None = None,
+        compile_fn: Compiler | None = None,
         until_task: int | None = None) -> Result:
   """Trains tasks ``0..T-1`` in order; returns the accuracy matrix, curves and timings.
 
@@ -60,9 +59,10 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
     sharding: (sweeps) a ``NamedSharding`` of the config axis over a device mesh, e.g.
       ``NamedSharding(mesh, P("config"))``; K must be a multiple of that mesh axis. Data are
       replicated on the mesh. See :mod:`ewc_jax.continual.sweep`.
-    executables: load the compiled programs from (else save them to) a store under a key that
-      names everything they are built from (:mod:`ewc_jax.executable_cache`; the caller's
-      promise: the command lines pass one, a library user with their own module should not).
+    compile_fn: how the programs are compiled (:class:`ewc_jax.continual.programs.Compiler`;
+      default: compiled afresh, or by JAX's persistent cache when it is on). The command lines
+      pass a store of executables keyed by everything the programs are built from
+      (``experiments.executable_cache.Cached``).
     until_task: stop once tasks ``0..until_task-1`` are trained, evaluated and consolidated
       (default: all); ``Result.state`` is then where the run stands (``resume`` goes on).
   """
@@ -89,7 +89,7 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, key=k_init, hyper=hyper,
                        preprocess=preprocess, batched=batched, sharding=sharding,
-                       validation=validation, init=resume is None, executables=executables)
+                       validation=validation, init=resume is None, compile_fn=compile_fn)
   timings["compile"] = time.perf_counter() - t0
   if not batched:  # compiled: nothing is traced or compiled for them at run time
     k_init, k_order, k_fisher, k_dropout = c.keys(seed_uint32(cfg.seed))

@@ -1,14 +1,15 @@
 """The compiled programs of a run: the pure functions (:func:`programs`), ``jit`` / ``vmap`` over
-a sweep's config axis with its sharding (:func:`sweep_jit`), ahead-of-time compilation and the
-executable store (:func:`compile_programs`), and the PRNG stream layout (:func:`seed_keys`)."""
+a sweep's config axis with its sharding (:func:`sweep_jit`), ahead-of-time compilation through
+a :class:`Compiler` hook (:func:`compile_programs`), and the PRNG stream layout
+(:func:`seed_keys`)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import hashlib
 import os
-from typing import Any, Callable, NamedTuple
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,6 @@ import numpy as np
 from ewc_jax import algorithms
 from ewc_jax import augment as augment_lib
 from ewc_jax import errors
-from ewc_jax import executable_cache
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
 from ewc_jax import initializers
@@ -184,29 +184,64 @@ def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> C
                  **kw)
 
 
+class Uncompiled(NamedTuple):
+  """What :func:`compile_programs` hands its :class:`Compiler`.
+
+  Attributes:
+    names: the programs to return, by name (``"chunk"``, ``"evaluate"``, ...).
+    layout: their shapes beyond what the configuration fixes: ``""`` for a single run on one
+      device, else ``configs<K>`` (a sweep's config axis) and ``<axis><size>`` per mesh axis,
+      joined by ``-`` (letters and digits only), e.g. ``configs8-config2-data1``.
+    lower: ``lower(suffix)``: every program traced and lowered from abstract shapes (nothing
+      runs); with a ``suffix`` each is named ``<function>_<suffix>``. The name is part of the
+      lowered module, hence of the key of JAX's persistent compilation cache.
+  """
+  names: tuple[str, ...]
+  layout: str
+  lower: Callable[[str | None], dict[str, Any]]
+
+
+class Compiler(Protocol):
+  """How a run turns its programs into executables (``compile_fn``): returns a mapping with
+  every name of ``programs.names`` (``jax.stages.Compiled``, or anything that calls alike).
+  The default, :func:`compile_lowered` of ``programs.lower(None)``; a command line may load
+  them from a store instead, or name them with ``lower(suffix)`` and save them."""
+
+  def __call__(self, programs: Uncompiled) -> Mapping[str, Callable]: ...
+
+
+def compile_lowered(lowered: Mapping[str, Any]) -> dict[str, Any]:
+  """Compiles every ``jax.stages.Lowered`` of ``lowered`` on a thread pool (the XLA
+  compilations release the GIL; the init program, one random op per parameter, compiles about
+  as long as the train chunk)."""
+  workers = max(1, min(len(lowered), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers,
+                                             thread_name_prefix="ewc_jax-compile") as ex:
+    return dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
+
+
+def default_compiler(programs_: Uncompiled) -> dict[str, Any]:
+  """The :class:`Compiler` of a run given none: compiles the programs, unnamed."""
+  return compile_lowered(programs_.lower(None))
+
+
 def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
                      train: task_data.TaskData, test: task_data.TaskData, *,
                      key: jax.Array | None, hyper: algorithms.Hyper, preprocess: Callable,
                      batched: bool, sharding=None, validation: task_data.TaskData | None = None,
-                     init: bool = True,
-                     executables: executable_cache.Cached | None = None) -> Compiled:
+                     init: bool = True, compile_fn: Compiler | None = None) -> Compiled:
   """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
 
-  Every piece is lowered from abstract shapes (nothing runs), then the XLA compilations (or
-  persistent-cache loads) run on a thread pool: they release the GIL, and the init program
-  (one random op per parameter) compiles about as long as the train chunk. ``init=False``
-  (a resumed run) lowers the init programs (parameters, empty memory) for their shapes but
-  does not compile them.
+  Every piece is lowered from abstract shapes (nothing runs), then ``compile_fn`` (a
+  :class:`Compiler`; default :func:`default_compiler`) turns them into executables.
+  ``init=False`` (a resumed run) lowers the init programs (parameters, empty memory) for their
+  shapes but does not compile them.
 
   The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
   ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
 
   ``key``: the init key (its shape and type; ``None``: a single run's, whose keys then come
   from the compiled ``keys`` program, with ``fold`` for their ``fold_in``).
-
-  ``executables``: a store and the key of these programs (:mod:`ewc_jax.executable_cache`):
-  when the store holds them they are loaded (nothing is traced, lowered or compiled),
-  otherwise they are compiled and saved there.
   """
   num_tasks = int(train.inputs.shape[0])
   names = ["order", "new_state", "chunk", "evaluate"]
@@ -214,15 +249,40 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   names += ["evaluate_validation"] if validation is not None else []
   names += ["consolidate"] if algo.importance is not None and num_tasks > 1 else []
   names += ["keys", "fold"] if not batched else []
-  loaded = executables.store.load(executables.key, names) if executables is not None else None
-  if loaded is not None:
-    return _compiled(loaded, _steps_per_epoch(cfg, train))
-  progs = programs(cfg, net, algo, train, preprocess)
+
+  def lower(suffix: str | None) -> dict[str, Any]:
+    progs = programs(cfg, net, algo, train, preprocess)
+    jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
+    if suffix is not None:
+      jit = _named(jit, suffix)
+    lowered = _lower_all(jit, progs, names, key=key, hyper=hyper,
+                         data=(train, test, validation))
+    return {name: lowered[name] for name in names}  # without init: its shapes only
+
+  compiled = (compile_fn or default_compiler)(
+      Uncompiled(tuple(names), _layout(hyper, batched, sharding), lower))
+  missing = [name for name in names if name not in compiled]
+  if missing:
+    raise ValueError(f"`compile_fn` returned no program named {', '.join(missing)}; it must "
+                     f"return every name of `programs.names`.")
+  return _compiled(compiled, _steps_per_epoch(cfg, train))
+
+
+def _layout(hyper: algorithms.Hyper, batched: bool, sharding) -> str:
+  parts = [f"configs{int(np.shape(hyper.lam)[0])}"] if batched else []
+  if sharding is not None:
+    parts += [re.sub(r"[^A-Za-z0-9]", "", str(name)) + str(size)
+              for name, size in sharding.mesh.shape.items()]
+  return "-".join(parts)
+
+
+def _lower_all(jit: Callable, progs: Programs, names: Sequence[str], *, key,
+               hyper: algorithms.Hyper, data: tuple) -> dict[str, Any]:
+  """The programs of ``progs`` lowered from abstract shapes, by name: those of ``names``, and
+  ``init`` (for its shapes) in any case."""
+  train, test, validation = data
   if key is None:  # a single run's key, for its shape (traced only when compiling)
     key = jax.eval_shape(lambda: jax.random.key(0))
-  jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
-  if executables is not None:  # programs named after the key: see _named
-    jit = _named(jit, executables.key)
   zero = i32(0)
   lowered = {"init": jit(progs.init, 0).lower(key),
              "order": jit(progs.order, (0, None)).lower(key, zero)}
@@ -244,35 +304,21 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
                                  donate_argnums=0).lower(memory, ConsolidateInputs(
                                      params=params, model_state=model_state, data=train,
                                      task_index=zero, key=key, hyper=hyper))
-  if not batched:  # the seed's keys and their fold_in, compiled (stored) like the rest
+  if "keys" in names:  # a single run: the seed's keys and their fold_in, compiled like the rest
     lowered["keys"] = jit(seed_keys, 0, out=None).lower(np.uint32(0))
     lowered["fold"] = jit(jax.random.fold_in, (0, None), out=None).lower(key, zero)
-  lowered = {name: lowered[name] for name in names}  # without init: its shapes only
-  workers = max(1, min(len(lowered), os.cpu_count() or 1))
-  with executable_cache.persistent_cache_hits() as hits:
-    with concurrent.futures.ThreadPoolExecutor(workers,
-                                               thread_name_prefix="ewc_jax-compile") as ex:
-      compiled = dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
-  if executables is not None and not hits:
-    executables.store.save(executables.key, compiled)
-  return _compiled(compiled, progs.steps_per_epoch)
+  return lowered
 
 
-def _named(jit: Callable, key: str) -> Callable:
-  """``jit`` whose programs are named after the store's ``key`` (``<function>_<digest>``).
-
-  The name is part of the lowered module, hence of the key of JAX's persistent compilation
-  cache: programs that the store does not hold are compiled afresh (not loaded from that cache,
-  whose executables cannot be serialised again on CPU, see :mod:`ewc_jax.executable_cache`),
-  so the store gets them and the next run loads them."""
-  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+def _named(jit: Callable, suffix: str) -> Callable:
+  """``jit`` whose programs are named ``<function>_<suffix>`` (see :class:`Uncompiled`)."""
 
   def named_jit(f, *args, **kwargs):
     def program(*a, **k):
       return f(*a, **k)
     name = getattr(f, "__name__", None) or getattr(getattr(f, "func", None), "__name__",
                                                    "program")
-    program.__name__ = program.__qualname__ = f"{name.strip('<>')}_{digest}"
+    program.__name__ = program.__qualname__ = f"{name.strip('<>')}_{suffix}"
     return jit(program, *args, **kwargs)
   return named_jit
 

@@ -72,10 +72,10 @@ from ewc_jax import algorithms
 from ewc_jax import checkpoint as checkpoint_lib
 from ewc_jax import continual
 from ewc_jax import errors
-from ewc_jax import executable_cache
 from ewc_jax import heads
 from ewc_jax import interrupt
 from ewc_jax.continual import metrics as metrics_lib
+from ewc_jax.continual.programs import Compiler
 from ewc_jax.continual import step as step_lib
 from ewc_jax.continual import task_data
 from ewc_jax.continual.sweep_table import format_table, table
@@ -203,11 +203,11 @@ class _Setup(NamedTuple):
   preprocess: Callable           # with the data-parallel constraint, when the mesh has one
   padded: tuple                  # the configs, padded to whole chunks
   chunks: list[range]            # the indices (into padded) of each chunk
-  executables: "executable_cache.Cached | None"
+  compile_fn: Compiler | None
 
 
 def _setup(configs: tuple, devices: list, max_parallel: int | None, preprocess: Callable,
-           dynamic_p: bool, executables: "executable_cache.Cached | None") -> _Setup:
+           dynamic_p: bool, compile_fn: Compiler | None) -> _Setup:
   layout = plan(len(configs), len(devices), max_parallel)
   sharding = None
   if layout.num_devices > 1:
@@ -215,14 +215,10 @@ def _setup(configs: tuple, devices: list, max_parallel: int | None, preprocess: 
     sharding = NamedSharding(mesh, PartitionSpec(CONFIG_AXIS))
     if layout.data_parallel > 1:
       preprocess = data_parallel(preprocess, mesh)
-  if executables is not None:
-    executables = executable_cache.Cached(executables.store, (
-        f"{executables.key}-k{layout.chunk_size}-c{layout.config_parallel}"
-        f"-d{layout.data_parallel}-p{int(dynamic_p)}"))
   chunks = [range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
             for i in range(layout.num_chunks)]
   return _Setup(layout, sharding, preprocess, configs + (configs[-1],) * layout.padding, chunks,
-                executables)
+                compile_fn)
 
 
 def _hyper(part: Sequence[continual.Config]) -> algorithms.Hyper:
@@ -303,7 +299,7 @@ def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, *
                              seeds=[c.seed for c in part], dynamic_p=dynamic_p,
                              sharding=setup.sharding, resume=resume,
                              on_checkpoint=_on_checkpoint(ckpt, stop_requested),
-                             executables=setup.executables, until_task=1)
+                             compile_fn=setup.compile_fn, until_task=1)
     states.append(result.state)
     size = setup.layout.chunk_size
     diverged.update({j * size + k: rec for k, rec in (result.diverged or {}).items()})
@@ -355,7 +351,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
         progress: Callable[..., Any] | None = None,
         chunk_progress: Callable[[int, int, range], Any] | None = None,
         checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None,
-        executables: "executable_cache.Cached | None" = None,
+        compile_fn: Compiler | None = None,
         stop_requested: interrupt.StopRequested | None = None,
         share_first_task: bool = True) -> SweepResult:
   """Trains every config on the same task sequence; see the module docstring.
@@ -372,10 +368,10 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       state is saved after each task (and every ``every`` steps), and restored from when the
       folder holds it (resume: bit-identical). Every chunk's checkpoint is checked to come from
       this sweep (configs, layout) before anything is trained.
-    executables: a store of compiled programs and the key of the shared settings (as for
-      ``continual.run``: everything the programs are built from but the swept values); the
-      layout (configs per chunk, mesh shape) and whether p is read at run time are added to
-      the key here. Every chunk then loads the programs the first one compiled.
+    compile_fn: as for ``continual.run`` (every chunk's programs go through it; their
+      :class:`~ewc_jax.continual.programs.Uncompiled` ``layout`` names the configs per chunk and
+      the mesh). The command lines pass a store keyed by the shared settings, so every chunk
+      loads the programs the first one compiled.
     stop_requested: without a ``checkpointer``, ``stop_requested()`` naming a signal ends the
       sweep at the next chunk boundary (:func:`ewc_jax.interrupt.stop_hook`; the checkpointer's
       own ``stop_requested`` saves first).
@@ -389,7 +385,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
   swept = swept_names(configs)
   devices = list(jax.devices() if devices is None else devices)
   dynamic_p = "p" in swept
-  setup = _setup(configs, devices, max_parallel, preprocess, dynamic_p, executables)
+  setup = _setup(configs, devices, max_parallel, preprocess, dynamic_p, compile_fn)
   layout, sharding, padded, chunks = setup.layout, setup.sharding, setup.padded, setup.chunks
   groups = prefix_groups(padded)
   first_task = None  # trained when a chunk needs it (none: every chunk restored)
@@ -433,7 +429,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
                              on_checkpoint=_on_checkpoint(ckpt, stop_requested),
-                             executables=setup.executables)
+                             compile_fn=setup.compile_fn)
     mats.append(np.array(result.acc_matrix))
     if result.val_acc_matrix is not None:
       val_mats.append(np.array(result.val_acc_matrix))

@@ -4,17 +4,17 @@ and compiling them again.
 JAX's persistent compilation cache skips XLA's compilation, but each run still traces and
 lowers every program to compute that cache's key (most of a warm run's compile time). A
 :class:`Store` skips those steps too: the programs of a run are saved together
-(``jax.experimental.serialize_executable``) under a key that the *caller* computes from
-everything that determines them: the configuration, the data's shapes, the source code, the
-library versions, the device and the compiler flags. The key is the caller's promise. A
-program built from code that a key cannot name (a user's own module or preprocessing function)
-must not use a store; :func:`ewc_jax.continual.run` uses one only when given one.
+(``jax.experimental.serialize_executable``) under a key that the command line computes from
+everything that determines them (:mod:`experiments.compile_cache`: the configuration, the
+data's shapes, the source code, the library versions, the device and the compiler flags). The
+key is the caller's promise, so this lives with the command lines: the library knows no store,
+only the ``compile_fn`` hook of :func:`ewc_jax.continual.run` (:class:`Cached` is one).
 
 Only freshly compiled programs are saved: on CPU (jaxlib 0.10) the serialisation of an
 executable that JAX's persistent compilation cache loaded does not run ("Function ... not
 found"), so a compile phase served by that cache saves nothing (:func:`persistent_cache_hits`).
-:func:`ewc_jax.continual.compile_programs` therefore names the programs of a store after its
-key (``chunk_<digest>``): the name is part of the lowered module and of JAX's cache key, so
+:class:`Cached` therefore names the programs after its key (``chunk_<digest>``, through
+:class:`ewc_jax.continual.programs.Uncompiled`'s ``lower``): the name is part of the lowered module and of JAX's cache key, so
 programs the store lacks under a new key (e.g. after an edit of the code that leaves them as
 they were) are compiled afresh and saved, not loaded from JAX's cache. Only when the store lost
 an entry that JAX's cache still holds under the same key does a run load from that cache.
@@ -24,7 +24,7 @@ missing, and the programs are compiled as usual. A loaded executable still check
 shapes and dtypes of its arguments at every call.
 
     >>> import tempfile, jax, jax.numpy as jnp
-    >>> from ewc_jax import executable_cache
+    >>> from experiments import executable_cache
     >>> store = executable_cache.Folder(tempfile.mkdtemp())
     >>> double = jax.jit(lambda x: 2 * x).lower(jnp.ones(3)).compile()
     >>> store.save("my-key", {"double": double})
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import os
 import pickle
@@ -45,6 +46,8 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
+
+from ewc_jax import continual
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
@@ -79,9 +82,26 @@ class Store(Protocol):
 
 
 class Cached(NamedTuple):
-  """A store and the key of one run's programs (the argument of :func:`continual.run`)."""
+  """A store and the key of one run's programs: a :class:`ewc_jax.continual.programs.Compiler`
+  (``continual.run(..., compile_fn=Cached(store, key))``).
+
+  Called, it loads the programs saved under ``key`` and the layout of the call (a sweep's
+  config axis and mesh); else it compiles them, named after that key, and saves them unless
+  JAX's persistent cache served them (:func:`persistent_cache_hits`)."""
   store: Store
   key: str
+
+  def __call__(self, programs: continual.Uncompiled) -> Mapping[str, Callable]:
+    key = f"{self.key}-{programs.layout}" if programs.layout else self.key
+    loaded = self.store.load(key, programs.names)
+    if loaded is not None:
+      return loaded
+    with persistent_cache_hits() as hits:
+      compiled = continual.compile_lowered(
+          programs.lower(hashlib.sha256(key.encode()).hexdigest()[:16]))
+    if not hits:
+      self.store.save(key, compiled)
+    return compiled
 
 
 class Folder:
