@@ -28,6 +28,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ewc_jax import errors
+
 NAMES = ("none", "crop_flip")
 
 
@@ -54,7 +56,6 @@ def crop_and_flip(key: jax.Array, x: jax.Array, padding: int = 4, flip: bool = T
 
 def make(name: str, padding: int = 4) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
   """``augment(key, x)`` called ``name`` (one of :data:`NAMES`; ``"none"``: None)."""
-  from ewc_jax import errors  # pylint: disable=import-outside-toplevel
   if name not in NAMES:
     raise errors.SettingError.invalid("augment", name, "one of " + ", ".join(NAMES))
   if name == "none":

@@ -35,6 +35,7 @@ import contextlib
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -173,7 +174,6 @@ class RunCheckpointer:
   def prefetch(self) -> None:
     """Imports orbax on a background thread (idempotent); the first save then need not."""
     if self._prefetch is None and "orbax.checkpoint" not in sys.modules:
-      import threading  # pylint: disable=import-outside-toplevel
       self._prefetch = threading.Thread(target=orbax_io.ocp, name="ewc_jax-orbax-import", daemon=True)
       self._prefetch.start()
 

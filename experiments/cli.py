@@ -12,25 +12,32 @@ values, missing data, an unwritable workdir) print one line naming the flag and 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
+from typing import Iterator
 
 from absl import flags
+from absl import logging as absl_logging
 
+from ewc_jax import continual
 from ewc_jax import errors
 from ewc_jax import interrupt
 from experiments import compile_cache
 from experiments import config as config_lib
 from experiments import config_flags
+from experiments import data
 from experiments import defaults
 from experiments import files
 from experiments import lock
 from experiments import orbax_logs
 from experiments import signals
+from experiments import train
 
 FLAGS = flags.FLAGS
 
@@ -87,9 +94,7 @@ def quiet_logging() -> None:
   """No log lines from TFDS/orbax/JAX (INFO, WARNING) unless --verbosity or --debug asks for
   them (or ``JAX_LOG_COMPILES`` JAX's): the command line's own lines (and one ``error:`` line)
   are what stdout/stderr show."""
-  import logging  # pylint: disable=import-outside-toplevel
 
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
   if not FLAGS["verbosity"].present and not FLAGS.debug:
     absl_logging.set_verbosity(absl_logging.ERROR)
@@ -116,8 +121,6 @@ def user_errors():
   :class:`ewc_jax.interrupt.Interrupted` line), 1 for anything else (a bug or a fault of the
   machine, e.g. a ``JaxRuntimeError``: its first line; ``--debug`` shows the traceback).
   """
-  from ewc_jax import continual  # pylint: disable=import-outside-toplevel
-  from experiments import data  # pylint: disable=import-outside-toplevel
   try:
     yield
   except interrupt.Interrupted as err:  # SIGINT/SIGTERM at a chunk boundary: one line
@@ -160,7 +163,6 @@ def run_main(benchmark: str, argv, start_time: float) -> None:
   The workdir is checked and locked first, then the settings are checked, then the run (with
   :func:`experiments.signals.catch`'s stop requests; before it, a signal ends the process at
   once: :mod:`experiments.signals`)."""
-  from experiments import train  # pylint: disable=import-outside-toplevel
   import_seconds = time.perf_counter() - start_time
   quiet_logging()
   with user_errors():
@@ -190,7 +192,6 @@ def main_and_exit(main: Callable) -> Callable:
       if not isinstance(err.code, (int, type(None))):
         print(err.code, file=sys.stderr)
     except BaseException:  # pylint: disable=broad-except
-      import traceback  # pylint: disable=import-outside-toplevel
       traceback.print_exc()
       code = 1
     signals.exit_now(code)

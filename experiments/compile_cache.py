@@ -3,12 +3,21 @@ nothing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from ewc_jax import continual
+from experiments import data
+from experiments import executable_cache
 
 if TYPE_CHECKING:
   from experiments import executable_cache
@@ -16,9 +25,7 @@ if TYPE_CHECKING:
 
 def enable() -> Path:
   """Turns the cache on for every compiled program of this process; returns its folder."""
-  import jax  # pylint: disable=import-outside-toplevel
 
-  from experiments import data  # pylint: disable=import-outside-toplevel
   path = data.default_cache_dir() / "xla"
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
@@ -45,7 +52,6 @@ def _code_digest() -> str:
 
 
 def _array_signature(tree) -> list:
-  import jax  # pylint: disable=import-outside-toplevel
   return [[list(a.shape), str(a.dtype)] for a in jax.tree.leaves(tree)]
 
 
@@ -55,12 +61,8 @@ def executables(parts: dict, *arrays) -> executable_cache.Cached:
   of ``arrays`` (the pytrees they take), this checkout's source code, the installed versions
   of jax/jaxlib/flax/optax/numpy/chex, the devices, ``XLA_FLAGS`` and the jax settings that
   change what a program computes. A change to any of them is another key."""
-  import importlib.metadata  # pylint: disable=import-outside-toplevel
 
-  import jax  # pylint: disable=import-outside-toplevel
 
-  from experiments import executable_cache  # pylint: disable=import-outside-toplevel
-  from experiments import data  # pylint: disable=import-outside-toplevel
 
   def version(package):
     try:
@@ -89,9 +91,7 @@ def run_executables(config, run, built, preprocess, train, test, *,
   rate, and p when a sweep varies it), the class groups,
   the input normalisation (``config.input_norm_name`` and ``preprocess``'s statistics) and the
   shapes of ``train`` / ``test``."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import continual  # pylint: disable=import-outside-toplevel
   arguments = continual.program_arguments(dynamic_p)
   settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in arguments}
   norm = {"name": config.input_norm_name, "mean": getattr(preprocess, "mean", None),
@@ -103,7 +103,6 @@ def run_executables(config, run, built, preprocess, train, test, *,
 
 def _exact(value):
   """JSON for what ``json`` cannot write: arrays in full (every bit of a float32 counts)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   if isinstance(value, np.ndarray | np.generic):
     return {"dtype": str(value.dtype), "shape": list(np.shape(value)),
             "hex": np.ascontiguousarray(value).tobytes().hex()}

@@ -26,9 +26,10 @@ from typing import Any
 
 from ewc_jax import continual
 from ewc_jax import errors
-from experiments import task_sequences as benchmark_lib
+from ewc_jax.continual import sweep
 from experiments import defaults
 from experiments import input_norm
+from experiments import task_sequences as benchmark_lib
 
 
 def setting(default: Any, help_text: str) -> Any:
@@ -257,12 +258,10 @@ class SweepConfig:
 
   def configs(self) -> list[continual.Config]:
     """Every combination, as :class:`ewc_jax.continual.Config` (seed varies fastest)."""
-    from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
     return sweep.grid(self.experiment.run, **self.values)
 
   def validate(self) -> None:
     """The experiment's checks, then each list and every config of the grid."""
-    from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
     self.experiment.validate()
     for name in SWEPT:
       values = tuple(getattr(self, name))

@@ -17,8 +17,10 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,7 +55,6 @@ def tfds_version() -> str | None:
           return line.split(":", 1)[1].strip()
         if not line.strip():
           break  # end of the headers
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
 
   try:
     return metadata.version("tensorflow-datasets")

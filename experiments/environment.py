@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import platform
 
+import flax
+import jax
+import optax
+
+import ewc_jax
+
 
 def environment() -> dict:
   """Versions of ewc_jax, Python, JAX, Flax and optax; backend, first device, device count and
   platform."""
-  import flax  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
 
-  import ewc_jax  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
   return {"ewc_jax": ewc_jax.__version__, "python": platform.python_version(),
           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,

@@ -45,7 +45,15 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
+from typing import Callable
+from typing import Iterator
+from typing import Mapping
+from typing import NamedTuple
+from typing import Protocol
+from typing import Sequence
+
+import jax
+from jax.experimental import serialize_executable
 
 from ewc_jax import continual
 
@@ -56,7 +64,6 @@ _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 def persistent_cache_hits() -> Iterator[list]:
   """A list that collects one entry per hit of JAX's persistent compilation cache while the
   block runs (in any thread)."""
-  import jax  # pylint: disable=import-outside-toplevel
   hits: list = []
 
   def listener(event: str, **_):
@@ -117,7 +124,6 @@ class Folder:
     return self.folder / f"{key}.executables"
 
   def load(self, key: str, names: Sequence[str]) -> dict[str, Callable] | None:
-    from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
     path = self._path(key)
     try:
       saved = pickle.loads(path.read_bytes())
@@ -136,7 +142,6 @@ class Folder:
       return None
 
   def save(self, key: str, executables: Mapping[str, Callable]) -> None:
-    from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
     path = self._path(key)
     blob = pickle.dumps({name: serialize_executable.serialize(ex)
                          for name, ex in executables.items()})

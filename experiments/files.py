@@ -13,7 +13,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
+from typing import Callable
+from typing import Iterator
+
+from ewc_jax import errors
+from experiments import signals
 
 
 def _read_umask() -> int:
@@ -59,7 +64,6 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
   """Creates ``workdir`` and checks it is writable, before any work is done
   (:class:`ewc_jax.errors.SettingError` naming ``workdir`` otherwise; an empty path too: it
   would mean the current folder)."""
-  from ewc_jax import errors  # pylint: disable=import-outside-toplevel
   if not str(workdir).strip():
     raise errors.SettingError(lambda n: f"{n('workdir')}={str(workdir)!r} is invalid: expected "
                               "a folder path (use --workdir=. for the current folder).")
@@ -98,7 +102,6 @@ def workdir_claimed(workdir: str | os.PathLike) -> Iterator[Path]:
   """:func:`check_workdir` for the ``with`` block: if the block fails (or the process ends in
   it, :mod:`experiments.signals`), the folders it created are removed again when nothing was
   written into them, so a refused or interrupted run leaves nothing behind."""
-  from experiments import signals  # pylint: disable=import-outside-toplevel
   created = _missing_folders(Path(os.path.abspath(workdir))) if str(workdir).strip() else []
   path = check_workdir(workdir)
   ok = False

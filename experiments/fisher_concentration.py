@@ -15,23 +15,30 @@ expected number of such draws in the task.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from importlib import metadata
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax import continual
+from ewc_jax import fisher
+from ewc_jax import heads
+from ewc_jax import subset
+from ewc_jax.continual import step as train_lib
+from experiments import config as config_lib
+from experiments import tasks
+from experiments import train
 
 
 def measure(seed: int = 0, steps: int = 2000, draws: int = 5, subset_size: int = 500) -> dict:
   """The network of ``seed`` after ``steps`` iterations on task 1; every kind's total and the
   concentration of the exact Fisher's example weights."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import continual, fisher, heads, subset  # pylint: disable=import-outside-toplevel
-  from ewc_jax.continual import step as train_lib  # pylint: disable=import-outside-toplevel
-  from experiments import config as config_lib  # pylint: disable=import-outside-toplevel
-  from experiments import tasks  # pylint: disable=import-outside-toplevel
-  from experiments import train  # pylint: disable=import-outside-toplevel
 
   exp = config_lib.make("split_mnist", algo="finetune", num_tasks=1, steps_per_task=steps,
                         reset_optimizer=False, init="pytorch", seed=seed)
@@ -83,12 +90,10 @@ def measure(seed: int = 0, steps: int = 2000, draws: int = 5, subset_size: int =
 
 
 def main(argv=None) -> None:
-  import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="the JSON to write")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
   record = {**measure(args.seed),
             "versions": {n: metadata.version(n) for n in ("jax", "jaxlib", "flax", "optax",
                                                           "numpy", "ml_dtypes")}}

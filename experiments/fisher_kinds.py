@@ -18,6 +18,7 @@ given both ways. ``z`` is (ours − theirs) / √(SEM_ours² + SEM_theirs²).
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import math
@@ -121,7 +122,6 @@ def selection_markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-  import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--runs", required=True, help="folder of the sweeps' workdirs")
   parser.add_argument("--out", required=True, help="the JSON to write")

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from ewc_jax import errors
+from ewc_jax.continual import step as step_lib
 
 NAMES = ("none", "mnist", "per_channel")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -42,7 +44,6 @@ def check(name: str) -> None:
 
 
 def _scale(x):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return jnp.asarray(x).astype(jnp.float32) / 255.0
 
 
@@ -85,7 +86,6 @@ def make(name: str, train_images: np.ndarray | None = None) -> Callable:
   statistics from ``train_images``."""
   check(name)
   if name == "none":
-    from ewc_jax.continual import step as step_lib  # pylint: disable=import-outside-toplevel
     return step_lib.scale_pixels
   if name == "mnist":
     return mnist_normalize

@@ -14,6 +14,8 @@ from typing import NamedTuple
 from absl import app
 from absl import flags
 
+from experiments import data
+
 flags.DEFINE_string("dataset", "mnist", "TFDS dataset name.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default as in the experiments).")
 flags.DEFINE_string("manual_dir", None, "Folder with the raw files (offline preparation).")
@@ -35,7 +37,6 @@ def prepare(request: Request) -> int:
   ``request.check``); returns the exit status: 0 prepared, 1 not prepared (``check``), 2 a bad
   dataset name or a preparation that failed (one ``error:`` line on stderr)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from experiments import data  # pylint: disable=import-outside-toplevel
   name = request.dataset
   data_dir = request.data_dir or data.default_data_dir()
   try:

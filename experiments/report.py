@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 
 
 def format_matrix(acc_matrix, std=None) -> str:
@@ -39,5 +40,4 @@ def matrix_csv(acc_matrix) -> str:
 
 def warning(line: str) -> None:
   """One ``warning:`` line on stderr (a checkpoint skipped for an older one, ...)."""
-  import sys  # pylint: disable=import-outside-toplevel
   print(f"warning: {' '.join(line.split())}", file=sys.stderr, flush=True)

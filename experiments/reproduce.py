@@ -38,7 +38,9 @@ from absl import flags  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments import compile_cache  # noqa: E402
 from experiments import config_flags  # noqa: E402
+from experiments import data
 from experiments import files  # noqa: E402
+from experiments import lock
 from experiments import progress as progress_lib  # noqa: E402
 from experiments import reproduce_runner  # noqa: E402
 from experiments import signals  # noqa: E402
@@ -59,7 +61,6 @@ def config_from_flags() -> ReproduceConfig:
 def run(config: ReproduceConfig, held: contextlib.ExitStack) -> None:
   """Runs the rows of ``config`` (reads no flag): the output folders checked, the workdir locked
   into ``held`` when checkpointing, the data loaded, then the runner."""
-  from experiments import data, lock  # pylint: disable=import-outside-toplevel
   for path in (config.out_path, config.json_path):
     files.check_workdir(str(path.parent))
   root = None

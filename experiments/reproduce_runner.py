@@ -22,12 +22,25 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax import checkpoint
+from ewc_jax import continual
+from ewc_jax import heads
+from ewc_jax.continual import step as step_lib
+from ewc_jax.continual import sweep
 from experiments import environment as environment_lib
 from experiments import files
 from experiments import results_report
 from experiments import results_store
 from experiments import signals
-from experiments.paper_tables import BENCHMARKS, SCENARIO_TITLES, Setup, hyper_for, length_for
+from experiments import tasks
+from experiments.paper_tables import BENCHMARKS
+from experiments.paper_tables import SCENARIO_TITLES
+from experiments.paper_tables import Setup
+from experiments.paper_tables import hyper_for
+from experiments.paper_tables import length_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +80,6 @@ class Overrides:
 
 def hsu_preprocess(x):
   """Hsu et al.'s MNIST input: zero-pad 28x28 to 32x32, then (x/255 − 0.1) / 0.2752."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   x = x.reshape((x.shape[0], 28, 28)).astype(jnp.float32) / 255.0
   x = jnp.pad(x, ((0, 0), (2, 2), (2, 2)))
   return ((x - 0.1) / 0.2752).reshape((x.shape[0], 32 * 32))
@@ -75,7 +87,6 @@ def hsu_preprocess(x):
 
 def preprocess_fn(setup: Setup):
   """The input preprocessing of ``setup``'s paper: Hsu et al.'s, or pixels / 255."""
-  from ewc_jax.continual import step as step_lib  # pylint: disable=import-outside-toplevel
   return hsu_preprocess if setup.preprocess == "hsu" else step_lib.scale_pixels
 
 
@@ -92,10 +103,6 @@ def run_one(setup: Setup, algo: str, scenario: str, seeds: Sequence[int], ds, *,
 
   ``checkpointer``: an ``ewc_jax.checkpoint.SweepCheckpointer`` (the sweep's state is saved
   after each task and resumed from when its folder holds it), or None."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax import continual, heads  # pylint: disable=import-outside-toplevel
-  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
-  from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   if algo not in setup.published:
     raise ValueError(f"--algos={algo!r} is invalid for --protocol={setup.protocol} "
@@ -190,7 +197,6 @@ def reproduce(setup: Setup, algos: Sequence[str], scenarios: Sequence[str],
   (after each task, and every ``checkpoint_every`` steps); a killed or interrupted invocation
   re-run with the same flags resumes it. A record's checkpoints are deleted once the record is
   stored (the next invocation trains it again, as without checkpoints)."""
-  from ewc_jax import checkpoint  # pylint: disable=import-outside-toplevel
   environment = environment_lib.environment()
   total = len(algos) * len(scenarios)
   for i, scenario in enumerate(scenarios):

@@ -42,12 +42,15 @@ import contextlib  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
+from experiments import compile_cache
 from experiments import config as config_lib  # noqa: E402
 from experiments import signals  # noqa: E402
+from experiments import train_sweep
 
 FLAGS = flags.FLAGS
 cli.define_flags(config_cls=config_lib.SweepConfig, shown_defaults=config_lib.SWEEP_DEFAULTS)
@@ -63,10 +66,7 @@ def main(argv):
 
 
 def _main(held: contextlib.ExitStack, import_seconds: float) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
 
-  from experiments import compile_cache  # pylint: disable=import-outside-toplevel
-  from experiments import train_sweep  # pylint: disable=import-outside-toplevel
   # The workdir is locked first, unless the sweep spans hosts (then process 0 locks it once
   # jax.distributed is up); a bad flag after the lock leaves nothing behind.
   distributed = bool(FLAGS["distributed"].value)

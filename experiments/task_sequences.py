@@ -30,9 +30,14 @@ classes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+
+import jax
 
 from ewc_jax import errors
+from experiments import protocols
 
 # (dataset, scenario, num_tasks, max_examples, seed, classes_per_task) -> protocols.Tasks
 Builder = Callable[..., Any]
@@ -96,7 +101,6 @@ class Benchmark(NamedTuple):
 def _split(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int,
            classes_per_task: int | None = None, *, bench_name: str = "split_mnist"):
   del seed  # the classes of each task are fixed
-  from experiments import protocols  # pylint: disable=import-outside-toplevel
   num_classes = ds.num_classes
   per = BENCHMARKS[bench_name].classes_per_task_for(num_classes, classes_per_task)
   groups = [tuple(range(per * t, per * (t + 1))) for t in range(num_tasks)]
@@ -111,8 +115,6 @@ def _permuted(ds, scenario: str, num_tasks: int, max_examples: int | None, seed:
               classes_per_task: int | None = None, *, pad: int = 0,
               permute_first: bool = False):
   del classes_per_task  # every task has every class
-  import jax  # pylint: disable=import-outside-toplevel
-  from experiments import protocols  # pylint: disable=import-outside-toplevel
   key = jax.random.fold_in(jax.random.key(seed), 0x5EED)  # the permutations follow the seed
   return protocols.permuted(ds, scenario, num_tasks, max_examples, key, pad=pad,
                             permute_first=permute_first)

@@ -17,23 +17,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ewc_jax import checkpoint
 from ewc_jax import continual
 from ewc_jax import errors
 from ewc_jax import interrupt
+from ewc_jax.continual import holdout
+from ewc_jax.continual import metrics
+from experiments import compile_cache
 from experiments import config as config_lib
+from experiments import data
 from experiments import environment
 from experiments import files
 from experiments import input_norm
+from experiments import plots
 from experiments import progress as progress_lib
 from experiments import report
 from experiments import signals
+from experiments import tasks
+from experiments import tensorboard
 
 
 def load_dataset(config: config_lib.ExperimentConfig):
   """The config's dataset from ``data_dir`` / ``manual_dir`` (any TFDS image-classification
   dataset: any HxWxC, any number of classes)."""
-  from experiments import data  # pylint: disable=import-outside-toplevel
   data_dir = config.data_dir
   if (data_dir and not os.path.isdir(data_dir) and config.manual_dir is None
       and importlib.util.find_spec("tensorflow") is None):  # nothing could prepare it there
@@ -47,7 +55,6 @@ def check_batch_size(batch_size: int, counts, validation_fraction: float = 0.0,
                      max_examples: int | None = None) -> None:
   """:func:`ewc_jax.continual.holdout.check_batch_size`, blaming ``max_examples`` when it made
   the smallest task too small for one batch."""
-  from ewc_jax.continual import holdout  # pylint: disable=import-outside-toplevel
 
   def blame(task, count, kept, held):
     if max_examples is None or count < max_examples:
@@ -107,8 +114,6 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.Pa
 def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess, *,
               workdir: Path, savers: contextlib.ExitStack, identity: dict) -> tuple[Any, dict]:
   """One seed, checkpointed (resumed when a checkpoint exists): ``(result, entry fields)``."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from experiments import tasks  # pylint: disable=import-outside-toplevel
   seeds = config.seed_list
   train, test = tasks.to_device(built.train), tasks.to_device(built.test)
   net = continual.make_network(run, built.class_groups)
@@ -128,7 +133,6 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
     print(f"{prefix}resuming from {resumed_from} ({where})", flush=True)
   hook = ckpt if ckpt is not None else interrupt.stop_hook(signals.requested)
   if config.tensorboard:  # scalars first: an interrupt raised by the checkpointer keeps them
-    from experiments import tensorboard  # pylint: disable=import-outside-toplevel
     logger = tensorboard.ScalarLogger(workdir / "tensorboard" / f"seed_{run.seed}",
                                       start=resume)
     savers.callback(logger.close)
@@ -146,15 +150,12 @@ def _compiler(config: config_lib.ExperimentConfig, run: continual.Config, built,
   afresh or by JAX's persistent cache, without ``compile_cache``)."""
   if not config.compile_cache:
     return None
-  from experiments import compile_cache  # pylint: disable=import-outside-toplevel
   return compile_cache.run_executables(config, run, built, preprocess, train, test)
 
 
 def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
                         savers: contextlib.ExitStack, start: dict,
                         start_time: float | None) -> dict:
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
 
   seeds = config.seed_list
   identity = config.identity(f"{ds.name}:{ds.version}")
@@ -172,7 +173,6 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
         prepare_checkpoints(config, workdir / "checkpoints", identity=identity)
       if config.plots:
         # matplotlib's import overlaps the training (not the data: both hold the GIL).
-        from experiments import plots  # pylint: disable=import-outside-toplevel
         plots.prefetch()
     result, extra = _run_seed(config, run, built, preprocess, workdir=workdir, savers=savers,
                               identity=identity)
@@ -196,8 +196,6 @@ def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
             start_time: float | None, input_stats: dict | None = None) -> dict:
   """results.json: the mean (± std) matrix and metrics over seeds, every seed's run, the
   config, timings and environment."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
   mats = np.array([r["acc_matrix"] for r in runs])
   mean, std = mats.mean(0), mats.std(0)
   per_seed = {k: [r[k] for r in runs] for k in ("average_accuracy", "bwt")}
@@ -243,7 +241,6 @@ def benchmark_info(ds, input_stats: dict | None) -> dict:
 
 def _write_outputs(config: config_lib.ExperimentConfig, workdir: Path, record: dict) -> None:
   """results.json, acc_matrix.csv, the plots, and the printed table and summary."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   run, seeds = config.run, config.seed_list
   mean, std = np.asarray(record["acc_matrix"]), np.asarray(record["acc_matrix_std"])
   several = len(seeds) > 1
@@ -252,7 +249,6 @@ def _write_outputs(config: config_lib.ExperimentConfig, workdir: Path, record: d
   title = (f"{config.bench.title} ({run.scenario}-incremental), {run.algo}, "
            f"λ={run.lam:g}, fisher={run.fisher}, seeds={','.join(map(str, seeds))}")
   if config.plots:
-    from experiments import plots  # pylint: disable=import-outside-toplevel
     plots.accuracy_heatmap(mean, workdir / "acc_matrix.png", title)
     plots.accuracy_over_training(mean, std if several else None,
                                  workdir / "accuracy_over_training.png", title)

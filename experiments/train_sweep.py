@@ -14,14 +14,22 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ewc_jax import checkpoint
+from ewc_jax import continual
+from ewc_jax.continual import metrics
+from ewc_jax.continual import sweep
+from experiments import compile_cache
 from experiments import config as config_lib
 from experiments import environment
 from experiments import files
 from experiments import input_norm
+from experiments import plots
 from experiments import progress as progress_lib
 from experiments import report
 from experiments import signals
+from experiments import tasks
 from experiments import train as train_lib
 
 
@@ -39,12 +47,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
 
   ``checkpoints``: ``(root folder, identity)``: group g checkpoints under ``root/group_<g>``.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from ewc_jax import continual  # pylint: disable=import-outside-toplevel
-  from ewc_jax.continual import metrics  # pylint: disable=import-outside-toplevel
-  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
-  from experiments import tasks  # pylint: disable=import-outside-toplevel
 
   exp = config.experiment
   configs = config.configs()
@@ -86,7 +89,6 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
           stop_requested=signals.requested, added=config_lib.IDENTITY_ADDED)
     compile_fn = None
     if exp.compile_cache and not config.distributed:  # one store per host: not shared
-      from experiments import compile_cache  # pylint: disable=import-outside-toplevel
       swept = sweep.swept_names(configs)
       compile_fn = compile_cache.run_executables(exp, first, built, preprocess, train, test,
                                                   dynamic_p="p" in swept)
@@ -143,7 +145,6 @@ def plot_average_accuracy(rows: list[dict], swept: tuple[str, ...], base, path: 
                           title: str) -> None:
   """Average accuracy (mean ± std over seeds) vs λ (or the first swept value), one line per
   combination of the other swept values; log x for λ/lr (linear if a value is <= 0)."""
-  from experiments import plots  # pylint: disable=import-outside-toplevel
   keys = [n for n in swept if n != "seed"]
   x_name = "lam" if ("lam" in keys or not keys) else keys[0]
   others = [n for n in keys if n != x_name]
@@ -192,7 +193,6 @@ def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer:
 def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layouts, built, ds,
                   extra_timings: dict, start_time: float | None = None) -> dict:
   """results.json, average_accuracy.png and the printed table."""
-  from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   exp, base = config.experiment, config.experiment.run
   rows = sweep.table(result)
   keys = [n for n in result.swept if n != "seed"]
