@@ -2,7 +2,7 @@
 
 Hsu et al. 2018 (Split MNIST) and van de Ven & Tolias 2019 (Split and Permuted MNIST), each a
 :class:`Setup` in :data:`PROTOCOLS` (looked up with :func:`get_setup`): what the paper trained
-(widths, learning rate, batch, tasks, training length, Fisher, input preprocessing), what it
+(widths, learning rate, batch, tasks, training length, Fisher, inputs, initialisation), what it
 reported (mean ± std or SEM per algorithm and scenario) and its λ, γ with the translation onto
 our penalty (λ/2) Σ F (θ − θ*)², F the mean per-example Fisher (see docs/reproducing.md).
 :func:`hyper_for` and :func:`length_for` give a row's λ, γ and training length in our terms.
@@ -44,6 +44,12 @@ class Setup:
   :func:`epochs_for`). ``reset_optimizer``: whether the paper restarts Adam at every task
   (neither does: Hsu's ``reset_optimizer = False``, van de Ven's ``optim_type = "adam"``).
   Every parameter shared by several tasks is penalised (``Config.consolidate`` default).
+
+  Inputs of a permuted benchmark (:attr:`build_options`, the builder's own options, as the
+  command lines' ``--pad`` / ``--permute_first``): ``pad`` zero-pads every image by that many
+  pixels before its pixels are permuted, ``permute_first`` permutes task 1 too. ``init``: the
+  parameter initialisation (``Config.init``; ``"pytorch"``: uniform ±1/√fan_in, as in a
+  PyTorch paper's code, so the first layer's fan-in is the number of inputs after padding).
   """
   protocol: str
   benchmark: str
@@ -66,6 +72,18 @@ class Setup:
   reset_optimizer: bool = False
   preprocess: str = "scale"        # "scale": pixels / 255; "hsu": pad to 32x32, normalise
   source: str = ""                 # where the hyperparameters come from
+  pad: int = 0                     # permuted: zero-pad each image by N pixels, then permute
+  permute_first: bool = False      # permuted: task 1 permuted too (else the identity)
+  init: str = "flax"               # Config.init of the runs
+
+  @property
+  def build_options(self) -> dict:
+    """The benchmark builder's extra keyword arguments (as ``ExperimentConfig.build_options``
+    of the command lines): ``pad`` and ``permute_first`` for a permuted benchmark, none for a
+    split one."""
+    if BENCHMARKS[self.benchmark].split:
+      return {}
+    return {"pad": self.pad, "permute_first": self.permute_first}
 
 
 def _hsu_translate(algo: str, lam: float, gamma: float) -> tuple[float, float]:
@@ -154,7 +172,12 @@ VDV_PERMUTED = Setup(
         "online_ewc": ((500.0, 0.8), (1000.0, 0.9), (5.0, 1.0)),
     }),
     translate=_vandeven_translate, algos=("finetune", "joint", "ewc", "online_ewc"),
-    joint_rule="iterations", source=_VDV_SOURCE)
+    joint_rule="iterations", source=_VDV_SOURCE,
+    # Their inputs: 28x28 zero-padded to 32x32 (transforms.Pad(2)), each task a permutation of
+    # the 1024 padded pixels, every task permuted (their code leaves task 1 unpermuted only for
+    # seed 0, and their compare scripts start at seed 1), PyTorch's nn.Linear initialisation
+    # (first layer fan-in 1024).
+    pad=2, permute_first=True, init="pytorch")
 
 PROTOCOLS = {("hsu", "split"): HSU_SPLIT, ("vandeven", "split"): VDV_SPLIT,
              ("vandeven", "permuted"): VDV_PERMUTED}

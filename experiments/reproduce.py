@@ -10,7 +10,8 @@ The command line only: its flags are generated from the fields of
 :class:`experiments.reproduce_config.ReproduceConfig` and become one validated config (a bad value
 is refused with one line naming the flag, the value and what is allowed; exit 2), then
 :func:`experiments.reproduce_runner.reproduce` runs the rows. Each (scenario, algorithm) is one
-``ewc_jax.continual.sweep.run`` over the seeds, with the paper's hyperparameters translated to our
+``ewc_jax.continual.sweep.run`` over the seeds (Permuted MNIST: one per seed, each seed on its own
+permutations), with the paper's inputs, initialisation and hyperparameters translated to our
 conventions (:mod:`experiments.paper_tables`) and its protocol controls. Results accumulate in a
 JSON store (``--json``, default ``--out`` with ``.json``; :mod:`experiments.results_store`) keyed
 by protocol / benchmark / variant / scenario / algorithm, and the tables of every stored result

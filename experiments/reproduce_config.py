@@ -40,7 +40,9 @@ class ReproduceConfig:
   algos: tuple[str, ...] | None = setting(None, "Algorithms (default: every one the paper "
                                           "reports).")
   scenarios: tuple[str, ...] = setting(paper_tables.SCENARIOS, "Scenarios: task, domain, class.")
-  seeds: tuple[int, ...] = setting((0, 1, 2), "Seeds, trained together as one vmapped run.")
+  seeds: tuple[int, ...] = setting((0, 1, 2), "Seeds: trained together as one vmapped run "
+                                   "(split), or one run each on its own permutations "
+                                   "(permuted).")
   epochs: int | None = setting(None, "Override the epochs per task (marks the result reduced).")
   hidden: tuple[int, ...] | None = setting(None, "Override the MLP widths (marks the result "
                                            "reduced).")

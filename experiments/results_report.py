@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from experiments import files
+from experiments import results_store
 from experiments.paper_tables import (ALGO_TITLES, BENCHMARKS, PROTOCOLS, SCENARIO_TITLES,
                                       SCENARIOS, get_setup)
 
@@ -68,16 +69,20 @@ def _group_header(recs: list[dict]) -> str:
   seeds = sorted({tuple(x["seeds"]) for x in recs})
   sizes = r["task_sizes"]
   hsu = setup.preprocess == "hsu"
+  inputs = r.get("inputs", {})
   lines = [
       f"### {setup.short}, {BENCHMARKS[r['benchmark']].title}"
       + (" — **REDUCED**" if r["reduced"] else ""),
       "",
       f"Paper: {setup.citation}; hyperparameters from {setup.source}.",
       "",
-      f"Ours: MLP {'-'.join(map(str, [1024 if hsu else 784] + r['hidden']))} "
+      f"Ours: MLP {'-'.join(map(str, [_num_inputs(r, hsu)] + r['hidden']))} "
       + ("(28x28 zero-padded to 32x32, then (x − 0.1) / 0.2752, as in their code) "
-         if hsu else "(pixels / 255) ")
-      + f"ReLU, Adam lr {r['lr']:g} ("
+         if hsu else f"({_inputs_words(r)}) ")
+      + "ReLU, "
+      + ("PyTorch's default initialisation (weights and biases uniform in ±1/√fan_in), "
+         if r.get("config", {}).get("init") == "pytorch" else "")
+      + f"Adam lr {r['lr']:g} ("
       + ("restarted at every task" if r["reset_optimizer"] else "kept across tasks, not reset")
       + f"), batch {r['batch_size']}, "
       f"Fisher `{r['fisher']}` (argmax label, mean over the task's examples), "
@@ -87,7 +92,9 @@ def _group_header(recs: list[dict]) -> str:
          "penalising the backbone only (heads free), "
          if r["consolidated"] == "backbone" else f"penalising {r['consolidated']} parameters, ")
       + f"{len(sizes)} tasks of {min(sizes)}–{max(sizes)} training examples, "
-      f"seeds {'; '.join(','.join(map(str, s)) for s in seeds)} (one vmapped run per row).",
+      f"seeds {'; '.join(','.join(map(str, s)) for s in seeds)} "
+      + ("(one run per seed, each on its own tasks)." if inputs.get("tasks_per_seed") else
+         "(one vmapped run per row)."),
   ]
   steps = {x["steps_per_task"] for x in recs}
   if steps != {None}:
@@ -108,8 +115,36 @@ def _group_header(recs: list[dict]) -> str:
               + ". Published numbers (full protocol) are shown for orientation only."]
   err = "std" if setup.err_kind == "std" else "SEM"
   lines += ["", f"Paper column: mean ± {err} over {setup.runs} runs"
-            + ("; the *vs paper* test uses their std = SEM × √20." if err == "SEM" else ".")]
+            + ("; ours in the first table: mean ± SEM over our seeds, as theirs (± std in the "
+               "second); the *vs paper* test uses their std = SEM × √20." if err == "SEM"
+               else ".")]
   return "\n".join(lines)
+
+
+def _num_inputs(rec: dict, hsu: bool) -> int:
+  """The network's input width of a record (records before ``inputs``: 1024 for Hsu's padded
+  inputs, else MNIST's 784)."""
+  return rec.get("inputs", {}).get("num_inputs", 1024 if hsu else 784)
+
+
+def _inputs_words(rec: dict) -> str:
+  """A record's inputs in words (the pixel scaling; for Permuted MNIST the padding and the
+  permutations)."""
+  if rec["benchmark"] != "permuted":
+    return "pixels / 255"
+  inputs = rec.get("inputs", results_store.EARLIER_PERMUTED_INPUTS)
+  pad = inputs.get("pad", 0)
+  return ((f"zero-padded by {pad} pixels on each side, " if pad else "") + "pixels / 255; "
+          + ("every task" if inputs.get("permute_first") else "every task but the first")
+          + f" a permutation of the {inputs['num_inputs']} "
+          + ("padded " if pad else "") + "pixels, "
+          + ("each seed its own permutations" if inputs.get("tasks_per_seed") else
+             "the first seed's permutations shared by all seeds"))
+
+
+def _pm(mean: float, err: float | None) -> str:
+  """``mean ± err`` (the mean alone without an error: one seed has no SEM)."""
+  return f"{mean:.2f}" if err is None else f"{mean:.2f} ± {err:.2f}"
 
 
 def render_group(recs: list[dict]) -> str:
@@ -118,16 +153,18 @@ def render_group(recs: list[dict]) -> str:
   setup = get_setup(recs[0]["protocol"], recs[0]["benchmark"])
   algos = [a for a in setup.algos if any(a == r["algo"] for r in recs)]
   scen = [s for s in SCENARIOS if any(s == r["scenario"] for r in recs)]
+  sem = setup.err_kind == "sem"  # ours as the paper's: ± SEM beside their ± SEM
   out = [_group_header(recs), ""]
-  out.append("| method | " + " | ".join(f"{SCENARIO_TITLES[s]} ours | {SCENARIO_TITLES[s]} "
-                                        "paper" for s in scen) + " |")
+  pm_ = " ± SEM" if sem else ""
+  out.append("| method | " + " | ".join(f"{SCENARIO_TITLES[s]} ours{pm_} | "
+                                        f"{SCENARIO_TITLES[s]} paper{pm_}" for s in scen) + " |")
   out.append("|---|" + "---:|---:|" * len(scen))
   for a in algos:
     cells = []
     for s in scen:
       r = by.get((a, s))
       pm = setup.published[a][s]
-      cells.append("–" if r is None else f"{r['mean']:.2f} ± {r['std']:.2f}")
+      cells.append("–" if r is None else _pm(r["mean"], r.get("sem") if sem else r["std"]))
       cells.append(f"{pm[0]:.2f} ± {pm[1]:.2f}")
     out.append(f"| {ALGO_TITLES[a]} | " + " | ".join(cells) + " |")
   out += ["", "| scenario | method | λ paper → ours | γ paper → ours | per task | "

@@ -22,6 +22,17 @@ from experiments import files
 # iterations to epochs. Such records are kept as their own (reduced) variant.
 EARLIER_RUNNER = ("earlier runner: Adam restarted at every task, heads not penalised, "
                   "iterations converted to epochs")
+# A Permuted MNIST record of the runner before it used van de Ven & Tolias' own inputs (no
+# ``inputs`` in the record): 28x28 images (784 inputs), task 1 the identity, one set of
+# permutations, drawn from the row's first seed, shared by all its seeds, and Flax's
+# initialisation. Such records are kept as their own (reduced) variant, apart from the rows on
+# the paper's inputs.
+EARLIER_INPUTS = ("earlier inputs: 784 (not padded to 1024), task 1 unpermuted, the first "
+                  "seed's permutations shared by all seeds, Flax's initialisation")
+# Their ``inputs``, as the runner records them now (so a migrated record, saved again, stays as
+# it is).
+EARLIER_PERMUTED_INPUTS = {"num_inputs": 784, "pad": 0, "permute_first": False,
+                           "tasks_per_seed": False}
 
 
 def variant_name(deviations: Sequence[str]) -> str:
@@ -37,7 +48,9 @@ def record_key(protocol: str, benchmark: str, variant: str, scenario: str, algo:
 def load_store(path: Path) -> dict:
   """The store at ``path`` (an empty one if there is no file), records of earlier formats
   brought up to date: a record without the protocol controls becomes a reduced variant of its
-  own (:data:`EARLIER_RUNNER`), one without a variant name gets it from its deviations."""
+  own (:data:`EARLIER_RUNNER`), one without a variant name gets it from its deviations, a
+  Permuted MNIST record without ``inputs`` a variant on the earlier inputs
+  (:data:`EARLIER_INPUTS`). The file itself is not rewritten here."""
   if not path.exists():
     return {"records": {}}
   store = json.loads(path.read_text())
@@ -50,6 +63,11 @@ def load_store(path: Path) -> dict:
       rec["variant"] = variant_name(rec["deviations"])
     if "variant" not in rec:  # records written before variants were named
       rec["variant"] = variant_name(rec["deviations"] if rec["reduced"] else [])
+    if rec["benchmark"] == "permuted" and "inputs" not in rec:  # before the paper's inputs
+      rec["inputs"] = dict(EARLIER_PERMUTED_INPUTS)
+      rec["deviations"] = list(rec["deviations"]) + [EARLIER_INPUTS]
+      rec["reduced"] = True
+      rec["variant"] = variant_name(rec["deviations"])
     records[record_key(rec["protocol"], rec["benchmark"], rec["variant"], rec["scenario"],
                        rec["algo"])] = rec
   store["records"] = records

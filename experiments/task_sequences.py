@@ -10,9 +10,9 @@ and the reproduction all look a benchmark up here.
 * ``permuted_mnist``: every task is the whole dataset under its own fixed permutation of the
   H·W·C input values (task 1: the identity, unless ``permute_first``; ``pad``: the images are
   zero-padded first and the padded pixels permuted, van de Ven & Tolias' 32×32 with pad=2). The
-  permutations follow the seed: the command lines and sweeps build each seed's own tasks
-  (``data_follows_seed``); ``experiments.reproduce`` builds them from the first seed of a row
-  and shares them across its seeds (docs/results.md).
+  permutations follow the seed: the command lines, the sweeps and ``experiments.reproduce``
+  build each seed's own tasks (``data_follows_seed``; the reproduction's van de Ven & Tolias
+  rows with pad=2 and permute_first, ``paper_tables.Setup.build_options``).
 
 Any TFDS image-classification dataset fits any of them (``dataset``): any H×W×C, any number of
 classes.
