@@ -103,9 +103,11 @@ class Cached(NamedTuple):
     loaded = self.store.load(key, programs.names)
     if loaded is not None:
       return loaded
+    # Lowered outside the window: tracing runs small programs eagerly, which JAX's cache may
+    # serve without that saying anything about the run's own programs.
+    lowered = programs.lower(hashlib.sha256(key.encode()).hexdigest()[:16])
     with persistent_cache_hits() as hits:
-      compiled = continual.compile_lowered(
-          programs.lower(hashlib.sha256(key.encode()).hexdigest()[:16]))
+      compiled = continual.compile_lowered(lowered)
     if not hits:
       self.store.save(key, compiled)
     return compiled

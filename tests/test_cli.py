@@ -205,3 +205,12 @@ def test_a_warm_run_loads_its_compiled_programs_and_gives_the_same_results(tiny_
   assert "Finished tracing train_chunk" not in logs[1]
   assert recs[1]["acc_matrix"] == recs[2]["acc_matrix"] and recs[1]["curves"] == recs[2]["curves"]
   assert recs[0]["curves"] != recs[1]["curves"]  # λ reached the loaded programs
+  # Another key (another setting) on the same persistent cache: the small programs that tracing
+  # runs eagerly come from that cache, the run's own programs are compiled afresh and saved
+  # (a hit of the former must not stop the save), so the next run loads them.
+  for i in (3, 4):
+    proc = run_cli(*common[:4], "--epochs=2", *common[5:], "--lam=1000",
+                   f"--workdir={tmp_path / str(i)}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "executables").glob("*.executables"))) == 2
+    assert ("Finished tracing train_chunk" in proc.stderr) == (i == 3)
