@@ -20,11 +20,18 @@ from experiments import defaults
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["experiments.config", "experiments.config_flags",
-                                  "experiments.task_sequences", "experiments.input_norm",
-                                  "experiments.report", "experiments.defaults",
-                                  "experiments.fisher_kinds"])
+WITH_EXAMPLES = sorted(f"experiments.{p.stem}" for p in (ROOT / "experiments").glob("*.py")
+                       if ">>>" in p.read_text())
+
+
+def test_the_examples_found_include_the_config_modules():
+  assert {"experiments.config", "experiments.config_flags", "experiments.defaults",
+          "experiments.reproduce_config"} <= set(WITH_EXAMPLES)
+
+
+@pytest.mark.parametrize("name", WITH_EXAMPLES)
 def test_docstring_examples(name):
+  """Every module of experiments/ with a ``>>>`` example (the command-line mains have none)."""
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0, result
 

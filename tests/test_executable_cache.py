@@ -94,12 +94,6 @@ def test_keys_are_checked():
     store.load("../escape", ("chunk",))
 
 
-def test_docstring_example():
-  import doctest  # pylint: disable=import-outside-toplevel
-  result = doctest.testmod(executable_cache, optionflags=doctest.ELLIPSIS)
-  assert result.attempted > 0 and result.failed == 0, result
-
-
 def test_the_layout_is_part_of_the_key_and_the_programs_are_named_after_it():
   """The same key for one run and for a sweep's config axis: two entries; the programs lowered
   on a miss carry the digest of the whole key in their names."""
