@@ -55,3 +55,8 @@ def test_a_compiler_that_leaves_a_program_out_is_refused():
 
   with pytest.raises(ValueError, match="`compile_fn` returned no program named chunk"):
     _run(compiler)
+
+
+def test_a_compiler_that_returns_no_mapping_is_refused():
+  with pytest.raises(TypeError, match="`compile_fn` must return a mapping"):
+    _run(lambda programs: None)

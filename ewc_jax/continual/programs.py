@@ -261,6 +261,9 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
 
   compiled = (compile_fn or default_compiler)(
       Uncompiled(tuple(names), _layout(hyper, batched, sharding), lower))
+  if not isinstance(compiled, Mapping):
+    raise TypeError(f"`compile_fn` must return a mapping from program names to executables, "
+                    f"but returned {type(compiled).__name__}.")
   missing = [name for name in names if name not in compiled]
   if missing:
     raise ValueError(f"`compile_fn` returned no program named {', '.join(missing)}; it must "
