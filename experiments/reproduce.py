@@ -39,9 +39,10 @@ from absl import flags  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments import compile_cache  # noqa: E402
 from experiments import config_flags  # noqa: E402
-from experiments import data
+from experiments import data  # noqa: E402
 from experiments import files  # noqa: E402
-from experiments import lock
+from experiments import lock  # noqa: E402
+from experiments import orbax_logs  # noqa: E402
 from experiments import progress as progress_lib  # noqa: E402
 from experiments import reproduce_runner  # noqa: E402
 from experiments import signals  # noqa: E402
@@ -91,7 +92,6 @@ def run(config: ReproduceConfig, held: contextlib.ExitStack) -> None:
 def main(argv):
   """Flags -> :class:`ReproduceConfig` -> :func:`run`; user errors are one ``error:`` line
   naming the flag, exit 2 (:func:`experiments.cli.user_errors`)."""
-  from experiments import orbax_logs  # pylint: disable=import-outside-toplevel
   if not FLAGS.debug:
     orbax_logs.quiet_orbax_errors()
   with cli.user_errors(), signals.catch(), contextlib.ExitStack() as held:
