@@ -11,9 +11,11 @@ cache, as a second CLI run does; the compile seconds are reported apart). The ma
 shared: the load average before and after is recorded. Also compared: K x the fastest PyTorch
 peer's single run on this machine (benchmarks/results/peers.json; 17.3 s when absent).
 
---max_parallel=N: the vmapped sweep in chunks of N configs; its first task is then trained once per
-seed (the configs differing only in λ share it; ewc_jax.continual.sweep) unless
---no_share_first_task (the same bits: a before/after comparison).
+--max_parallel=N: the sweep in chunks of N configs. Its first task is trained once per seed (the
+configs differing only in λ share it; ewc_jax.continual.sweep) unless --no_share_first_task (the
+same bits: a before/after comparison); vmapped, only when there are several chunks.
+--vectorize=auto|true|false: the sweep's ``vectorize`` (auto: mapped on one CPU device, each
+config bit-identical to its single run; true: vmapped). --out: the JSON's name (default sweep).
 
 Two diagnostics: (1) a control run, config 0 with its learning rate moved by one float32 ulp, to
 show how far float-level differences carry on this protocol (vmapped and sequential runs differ
@@ -91,10 +93,12 @@ def sequential(net, train, test, configs):
 SWEEP_OPTIONS: dict = {}  # sweep.run's max_parallel and share_first_task (from the flags)
 
 
-def vmapped(net, train, test, configs, devices=None):
+def vmapped(net, train, test, configs, devices=None, **options):
+  """The sweep (vmapped or mapped: SWEEP_OPTIONS, then ``options``)."""
   from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
-  r = sweep.run(configs, net, train, test, devices=devices, **SWEEP_OPTIONS)
-  return r.acc_matrix, {k: v for k, v in r.timings.items() if k != "total"}
+  r = sweep.run(configs, net, train, test, devices=devices, **{**SWEEP_OPTIONS, **options})
+  return r.acc_matrix, {**{k: v for k, v in r.timings.items() if k != "total"},
+                        "vectorized": r.layout.vectorized}
 
 
 def loadavg() -> list[float]:
@@ -114,13 +118,14 @@ def same_process(repeats: int) -> dict:
   k = len(configs)
   warm_seq_s, _ = timed(lambda: sequential(net, train, test, configs[:1]))
   warm_vmap_s, _ = timed(lambda: vmapped(net, train, test, configs))
-  seq, vm, diffs = [], [], []
+  seq, vm, diffs, identical = [], [], [], []
   for _ in range(repeats):
     s, (acc_s, ph_s) = timed(lambda: sequential(net, train, test, configs))
     seq.append({"wall_s": s, **ph_s, "loadavg": loadavg()})
     v, (acc_v, ph_v) = timed(lambda: vmapped(net, train, test, configs))
     vm.append({"wall_s": v, **ph_v, "loadavg": loadavg()})
     diffs.append(float(np.abs(acc_s - acc_v).max()))
+    identical.append(bool(np.array_equal(acc_s, acc_v)))
     print(json.dumps({"sequential": seq[-1], "vmapped": vm[-1]}), file=sys.stderr, flush=True)
   from ewc_jax import continual  # pylint: disable=import-outside-toplevel
   lr_ulp = float(np.nextafter(np.float32(configs[0].lr), np.float32(1.0)))
@@ -141,6 +146,7 @@ def same_process(repeats: int) -> dict:
       "speedup_vs_peer": k * peer_s / vm_med,
       "goal_speedup_vs_peer": 10.0,
       "max_abs_diff_acc_vmapped_vs_sequential": max(diffs),
+      "bit_identical_per_config": all(identical),
       "max_abs_diff_acc_per_config": np.abs(acc_s - acc_v).max(axis=(1, 2)).tolist(),
       "control_max_abs_diff_acc_config0_lr_plus_1ulp": float(
           np.abs(control.acc_matrix - acc_s[0]).max()),
@@ -176,13 +182,13 @@ def devices_child(repeats: int) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   net, train, test, configs = setup()
   devs = jax.devices()
-  vmapped(net, train, test, configs, devs[:1])  # warm-ups (compile cache)
-  vmapped(net, train, test, configs, devs)
+  vmapped(net, train, test, configs, devs[:1], vectorize=True)  # warm-ups (compile cache)
+  vmapped(net, train, test, configs, devs, vectorize=True)
   one, many, diffs = [], [], []
   for _ in range(repeats):
-    s, (acc1, ph1) = timed(lambda: vmapped(net, train, test, configs, devs[:1]))
+    s, (acc1, ph1) = timed(lambda: vmapped(net, train, test, configs, devs[:1], vectorize=True))
     one.append({"wall_s": s, **ph1, "loadavg": loadavg()})
-    s, (accn, phn) = timed(lambda: vmapped(net, train, test, configs, devs))
+    s, (accn, phn) = timed(lambda: vmapped(net, train, test, configs, devs, vectorize=True))
     many.append({"wall_s": s, **phn, "loadavg": loadavg()})
     diffs.append(float(np.abs(acc1 - accn).max()))
   m1 = statistics.median(r["wall_s"] for r in one)
@@ -199,10 +205,13 @@ def main():
   parser.add_argument("--no_devices", action="store_true")
   parser.add_argument("--max_parallel", type=int, default=None)
   parser.add_argument("--no_share_first_task", action="store_true")
+  parser.add_argument("--vectorize", choices=("auto", "true", "false"), default="auto")
+  parser.add_argument("--out", default="sweep")
   parser.add_argument("--devices_child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   SWEEP_OPTIONS.update(max_parallel=args.max_parallel,
-                       share_first_task=not args.no_share_first_task)
+                       share_first_task=not args.no_share_first_task,
+                       vectorize={"auto": None, "true": True, "false": False}[args.vectorize])
   if args.devices_child:
     print(json.dumps(devices_child(args.repeats)))
     return
@@ -224,7 +233,7 @@ def main():
         f"{args.devices} XLA host devices forced on a {os.cpu_count()}-core CPU: they share the "
         "same cores, so this checks the sharded path's overhead, not a real multi-device speedup")
   payload["uptime_after"] = uptime()
-  common.write("sweep", payload)
+  common.write(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,11 @@ class SweepConfig:
   max_parallel: int | None = setting(
       None, "Train at most N configs at a time (padding to a multiple of the devices "
       "included); default: all at once.")
+  vectorize: bool | None = setting(
+      None, "vmap the configs (every operation batched: what an accelerator needs; each config "
+      "equals its single run to float tolerance) or, with --novectorize, map them (one after "
+      "another in one program, each the single run bit for bit; one device). Default: map on "
+      "one CPU device, vmap otherwise.")
   distributed: bool = setting(
       False, "Multi-host: call jax.distributed.initialize() first (one process per host, all "
       "with the same flags); the config axis is then sharded over every device of every host. "

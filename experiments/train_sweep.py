@@ -94,7 +94,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                                                   dynamic_p="p" in swept)
     result = sweep.run([configs[k] for k in members], net, train, test,
                        preprocess=preprocess, compile_fn=compile_fn,
-                       max_parallel=config.max_parallel,
+                       max_parallel=config.max_parallel, vectorize=config.vectorize,
                        progress=progress if exp.progress else None, chunk_progress=on_chunk,
                        checkpointer=saver, stop_requested=signals.requested)
     for j, k in enumerate(members):

@@ -46,7 +46,46 @@ def test_a_sweep_names_its_config_axis_in_the_layout():
   hyper = continual.hyper_of(CFG1)
   hyper = type(hyper)(*(np.full(3, v, np.float32) for v in hyper))
   _run(compiler, hyper=hyper, seeds=[0, 1, 2])
-  assert layouts == ["configs3"]
+  _run(compiler, hyper=hyper, seeds=[0, 1, 2], vectorize=False)
+  assert layouts == ["configs3", "mapped3"]
+
+
+def test_map_configs_is_vmap_on_the_unbatched_operations():
+  """map_configs takes vmap's in_axes (a prefix of the arguments: 0 mapped, None shared) and
+  stacks the outputs on axis 0; an axis other than 0 is refused."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  f = lambda tree, w: {"y": tree["x"] @ w + tree["b"], "n": jnp.sum(w)}  # noqa: E731
+  tree = {"x": jnp.arange(24.0).reshape(3, 2, 4), "b": jnp.arange(3.0)[:, None]}
+  w = jnp.ones((4, 5))
+  got = jax.jit(continual.map_configs(f, (0, None)))(tree, w)
+  want = jax.vmap(f, in_axes=(0, None))(tree, w)
+  assert jax.tree.map(np.shape, got) == jax.tree.map(np.shape, want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert continual.map_configs(f, (0, None)).__name__ == "<lambda>"
+  with pytest.raises(ValueError, match="axis 0 only"):
+    continual.map_configs(f, (1, None))(tree, w)
+
+
+def test_once_per_layout_compiles_each_layout_once_and_serves_the_names_asked():
+  calls = []
+
+  def compiler(p):
+    calls.append((p.layout, p.names))
+    return {name: f"{p.layout}:{name}" for name in p.names}
+
+  once = continual.once_per_layout(compiler)
+  lower = lambda suffix: {}  # noqa: E731  (never called by this compiler)
+  full = continual.Uncompiled(("chunk", "init", "order"), "mapped2", lower)
+  assert once(full) == {"chunk": "mapped2:chunk", "init": "mapped2:init",
+                        "order": "mapped2:order"}
+  assert once(full._replace(names=("chunk", "order"))) == {"chunk": "mapped2:chunk",
+                                                           "order": "mapped2:order"}
+  assert once(full._replace(layout="mapped1")) == {"chunk": "mapped1:chunk",
+                                                   "init": "mapped1:init",
+                                                   "order": "mapped1:order"}
+  once(full._replace(names=("chunk", "evaluate")))  # a name it lacks: compiled again
+  assert [c[0] for c in calls] == ["mapped2", "mapped1", "mapped2"]
 
 
 def test_a_compiler_that_leaves_a_program_out_is_refused():

@@ -39,18 +39,38 @@ def full_sweep():
   return sweep.run(CONFIGS, net(), *data())
 
 
-def test_each_config_equals_its_single_run(full_sweep):
+def test_each_config_equals_its_single_run_bit_for_bit(full_sweep):
+  """On one CPU device the configs are mapped (programs.map_configs): each config's matrix and
+  curves are its single run's, bit for bit (p is swept, so the single run reads p at run time
+  too: ``dynamic_p``; with p fixed at trace time, p = 2 takes the merged path, another sum)."""
+  assert not full_sweep.layout.vectorized
   assert full_sweep.acc_matrix.shape == (len(CONFIGS), T, T)
   assert full_sweep.swept == ("lam", "p", "lr", "seed")
   for k, cfg in enumerate(CONFIGS):
+    single = continual.run(cfg, net(), *data(), dynamic_p=True)
+    np.testing.assert_array_equal(full_sweep.acc_matrix[k], single.acc_matrix)
+    assert full_sweep.curves[k] == single.curves
+  assert full_sweep.acc_matrix[:, 0, 0].min() > 0.7  # they learn (a meaningful comparison)
+
+
+def test_vmapped_configs_equal_their_single_runs_to_float_tolerance():
+  vmapped = sweep.run(CONFIGS, net(), *data(), vectorize=True)
+  assert vmapped.layout.vectorized
+  for k, cfg in enumerate(CONFIGS):
     single = continual.run(cfg, net(), *data())
-    np.testing.assert_allclose(full_sweep.acc_matrix[k], single.acc_matrix, atol=1e-6)
-    for got, want in zip(full_sweep.curves[k], single.curves):
+    np.testing.assert_allclose(vmapped.acc_matrix[k], single.acc_matrix, atol=1e-6)
+    for got, want in zip(vmapped.curves[k], single.curves):
       for name in ("loss_cls", "loss_reg", "acc"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
-    assert full_sweep.summaries[k]["average_accuracy"] == pytest.approx(
+    assert vmapped.summaries[k]["average_accuracy"] == pytest.approx(
         float(np.mean(single.acc_matrix[-1])), abs=1e-6)
-  assert full_sweep.acc_matrix[:, 0, 0].min() > 0.7  # they learn (a meaningful comparison)
+
+
+def test_mapped_sweeps_refuse_several_devices():
+  import jax  # pylint: disable=import-outside-toplevel
+  from ewc_jax import errors  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.SettingError, match="`vectorize`=False is invalid: expected True or None on 2 devices"):
+    sweep.run(CONFIGS, net(), *data(), devices=[jax.devices()[0]] * 2, vectorize=False)
 
 
 class _Bars:
@@ -91,7 +111,7 @@ def test_shared_first_task_is_bit_identical_to_the_unshared_sweep(algo, values):
 def test_max_parallel_chunks_give_the_same_results(full_sweep):
   chunked = sweep.run(CONFIGS, net(), *data(), max_parallel=2)
   assert chunked.layout.num_chunks == 2 and chunked.layout.padding == 1
-  np.testing.assert_allclose(chunked.acc_matrix, full_sweep.acc_matrix, atol=1e-6)
+  np.testing.assert_array_equal(chunked.acc_matrix, full_sweep.acc_matrix)
   rows = sweep.table(chunked)
   assert [r["average_accuracy"] for r in rows] == sorted(
       (r["average_accuracy"] for r in rows), reverse=True)
@@ -199,9 +219,10 @@ def run_cli(*args, env=None):
 
 @pytest.mark.extended
 def test_cli_sweep_loads_the_programs_an_earlier_sweep_saved(tiny_mnist_dir, tmp_path):
-  """A sweep saves its compiled programs (one entry for its two chunks); a sweep over other λ
-  values (arguments of the programs) loads them (train_chunk is not traced again) and gives
-  the numbers of the same sweep with --nocompile_cache."""
+  """A sweep saves its compiled programs (one entry for its two chunks, one for the shared
+  first task's single representative: mapped configs, layouts mapped2 and mapped1); a sweep
+  over other λ values (arguments of the programs) loads them (train_chunk is not traced again)
+  and gives the numbers of the same sweep with --nocompile_cache."""
   env = {"EWC_JAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_LOG_COMPILES": "1"}
   common = ("--benchmark=split_mnist", "--algo=ewc", "--num_tasks=2", "--max_examples=200",
             "--epochs=1", "--hidden=29", "--max_parallel=2", "--noprogress",
@@ -213,8 +234,9 @@ def test_cli_sweep_loads_the_programs_an_earlier_sweep_saved(tiny_mnist_dir, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs.append(json.loads((tmp_path / str(i) / "results.json").read_text()))
     logs.append(proc.stderr)
-    assert len(list((tmp_path / "cache" / "executables").glob("*.executables"))) == 1
-  assert logs[0].count("Finished tracing train_chunk") == 1  # two chunks, one compile
+    assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "executables").glob(
+        "*.executables")) == ["mapped1.executables", "mapped2.executables"]
+  assert logs[0].count("Finished tracing train_chunk") == 2  # two chunks + the first task
   assert "Finished tracing train_chunk" not in logs[1]
   assert "Finished tracing train_chunk" in logs[2]
   assert [c["acc_matrix"] for c in recs[1]["configs"]] == [
@@ -252,40 +274,44 @@ def test_cli_bad_flag_one_line_exit_2_nothing_written(flag, needle, tmp_path):
 
 
 def test_sgd_sweep_over_lr_equals_its_single_runs():
-  """--optimizer=sgd: a vmapped sweep over lr (the lr lives in the optimizer state) gives each
-  single run, and a larger lr trains further on the first task (SGD is slow at 1e-3)."""
+  """--optimizer=sgd: a sweep over lr (the lr lives in the optimizer state) gives each single
+  run, and a larger lr trains further on the first task (SGD is slow at 1e-3)."""
   base = dataclasses.replace(BASE, optimizer="sgd", algo="finetune", epochs=1)
   configs = [dataclasses.replace(base, lr=lr) for lr in (1e-3, 0.3)]
   swept = sweep.run(configs, net(), *data())
   assert swept.swept == ("lr",)
   for k, cfg in enumerate(configs):
     single = continual.run(cfg, net(), *data())
-    np.testing.assert_allclose(swept.acc_matrix[k], single.acc_matrix, atol=1e-6)
-    np.testing.assert_allclose(swept.curves[k][0]["loss_cls"], single.curves[0]["loss_cls"],
-                               rtol=1e-4)
+    np.testing.assert_array_equal(swept.acc_matrix[k], single.acc_matrix)
+    assert swept.curves[k] == single.curves
   assert swept.curves[1][0]["loss_cls"][0] < swept.curves[0][0]["loss_cls"][0]
 
 
 @pytest.mark.extended
 def test_cnn_sweep_over_lam_and_seeds_equals_its_single_runs():
-  """--backbone=cnn: a vmapped sweep over λ × seeds gives each config's single run, with the
-  MLP's tolerances. Batched convolutions (a kernel per config) are other XLA kernels than
-  single ones, so every step differs in the last bits (~1e-7) and training can amplify that:
-  with raw [0, 1] pixels the CNN sits on a plateau then escapes it abruptly, and there the
-  trajectories drift apart (~1e-3 in the losses); centred inputs learn smoothly and stay equal."""
+  """--backbone=cnn: a sweep over λ × seeds gives each config's single run with the MLP's
+  tolerances, mapped (the default on one CPU) and vmapped. Batched convolutions (a kernel per
+  config) are other XLA kernels than single ones, so every vmapped step differs in the last
+  bits (~1e-7) and training can amplify that: with raw [0, 1] pixels the CNN sits on a plateau
+  then escapes it abruptly, and there the trajectories drift apart (~1e-3 in the losses);
+  centred inputs learn smoothly and stay equal. Mapped, the training steps are the single
+  run's bit for bit, but the Fisher's gradient through the second convolution is compiled to
+  another kernel inside the loop (the first layer's importance ~1e-9 apart)."""
   base = continual.Config(backbone="cnn", epochs=2, batch_size=16, chunk_steps=2,
                           fisher_batch_size=16)
   configs = sweep.grid(base, lam=[10.0, 100.0], seed=[0, 1])
   cnn = continual.make_network(base, [[0, 1]] * runs.T)
   train, test = runs.image_tasks(64, 0), runs.image_tasks(32, 1)
   centred = lambda x: x.astype(np.float32) / 255 - 0.5  # noqa: E731
-  swept = sweep.run(configs, cnn, train, test, preprocess=centred)
+  swept = sweep.run(configs, cnn, train, test, preprocess=centred, vectorize=True)
+  mapped = sweep.run(configs, cnn, train, test, preprocess=centred)
   assert swept.swept == ("lam", "seed")
   for k, cfg in enumerate(configs):
     single = continual.run(cfg, cnn, train, test, preprocess=centred)
-    np.testing.assert_allclose(swept.acc_matrix[k], single.acc_matrix, atol=1e-6)
-    for got, want in zip(swept.curves[k], single.curves):
-      for name in ("loss_cls", "loss_reg", "acc"):
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
+    for result in (mapped, swept):
+      np.testing.assert_allclose(result.acc_matrix[k], single.acc_matrix, atol=1e-6)
+      for got, want in zip(result.curves[k], single.curves):
+        for name in ("loss_cls", "loss_reg", "acc"):
+          np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
   assert swept.acc_matrix[:, 0, 0].min() > 0.9  # they learn (a meaningful comparison)
   assert swept.curves[2][1]["loss_reg"][-1] > swept.curves[0][1]["loss_reg"][-1] > 0

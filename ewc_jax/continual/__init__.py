@@ -33,7 +33,8 @@ from ewc_jax.continual.loop import run
 from ewc_jax.continual.network import make_network
 from ewc_jax.continual.programs import (DROPOUT_STREAM, Compiled, Compiler, ConsolidateInputs,
                                         Programs, Uncompiled, compile_lowered, compile_programs,
-                                        fresh_state, programs, seed_keys, sweep_jit)
+                                        fresh_state, map_configs, once_per_layout, programs,
+                                        seed_keys, sweep_jit)
 from ewc_jax.continual.state import Result, RunState, abstract_run_state, describe_position
 from ewc_jax.continual.task_data import TaskData
 
@@ -43,6 +44,6 @@ __all__ = [
     "SWEEPABLE", "TaskData", "Uncompiled", "abstract_run_state", "check_finite",
     "compile_lowered", "compile_programs",
     "describe_position", "divergence_record", "fresh_state", "hyper_of", "make_algorithm",
-    "make_network", "new_divergences", "program_arguments", "programs", "run", "seed_keys",
-    "sweep_jit",
+    "make_network", "map_configs", "new_divergences", "once_per_layout", "program_arguments",
+    "programs", "run", "seed_keys", "sweep_jit",
 ]

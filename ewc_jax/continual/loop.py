@@ -31,7 +31,7 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
         on_checkpoint: Callable[[RunState, str], None] | None = None,
         dynamic_p: bool = False, sharding: jax.sharding.NamedSharding | None = None,
         compile_fn: Compiler | None = None,
-        until_task: int | None = None) -> Result:
+        until_task: int | None = None, vectorize: bool = True) -> Result:
   """Trains tasks ``0..T-1`` in order; returns the accuracy matrix, curves and timings.
 
   Args:
@@ -47,8 +47,9 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
     progress: ``progress(task_index, total_steps, done_steps)`` may return a tqdm-like bar
       (``update(n)``, ``set_postfix(dict)``, ``close()``).
     hyper, seeds: a sweep: ``hyper`` fields with a leading axis of K configs and ``seeds`` of
-      length K. Every piece is then ``jax.vmap``-ed over that axis (same functions, data shared)
-      and results carry a leading K axis.
+      length K. Every piece is then ``jax.vmap``-ed over that axis (same functions, data shared;
+      ``vectorize=False``: mapped, :func:`ewc_jax.continual.programs.map_configs`, each config
+      bit-identical to its single run) and results carry a leading K axis.
     resume: continue from a :class:`RunState` (e.g. restored from a checkpoint).
       With ``cfg.validation_fraction > 0`` that fraction of each task's training data is held
       out (:func:`ewc_jax.continual.holdout.split`) and scored like the test sets
@@ -89,7 +90,8 @@ def run(cfg: Config, net: heads.Network, train: task_data.TaskData, test: task_d
   t0 = time.perf_counter()
   c = compile_programs(cfg, net, algo, train, test, key=k_init, hyper=hyper,
                        preprocess=preprocess, batched=batched, sharding=sharding,
-                       validation=validation, init=resume is None, compile_fn=compile_fn)
+                       validation=validation, init=resume is None, compile_fn=compile_fn,
+                       vectorize=vectorize)
   timings["compile"] = time.perf_counter() - t0
   if not batched:  # compiled: nothing is traced or compiled for them at run time
     k_init, k_order, k_fisher, k_dropout = c.keys(seed_uint32(cfg.seed))

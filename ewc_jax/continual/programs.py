@@ -164,13 +164,21 @@ def seed_keys(seed):
   return k_init, k_order, k_fisher, jax.random.fold_in(k_order, DROPOUT_STREAM)
 
 
-def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> Callable:
-  """``jit(f)``, ``jit(vmap(f, axes))`` when ``batched``; with a config ``sharding``
-  (a ``NamedSharding`` whose first spec entry names the config mesh axis) the vmapped arguments
-  (axis 0) and the outputs marked 0 in ``out`` (a prefix of the outputs) are sharded along the
-  config axis; the shared arguments (None) and outputs marked None are replicated on the mesh
-  (small results read back on the host: readable on every process of a multi-host mesh)."""
-  if batched:
+def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, *, vectorize: bool = True,
+              **kw) -> Callable:
+  """``jit(f)``; when ``batched``, ``jit(vmap(f, axes))`` (``vectorize``) or
+  ``jit(map_configs(f, axes))`` (configs one after another, each on the single run's own
+  operations: :func:`map_configs`). With a config ``sharding`` (a ``NamedSharding`` whose first
+  spec entry names the config mesh axis; ``vectorize`` only) the vmapped arguments (axis 0) and
+  the outputs marked 0 in ``out`` (a prefix of the outputs) are sharded along the config axis;
+  the shared arguments (None) and outputs marked None are replicated on the mesh (small results
+  read back on the host: readable on every process of a multi-host mesh)."""
+  if batched and not vectorize:
+    if sharding is not None:
+      raise ValueError("A config `sharding` needs `vectorize=True` (the mapped configs run one "
+                       "after another on one device).")
+    f = map_configs(f, axes)
+  elif batched:
     spmd = None if sharding is None else sharding.spec[0]
     f = jax.vmap(f, in_axes=axes, spmd_axis_name=spmd)
   if sharding is None:
@@ -184,14 +192,59 @@ def sweep_jit(f: Callable, axes, batched: bool, sharding=None, out=0, **kw) -> C
                  **kw)
 
 
+class _Mapped(NamedTuple):
+  """Where :func:`map_configs` puts the ``index``-th mapped argument back."""
+  index: int
+
+
+def map_configs(f: Callable, in_axes) -> Callable:
+  """``f`` over a leading config axis like ``jax.vmap(f, in_axes)`` (``in_axes``: 0 or None per
+  argument, a prefix of the arguments' trees; outputs stacked on axis 0), but as a
+  ``lax.map``: the configs run one after another, each through the very operations of the
+  unbatched ``f``. So each config's results equal ``f`` on that config alone bit for bit
+  (unless XLA compiles an operation inside the loop to another kernel: seen for the gradient
+  through a convolution, 1e-9 apart), which a vmapped program does not promise (a batched
+  matmul, reduction or convolution is another kernel and may round differently); on a CPU it
+  costs about what vmap does.
+
+  >>> import jax.numpy as jnp
+  >>> g = map_configs(lambda x, w: x @ w, (0, None))
+  >>> g(jnp.ones((3, 2, 4)), jnp.ones((4, 5))).shape
+  (3, 2, 5)
+  """
+  axes = in_axes if type(in_axes) is tuple else (in_axes,)  # a NamedTuple is one argument
+
+  def mapped(*args):
+    batched = []
+
+    def mark(axis, tree):
+      if axis is None:
+        return tree
+      if axis != 0:
+        raise ValueError(f"map_configs maps axis 0 only, not in_axes={axis!r}.")
+      batched.append(tree)
+      return _Mapped(len(batched) - 1)
+
+    marked = jax.tree.map(mark, axes, args, is_leaf=lambda a: a is None)
+
+    def one(xs):
+      return f(*jax.tree.map(lambda m: xs[m.index] if isinstance(m, _Mapped) else m, marked,
+                             is_leaf=lambda m: isinstance(m, _Mapped)))
+    return jax.lax.map(one, batched)
+  name = getattr(f, "__name__", None) or getattr(getattr(f, "func", None), "__name__", "f")
+  mapped.__name__ = mapped.__qualname__ = name  # the program's name, as under vmap
+  return mapped
+
+
 class Uncompiled(NamedTuple):
   """What :func:`compile_programs` hands its :class:`Compiler`.
 
   Attributes:
     names: the programs to return, by name (``"chunk"``, ``"evaluate"``, ...).
     layout: their shapes beyond what the configuration fixes: ``""`` for a single run on one
-      device, else ``configs<K>`` (a sweep's config axis) and ``<axis><size>`` per mesh axis,
-      joined by ``-`` (letters and digits only), e.g. ``configs8-config2-data1``.
+      device, else ``configs<K>`` (a sweep's vmapped config axis; ``mapped<K>``: mapped) and
+      ``<axis><size>`` per mesh axis, joined by ``-`` (letters and digits only), e.g.
+      ``configs8-config2-data1``.
     lower: ``lower(suffix)``: every program traced and lowered from abstract shapes (nothing
       runs); with a ``suffix`` each is named ``<function>_<suffix>``. The name is part of the
       lowered module, hence of the key of JAX's persistent compilation cache.
@@ -225,19 +278,45 @@ def default_compiler(programs_: Uncompiled) -> dict[str, Any]:
   return compile_lowered(programs_.lower(None))
 
 
+def once_per_layout(compile_fn: Compiler | None = None) -> Compiler:
+  """A :class:`Compiler` that hands each ``layout`` to ``compile_fn`` (default
+  :func:`default_compiler`) once and serves its programs to every later request of that layout
+  whose names it holds, without lowering them again.
+
+  For the chunks of one sweep (:func:`ewc_jax.continual.sweep.run`): their configs differ only
+  in what the programs take as arguments (:class:`ewc_jax.algorithms.Hyper`, the seeds' keys),
+  so chunks of one layout are the same programs; tracing and lowering them is most of a warm
+  start (about 0.5 s per chunk for the MLP on a CPU, against 0.1 s to load them compiled).
+  """
+  done: dict[str, Any] = {}
+
+  def compiler(programs_: Uncompiled) -> Mapping[str, Callable]:
+    have = done.get(programs_.layout)
+    if not isinstance(have, Mapping) or not set(programs_.names) <= set(have):
+      have = (compile_fn or default_compiler)(programs_)
+      if not isinstance(have, Mapping):
+        return have  # compile_programs names the bad hook
+      done[programs_.layout] = have
+    return {name: have[name] for name in programs_.names if name in have}
+  return compiler
+
+
 def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm,
                      train: task_data.TaskData, test: task_data.TaskData, *,
                      key: jax.Array | None, hyper: algorithms.Hyper, preprocess: Callable,
                      batched: bool, sharding=None, validation: task_data.TaskData | None = None,
-                     init: bool = True, compile_fn: Compiler | None = None) -> Compiled:
-  """Ahead-of-time compiles every piece once (``batched``: vmapped over a leading config axis).
+                     init: bool = True, compile_fn: Compiler | None = None,
+                     vectorize: bool = True) -> Compiled:
+  """Ahead-of-time compiles every piece once (``batched``: over a leading config axis, vmapped
+  when ``vectorize``, else mapped: :func:`map_configs`).
 
   Every piece is lowered from abstract shapes (nothing runs), then ``compile_fn`` (a
   :class:`Compiler`; default :func:`default_compiler`) turns them into executables.
   ``init=False`` (a resumed run) lowers the init programs (parameters, empty memory) for their
   shapes but does not compile them.
 
-  The sweep path is literally ``jax.vmap`` of the single-run functions, data shared;
+  The sweep path is literally ``jax.vmap`` (or :func:`map_configs`) of the single-run
+  functions, data shared;
   ``sharding`` places the config axis on a device mesh (see :func:`sweep_jit`).
 
   ``key``: the init key (its shape and type; ``None``: a single run's, whose keys then come
@@ -252,7 +331,7 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
 
   def lower(suffix: str | None) -> dict[str, Any]:
     progs = programs(cfg, net, algo, train, preprocess)
-    jit = functools.partial(sweep_jit, batched=batched, sharding=sharding)
+    jit = functools.partial(sweep_jit, batched=batched, sharding=sharding, vectorize=vectorize)
     if suffix is not None:
       jit = _named(jit, suffix)
     lowered = _lower_all(jit, progs, names, key=key, hyper=hyper,
@@ -260,7 +339,7 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
     return {name: lowered[name] for name in names}  # without init: its shapes only
 
   compiled = (compile_fn or default_compiler)(
-      Uncompiled(tuple(names), _layout(hyper, batched, sharding), lower))
+      Uncompiled(tuple(names), _layout(hyper, batched, sharding, vectorize), lower))
   if not isinstance(compiled, Mapping):
     raise TypeError(f"`compile_fn` must return a mapping from program names to executables, "
                     f"but returned {type(compiled).__name__}.")
@@ -271,8 +350,9 @@ def compile_programs(cfg: Config, net: heads.Network, algo: algorithms.Algorithm
   return _compiled(compiled, _steps_per_epoch(cfg, train))
 
 
-def _layout(hyper: algorithms.Hyper, batched: bool, sharding) -> str:
-  parts = [f"configs{int(np.shape(hyper.lam)[0])}"] if batched else []
+def _layout(hyper: algorithms.Hyper, batched: bool, sharding, vectorize: bool) -> str:
+  kind = "configs" if vectorize else "mapped"
+  parts = [f"{kind}{int(np.shape(hyper.lam)[0])}"] if batched else []
   if sharding is not None:
     parts += [re.sub(r"[^A-Za-z0-9]", "", str(name)) + str(size)
               for name, size in sharding.mesh.shape.items()]

@@ -8,19 +8,26 @@ r"""Hyperparameter sweeps: many continual-learning runs trained at once, as one 
     result.acc_matrix                                  # [12, T, T]
     sweep.table(result)                                # rows sorted by average accuracy
 
-Every config of a sweep gives the accuracy matrix of :func:`ewc_jax.continual.run` with that
-config alone (to float tolerance): the sweep is ``continual.run``'s batched path, i.e.
-``jax.vmap`` of the very functions of a single run over a leading config axis (K), the task data
-shared. What may differ between the configs: ``lam``, ``p``, ``gamma``, ``lr`` (numbers in
+The sweep is ``continual.run``'s batched path: the very functions of a single run over a
+leading config axis (K), the task data shared, either mapped (``vectorize=False``, the default
+on one CPU device: :func:`ewc_jax.continual.programs.map_configs`, a ``lax.map`` running the
+configs one after another inside one program, each through the unbatched operations: every
+config's accuracy matrix and curves equal its single run's **bit for bit** with the MLP
+backbones (tested); XLA may still compile an operation inside the loop to another kernel, seen
+for the gradient through a convolution in the CNN's Fisher, 1e-9 apart) or vmapped
+(``vectorize=True``, the default elsewhere: every operation batched over the configs, which an
+accelerator needs; a batched matmul, reduction or convolution is another kernel than the
+single run's and may round differently in the last bits, which training can amplify, so a
+config's result is then close to, not equal to, its single run). On a CPU the two cost about
+the same (each config's work is done either way; measured in ``benchmarks/sweep.py``).
+What may differ between the configs: ``lam``, ``p``, ``gamma``, ``lr`` (numbers in
 :class:`ewc_jax.algorithms.Hyper`) and ``seed`` (initialisation, shuffling, sampled labels).
 Everything else (algorithm, Fisher kind, epochs, batch size, network) shapes the program and is
-shared. When p is swept the algorithm reads p from ``Hyper`` at run time instead of fixing it at
-trace time (``continual.run(..., dynamic_p=True)``; p = 2 then costs both penalty branches).
-The backbone's model state (BatchNorm's running statistics) has the config axis like the
-parameters. Convolutional backbones: a convolution with one kernel per config is another XLA
-kernel than a single one (a grouped convolution), equal to the last bits only (~1e-7 relative),
-and training can amplify such differences (e.g. a CNN escaping a loss plateau within a few Adam
-steps): a config's result is then close to, not equal to, its single run.
+shared, so every chunk of a sweep runs the same programs, traced and compiled once
+(:func:`ewc_jax.continual.programs.once_per_layout`). When p is swept the algorithm reads p
+from ``Hyper`` at run time instead of fixing it at trace time (``continual.run(...,
+dynamic_p=True)``; p = 2 then costs both penalty branches). The backbone's model state
+(BatchNorm's running statistics) has the config axis like the parameters.
 
 Memory: ``max_parallel`` caps the configs trained together; larger sweeps run as several
 sweeps in sequence (chunks of equal size, so one compiled program serves them all).
@@ -30,14 +37,13 @@ Shared first task: configs that differ only in what the penalty reads
 algorithm says so (``Algorithm.penalty_free_first_task``: the penalty of the empty memory is
 exactly zero, every registered algorithm). :func:`run` groups them (:func:`prefix_groups`:
 same seed and learning rate), trains, evaluates and consolidates the first task of one
-representative per group, packed into chunks of the sweep's own size (the same compiled
-programs: a program over another number of configs may round differently, e.g. XLA:CPU
-reduces [3, 32, 32] and [4, 32, 32] with different kernels), then hands every chunk the state
-of its configs' representatives (``continual.run(..., resume=...)``) and goes on from task 2.
-So the first task is trained in ceil(groups / chunk size) chunks instead of one per chunk, and
-every config's results are bit-identical to the unshared sweep (``share_first_task=False``).
-This saves work only when the sweep has several chunks (``max_parallel``); not yet across
-processes.
+representative per group, then hands every chunk the state of its configs' representatives
+(``continual.run(..., resume=...)``) and goes on from task 2; every config's results are
+bit-identical to the unshared sweep (``share_first_task=False``). Mapped, the representatives
+run as one chunk of their own; vmapped, in chunks of the sweep's own size (the same compiled
+programs: a vmapped program over another number of configs may round differently, e.g. XLA:CPU
+reduces [3, 32, 32] and [4, 32, 32] with different kernels), which saves work only when the
+sweep has several chunks (``max_parallel``). Not across processes.
 
 Devices: with several devices (``devices``, default ``jax.devices()``) the config axis is
 sharded over a 2-D device mesh ``('config', 'data')``:
@@ -75,7 +81,7 @@ from ewc_jax import errors
 from ewc_jax import heads
 from ewc_jax import interrupt
 from ewc_jax.continual import metrics as metrics_lib
-from ewc_jax.continual.programs import Compiler
+from ewc_jax.continual.programs import Compiler, once_per_layout
 from ewc_jax.continual import step as step_lib
 from ewc_jax.continual import task_data
 from ewc_jax.continual.sweep_table import format_table, table
@@ -127,13 +133,15 @@ class Layout(NamedTuple):
   config_parallel: int      # devices along the mesh's 'config' axis
   data_parallel: int        # devices along the mesh's 'data' axis (splitting each batch)
   num_devices: int
+  vectorized: bool = True   # jax.vmap over the configs (else lax.map: programs.map_configs)
 
   @property
   def padding(self) -> int:
     return self.num_chunks * self.chunk_size - self.num_configs
 
 
-def plan(num_configs: int, num_devices: int = 1, max_parallel: int | None = None) -> Layout:
+def plan(num_configs: int, num_devices: int = 1, max_parallel: int | None = None,
+         vectorize: bool = True) -> Layout:
   """Chunks and mesh shape of a sweep (see the module docstring)."""
   if num_configs < 1:
     raise ValueError("A sweep needs at least one config.")
@@ -146,7 +154,7 @@ def plan(num_configs: int, num_devices: int = 1, max_parallel: int | None = None
   num_chunks = -(-num_configs // per_chunk)
   size = -(-num_configs // num_chunks)           # balanced chunks ...
   size = -(-size // c) * c                       # ... padded to a multiple of c
-  return Layout(num_configs, num_chunks, size, c, num_devices // c, num_devices)
+  return Layout(num_configs, num_chunks, size, c, num_devices // c, num_devices, vectorize)
 
 
 def make_mesh(layout: Layout, devices: Sequence[jax.Device]) -> Mesh:
@@ -207,8 +215,14 @@ class _Setup(NamedTuple):
 
 
 def _setup(configs: tuple, devices: list, max_parallel: int | None, preprocess: Callable,
-           dynamic_p: bool, compile_fn: Compiler | None) -> _Setup:
-  layout = plan(len(configs), len(devices), max_parallel)
+           dynamic_p: bool, compile_fn: Compiler | None, vectorize: bool | None) -> _Setup:
+  if vectorize is None:  # mapped on one CPU: the same speed there, each config its single run
+    vectorize = len(devices) > 1 or devices[0].platform != "cpu"
+  if not vectorize and len(devices) > 1:
+    raise errors.SettingError.invalid(
+        "vectorize", vectorize, f"True or None on {len(devices)} devices (False maps the "
+        "configs one after another on one device: give the sweep one device)")
+  layout = plan(len(configs), len(devices), max_parallel, vectorize)
   sharding = None
   if layout.num_devices > 1:
     mesh = make_mesh(layout, devices)
@@ -218,7 +232,7 @@ def _setup(configs: tuple, devices: list, max_parallel: int | None, preprocess: 
   chunks = [range(i * layout.chunk_size, (i + 1) * layout.chunk_size)
             for i in range(layout.num_chunks)]
   return _Setup(layout, sharding, preprocess, configs + (configs[-1],) * layout.padding, chunks,
-                compile_fn)
+                once_per_layout(compile_fn))
 
 
 def _hyper(part: Sequence[continual.Config]) -> algorithms.Hyper:
@@ -243,8 +257,9 @@ class _FirstTask(NamedTuple):
 
 
 def _first_task_chunks(num_groups: int, layout: Layout) -> int:
-  """The chunks (of the sweep's size) that hold one representative per group."""
-  return -(-num_groups // layout.chunk_size)
+  """The chunks that hold one representative per group: of the sweep's size when vmapped, one
+  chunk of them all when mapped (a mapped config's bits do not depend on its chunk)."""
+  return -(-num_groups // layout.chunk_size) if layout.vectorized else 1
 
 
 def _restore(ckpt, part: Sequence[continual.Config], net, train, setup: _Setup, *,
@@ -268,7 +283,10 @@ def _on_checkpoint(ckpt, stop_requested) -> Callable | None:
 
 
 def _first_task_parts(setup: _Setup, representatives: tuple) -> list[tuple]:
-  """The representatives in chunks of the sweep's size, the last padded with copies."""
+  """The representatives in chunks of the sweep's size, the last padded with copies (vmapped);
+  all in one chunk (mapped)."""
+  if not setup.layout.vectorized:
+    return [representatives]
   size = setup.layout.chunk_size
   num_chunks = _first_task_chunks(len(representatives), setup.layout)
   padded = representatives + (representatives[-1],) * (num_chunks * size - len(representatives))
@@ -299,7 +317,8 @@ def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, *
                              seeds=[c.seed for c in part], dynamic_p=dynamic_p,
                              sharding=setup.sharding, resume=resume,
                              on_checkpoint=_on_checkpoint(ckpt, stop_requested),
-                             compile_fn=setup.compile_fn, until_task=1)
+                             compile_fn=setup.compile_fn, until_task=1,
+                             vectorize=setup.layout.vectorized)
     states.append(result.state)
     size = setup.layout.chunk_size
     diverged.update({j * size + k: rec for k, rec in (result.diverged or {}).items()})
@@ -336,12 +355,15 @@ def _fan_out(first: _FirstTask, groups: Sequence[int], sharding) -> continual.Ru
 def _shares_first_task(configs: tuple, groups: list[int], layout: Layout, train,
                        dynamic_p: bool) -> bool:
   """Whether :func:`run` trains the first task once per group: the algorithm's first task is
-  penalty-free, there is a later task, one representative per group fills fewer chunks than
-  the sweep has, and the sweep runs in one process (the state is fanned out through this
+  penalty-free, there is a later task, one representative per group takes less work than the
+  sweep's configs (vmapped: fills fewer chunks than the sweep has; mapped: there are fewer
+  groups than configs), and the sweep runs in one process (the state is fanned out through this
   host)."""
+  num_groups = max(groups) + 1
+  saves = (_first_task_chunks(num_groups, layout) < layout.num_chunks if layout.vectorized
+           else num_groups < layout.num_chunks * layout.chunk_size)
   return (continual.make_algorithm(configs[0], dynamic_p).penalty_free_first_task
-          and int(train.inputs.shape[0]) >= 2 and jax.process_count() == 1
-          and _first_task_chunks(max(groups) + 1, layout) < layout.num_chunks)
+          and int(train.inputs.shape[0]) >= 2 and jax.process_count() == 1 and saves)
 
 
 def run(configs: Sequence[continual.Config], net: heads.Network, train: task_data.TaskData,
@@ -353,7 +375,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
         checkpointer: "checkpoint_lib.SweepCheckpointer | None" = None,
         compile_fn: Compiler | None = None,
         stop_requested: interrupt.StopRequested | None = None,
-        share_first_task: bool = True) -> SweepResult:
+        share_first_task: bool = True, vectorize: bool | None = None) -> SweepResult:
   """Trains every config on the same task sequence; see the module docstring.
 
   Args:
@@ -368,10 +390,10 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       state is saved after each task (and every ``every`` steps), and restored from when the
       folder holds it (resume: bit-identical). Every chunk's checkpoint is checked to come from
       this sweep (configs, layout) before anything is trained.
-    compile_fn: as for ``continual.run`` (every chunk's programs go through it; their
-      :class:`~ewc_jax.continual.programs.Uncompiled` ``layout`` names the configs per chunk and
-      the mesh). The command lines pass a store keyed by the shared settings, so every chunk
-      loads the programs the first one compiled.
+    compile_fn: as for ``continual.run``; the chunks' programs go through it once per layout
+      (:func:`ewc_jax.continual.programs.once_per_layout`: the chunks of a sweep share their
+      programs; the :class:`~ewc_jax.continual.programs.Uncompiled` ``layout`` names the configs
+      per chunk and the mesh). The command lines pass a store keyed by the shared settings.
     stop_requested: without a ``checkpointer``, ``stop_requested()`` naming a signal ends the
       sweep at the next chunk boundary (:func:`ewc_jax.interrupt.stop_hook`; the checkpointer's
       own ``stop_requested`` saves first).
@@ -379,13 +401,18 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
       algorithm allows it and the representatives fill fewer chunks than the sweep has (with a
       ``checkpointer``, saved under ``first_task_<i>``); ``False``: every config trains it
       (the same bits, more work).
+    vectorize: ``True``: ``jax.vmap`` over the configs (each op batched: what an accelerator
+      needs; each config equals its single run to float tolerance); ``False``: ``lax.map``
+      (:func:`ewc_jax.continual.programs.map_configs`: one config after another, each
+      bit-identical to its single run; one device only); ``None`` (default): ``False`` on a
+      single CPU device, where both cost about the same, else ``True``.
   """
   configs = tuple(configs)
   validate(configs)
   swept = swept_names(configs)
   devices = list(jax.devices() if devices is None else devices)
   dynamic_p = "p" in swept
-  setup = _setup(configs, devices, max_parallel, preprocess, dynamic_p, compile_fn)
+  setup = _setup(configs, devices, max_parallel, preprocess, dynamic_p, compile_fn, vectorize)
   layout, sharding, padded, chunks = setup.layout, setup.sharding, setup.padded, setup.chunks
   groups = prefix_groups(padded)
   first_task = None  # trained when a chunk needs it (none: every chunk restored)
@@ -429,7 +456,7 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
                              progress=progress, hyper=hyper, seeds=[c.seed for c in part],
                              dynamic_p=dynamic_p, sharding=sharding, resume=resume,
                              on_checkpoint=_on_checkpoint(ckpt, stop_requested),
-                             compile_fn=setup.compile_fn)
+                             compile_fn=setup.compile_fn, vectorize=layout.vectorized)
     mats.append(np.array(result.acc_matrix))
     if result.val_acc_matrix is not None:
       val_mats.append(np.array(result.val_acc_matrix))
