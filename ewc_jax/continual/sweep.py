@@ -214,8 +214,8 @@ class _Setup(NamedTuple):
   compile_fn: Compiler | None
 
 
-def _setup(configs: tuple, devices: list, max_parallel: int | None, preprocess: Callable,
-           dynamic_p: bool, compile_fn: Compiler | None, vectorize: bool | None) -> _Setup:
+def _setup(configs: tuple, devices: list, max_parallel: int | None, preprocess: Callable, *,
+           compile_fn: Compiler | None, vectorize: bool | None) -> _Setup:
   if vectorize is None:  # mapped on one CPU: the same speed there, each config its single run
     vectorize = len(devices) > 1 or devices[0].platform != "cpu"
   if not vectorize and len(devices) > 1:
@@ -412,7 +412,8 @@ def run(configs: Sequence[continual.Config], net: heads.Network, train: task_dat
   swept = swept_names(configs)
   devices = list(jax.devices() if devices is None else devices)
   dynamic_p = "p" in swept
-  setup = _setup(configs, devices, max_parallel, preprocess, dynamic_p, compile_fn, vectorize)
+  setup = _setup(configs, devices, max_parallel, preprocess, compile_fn=compile_fn,
+                 vectorize=vectorize)
   layout, sharding, padded, chunks = setup.layout, setup.sharding, setup.padded, setup.chunks
   groups = prefix_groups(padded)
   first_task = None  # trained when a chunk needs it (none: every chunk restored)
