@@ -13,7 +13,7 @@ leading config axis (K), the task data shared, either mapped (``vectorize=False`
 on one CPU device: :func:`ewc_jax.continual.programs.map_configs`, a ``lax.map`` running the
 configs one after another inside one program, each through the unbatched operations: every
 config's accuracy matrix and curves equal its single run's **bit for bit** with the MLP
-backbones (tested); XLA may still compile an operation inside the loop to another kernel, seen
+backbones (tested; when p is swept, the single run with ``dynamic_p=True``); XLA may still compile an operation inside the loop to another kernel, seen
 for the gradient through a convolution in the CNN's Fisher, 1e-9 apart) or vmapped
 (``vectorize=True``, the default elsewhere: every operation batched over the configs, which an
 accelerator needs; a batched matmul, reduction or convolution is another kernel than the
