@@ -87,7 +87,9 @@ class _Bars:
 
 @pytest.mark.parametrize("algo,values", [
     ("ewc", {"lam": [10.0, 100.0, 1000.0], "seed": [0, 1]}),          # 2 groups, 3 chunks
-    ("online_ewc", {"gamma": [0.5, 1.0], "p": [1.5, 2.0]})])           # 1 group, dynamic p
+    # 1 group, dynamic p (extended: a sweep over p is also the bit-for-bit test above)
+    pytest.param("online_ewc", {"gamma": [0.5, 1.0], "p": [1.5, 2.0]},
+                 marks=pytest.mark.extended)])
 def test_shared_first_task_is_bit_identical_to_the_unshared_sweep(algo, values):
   """The first task trained once per group (configs differing only in λ, p, γ), with the
   sweep's own programs, then fanned out: every matrix and curve equals the unshared sweep's
