@@ -93,8 +93,9 @@ def sequential(net, train, test, configs):
 SWEEP_OPTIONS: dict = {}  # sweep.run's max_parallel and share_first_task (from the flags)
 
 
-def vmapped(net, train, test, configs, devices=None, **options):
-  """The sweep (vmapped or mapped: SWEEP_OPTIONS, then ``options``)."""
+def swept(net, train, test, configs, devices=None, **options):
+  """The sweep (vmapped or mapped: SWEEP_OPTIONS, then ``options``); the JSON keeps its
+  ``vmapped_*`` keys for either."""
   from ewc_jax.continual import sweep  # pylint: disable=import-outside-toplevel
   r = sweep.run(configs, net, train, test, devices=devices, **{**SWEEP_OPTIONS, **options})
   return r.acc_matrix, {**{k: v for k, v in r.timings.items() if k != "total"},
@@ -117,12 +118,12 @@ def same_process(repeats: int) -> dict:
   net, train, test, configs = setup()
   k = len(configs)
   warm_seq_s, _ = timed(lambda: sequential(net, train, test, configs[:1]))
-  warm_vmap_s, _ = timed(lambda: vmapped(net, train, test, configs))
+  warm_vmap_s, _ = timed(lambda: swept(net, train, test, configs))
   seq, vm, diffs, identical = [], [], [], []
   for _ in range(repeats):
     s, (acc_s, ph_s) = timed(lambda: sequential(net, train, test, configs))
     seq.append({"wall_s": s, **ph_s, "loadavg": loadavg()})
-    v, (acc_v, ph_v) = timed(lambda: vmapped(net, train, test, configs))
+    v, (acc_v, ph_v) = timed(lambda: swept(net, train, test, configs))
     vm.append({"wall_s": v, **ph_v, "loadavg": loadavg()})
     diffs.append(float(np.abs(acc_s - acc_v).max()))
     identical.append(bool(np.array_equal(acc_s, acc_v)))
@@ -182,13 +183,13 @@ def devices_child(repeats: int) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   net, train, test, configs = setup()
   devs = jax.devices()
-  vmapped(net, train, test, configs, devs[:1], vectorize=True)  # warm-ups (compile cache)
-  vmapped(net, train, test, configs, devs, vectorize=True)
+  swept(net, train, test, configs, devs[:1], vectorize=True)  # warm-ups (compile cache)
+  swept(net, train, test, configs, devs, vectorize=True)
   one, many, diffs = [], [], []
   for _ in range(repeats):
-    s, (acc1, ph1) = timed(lambda: vmapped(net, train, test, configs, devs[:1], vectorize=True))
+    s, (acc1, ph1) = timed(lambda: swept(net, train, test, configs, devs[:1], vectorize=True))
     one.append({"wall_s": s, **ph1, "loadavg": loadavg()})
-    s, (accn, phn) = timed(lambda: vmapped(net, train, test, configs, devs, vectorize=True))
+    s, (accn, phn) = timed(lambda: swept(net, train, test, configs, devs, vectorize=True))
     many.append({"wall_s": s, **phn, "loadavg": loadavg()})
     diffs.append(float(np.abs(acc1 - accn).max()))
   m1 = statistics.median(r["wall_s"] for r in one)

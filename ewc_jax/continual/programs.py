@@ -292,7 +292,7 @@ def once_per_layout(compile_fn: Compiler | None = None) -> Compiler:
 
   def compiler(programs_: Uncompiled) -> Mapping[str, Callable]:
     have = done.get(programs_.layout)
-    if not isinstance(have, Mapping) or not set(programs_.names) <= set(have):
+    if have is None or not set(programs_.names) <= set(have):
       have = (compile_fn or default_compiler)(programs_)
       if not isinstance(have, Mapping):
         return have  # compile_programs names the bad hook

@@ -13,8 +13,9 @@ leading config axis (K), the task data shared, either mapped (``vectorize=False`
 on one CPU device: :func:`ewc_jax.continual.programs.map_configs`, a ``lax.map`` running the
 configs one after another inside one program, each through the unbatched operations: every
 config's accuracy matrix and curves equal its single run's **bit for bit** with the MLP
-backbones (tested; when p is swept, the single run with ``dynamic_p=True``); XLA may still compile an operation inside the loop to another kernel, seen
-for the gradient through a convolution in the CNN's Fisher, 1e-9 apart) or vmapped
+backbones (tested; when p is swept, the single run with ``dynamic_p=True``); XLA may still
+compile an operation inside the loop to another kernel, seen for the gradient through a
+convolution in the CNN's Fisher, 1e-9 apart) or vmapped
 (``vectorize=True``, the default elsewhere: every operation batched over the configs, which an
 accelerator needs; a batched matmul, reduction or convolution is another kernel than the
 single run's and may round differently in the last bits, which training can amplify, so a
@@ -256,10 +257,17 @@ class _FirstTask(NamedTuple):
   timings: dict
 
 
+def _first_task_chunk_size(num_groups: int, layout: Layout) -> int:
+  """Configs per chunk of the shared first task: the sweep's own chunk size when vmapped (a
+  vmapped program over another number of configs may round differently), all the groups' one
+  representative each in one chunk when mapped (a mapped config's bits do not depend on its
+  chunk)."""
+  return layout.chunk_size if layout.vectorized else num_groups
+
+
 def _first_task_chunks(num_groups: int, layout: Layout) -> int:
-  """The chunks that hold one representative per group: of the sweep's size when vmapped, one
-  chunk of them all when mapped (a mapped config's bits do not depend on its chunk)."""
-  return -(-num_groups // layout.chunk_size) if layout.vectorized else 1
+  """The chunks that hold one representative per group."""
+  return -(-num_groups // _first_task_chunk_size(num_groups, layout))
 
 
 def _restore(ckpt, part: Sequence[continual.Config], net, train, setup: _Setup, *,
@@ -283,11 +291,9 @@ def _on_checkpoint(ckpt, stop_requested) -> Callable | None:
 
 
 def _first_task_parts(setup: _Setup, representatives: tuple) -> list[tuple]:
-  """The representatives in chunks of the sweep's size, the last padded with copies (vmapped);
-  all in one chunk (mapped)."""
-  if not setup.layout.vectorized:
-    return [representatives]
-  size = setup.layout.chunk_size
+  """The representatives in chunks of :func:`_first_task_chunk_size`, the last padded with
+  copies."""
+  size = _first_task_chunk_size(len(representatives), setup.layout)
   num_chunks = _first_task_chunks(len(representatives), setup.layout)
   padded = representatives + (representatives[-1],) * (num_chunks * size - len(representatives))
   return [padded[i:i + size] for i in range(0, len(padded), size)]
@@ -320,7 +326,7 @@ def _train_first_task(setup: _Setup, representatives: tuple, net, train, test, *
                              compile_fn=setup.compile_fn, until_task=1,
                              vectorize=setup.layout.vectorized)
     states.append(result.state)
-    size = setup.layout.chunk_size
+    size = len(parts[0])
     diverged.update({j * size + k: rec for k, rec in (result.diverged or {}).items()})
     _add_timings(timings, result.timings)
   cat = lambda *xs: np.concatenate(xs)  # noqa: E731
@@ -356,12 +362,12 @@ def _shares_first_task(configs: tuple, groups: list[int], layout: Layout, train,
                        dynamic_p: bool) -> bool:
   """Whether :func:`run` trains the first task once per group: the algorithm's first task is
   penalty-free, there is a later task, one representative per group takes less work than the
-  sweep's configs (vmapped: fills fewer chunks than the sweep has; mapped: there are fewer
-  groups than configs), and the sweep runs in one process (the state is fanned out through this
-  host)."""
+  sweep's configs (its chunks hold fewer configs than the sweep's: vmapped, fewer chunks;
+  mapped, fewer groups than configs), and the sweep runs in one process (the state is fanned
+  out through this host)."""
   num_groups = max(groups) + 1
-  saves = (_first_task_chunks(num_groups, layout) < layout.num_chunks if layout.vectorized
-           else num_groups < layout.num_chunks * layout.chunk_size)
+  saves = (_first_task_chunks(num_groups, layout) * _first_task_chunk_size(num_groups, layout)
+           < layout.num_chunks * layout.chunk_size)
   return (continual.make_algorithm(configs[0], dynamic_p).penalty_free_first_task
           and int(train.inputs.shape[0]) >= 2 and jax.process_count() == 1 and saves)
 
