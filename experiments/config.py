@@ -69,6 +69,10 @@ class ExperimentConfig:
       False, "Permuted benchmarks: permute task 1 too, so every task is permuted (van de Ven & "
       "Tolias 2019's runs: their code leaves task 1 unpermuted only for seed 0, and their "
       "compare scripts start at seed 1); default: task 1 is the identity.")
+  shuffle_classes: bool = setting(
+      False, "Split benchmarks: assign the classes to tasks in a random order drawn from the "
+      "seed (van de Ven's code shuffles the digits before pairing them, for every seed but 0, "
+      "so each seed has its own pairs); default: consecutive classes, {0,1}, {2,3}, ...")
   seeds: tuple[int, ...] = setting(
       (), "Several seeds (e.g. 0,1,2): one run each, mean ± std (default: the one seed).")
   input_norm: str | None = setting(
@@ -148,10 +152,16 @@ class ExperimentConfig:
   @property
   def build_options(self) -> dict:
     """The benchmark builder's extra keyword arguments (permuted benchmarks: ``pad``,
-    ``permute_first``; none for split benchmarks)."""
+    ``permute_first``; split benchmarks: ``shuffle_classes``)."""
     if self.bench.split:
-      return {}
+      return {"shuffle_classes": bool(self.shuffle_classes)}
     return {"pad": self.pad, "permute_first": bool(self.permute_first)}
+
+  @property
+  def data_follows_seed(self) -> bool:
+    """Whether the tasks' data depend on the seed (Permuted MNIST's permutations, or shuffled
+    class pairs), so a sweep trains each seed on its own data."""
+    return self.bench.data_follows_seed or (self.bench.split and bool(self.shuffle_classes))
 
   @property
   def seed_list(self) -> tuple[int, ...]:
@@ -178,6 +188,9 @@ class ExperimentConfig:
       name, value = ("pad", self.pad) if self.pad else ("permute_first", self.permute_first)
       _invalid(name, value, f"{'0' if name == 'pad' else 'false'} for {bench.name} (pixels are "
                "padded and permuted only by permuted benchmarks)")
+    if not bench.split and self.shuffle_classes:
+      _invalid("shuffle_classes", self.shuffle_classes,
+               f"false for {bench.name} (every task holds every class)")
     if self.max_examples is not None and (not _is_int(self.max_examples)
                                           or self.max_examples < 1):
       _invalid("max_examples", self.max_examples, "an integer >= 1")

@@ -4,7 +4,8 @@ One registry (as big_vision dispatches by name from its config): the command lin
 and the reproduction all look a benchmark up here.
 
 * ``split_mnist``: the classes of a dataset (default MNIST) in consecutive groups of
-  ``classes_per_task`` (default 2): {0,1}, {2,3}, ...
+  ``classes_per_task`` (default 2): {0,1}, {2,3}, ...; with ``shuffle_classes``, groups of a
+  random order of the classes drawn from the seed (van de Ven's Split MNIST).
 * ``split_cifar``: the same on CIFAR (default CIFAR-10: 5 tasks × 2 classes; CIFAR-100: 10 × 10,
   or 20 × 5 with ``classes_per_task=5``), inputs normalised per channel.
 * ``permuted_mnist``: every task is the whole dataset under its own fixed permutation of the
@@ -98,12 +99,29 @@ class Benchmark(NamedTuple):
     return (most if self.default_tasks is None else min(self.default_tasks, most)), most
 
 
+def class_order(num_classes: int, seed: int, shuffle: bool) -> list[int]:
+  """The classes in the order they are grouped into tasks: ``0..num_classes-1``, or a
+  permutation drawn from ``seed`` (its own key, folded from the seed, so the order does not move
+  with any other random choice of the run).
+
+    >>> class_order(4, 0, False)
+    [0, 1, 2, 3]
+    >>> sorted(class_order(10, 3, True)) == list(range(10))
+    True
+  """
+  if not shuffle:
+    return list(range(num_classes))
+  key = jax.random.fold_in(jax.random.key(seed), 0xC1A55)
+  return [int(c) for c in jax.random.permutation(key, num_classes)]
+
+
 def _split(ds, scenario: str, num_tasks: int, max_examples: int | None, seed: int,
-           classes_per_task: int | None = None, *, bench_name: str = "split_mnist"):
-  del seed  # the classes of each task are fixed
+           classes_per_task: int | None = None, *, bench_name: str = "split_mnist",
+           shuffle_classes: bool = False):
   num_classes = ds.num_classes
   per = BENCHMARKS[bench_name].classes_per_task_for(num_classes, classes_per_task)
-  groups = [tuple(range(per * t, per * (t + 1))) for t in range(num_tasks)]
+  order = class_order(num_classes, seed, shuffle_classes)
+  groups = [tuple(order[per * t:per * (t + 1)]) for t in range(num_tasks)]
   return protocols.split(ds, scenario, num_tasks, max_examples, groups)
 
 

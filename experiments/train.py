@@ -182,6 +182,8 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
              "acc_matrix": [[float(v) for v in row] for row in result.acc_matrix],
              **metrics.summarize(result.acc_matrix), "curves": result.curves,
              "timings": timings}
+    if config.shuffle_classes:  # each seed has its own class groups
+      entry["class_groups"] = [list(map(int, g)) for g in built.class_groups]
     if result.val_acc_matrix is not None:
       entry["val_acc_matrix"] = np.asarray(result.val_acc_matrix).tolist()
       entry["validation"] = metrics.summarize(result.val_acc_matrix)
@@ -210,7 +212,9 @@ def _record(config: config_lib.ExperimentConfig, ds, built, runs: list[dict],
       "benchmark": {"name": config.benchmark, "scenario": config.run.scenario,
                     "dataset": f"{ds.name}:{ds.version}", "num_tasks": config.task_count,
                     "max_examples": config.max_examples, "input_norm": config.input_norm,
-                    **built.info, **benchmark_info(ds, input_stats)},
+                    **{k: v for k, v in built.info.items()
+                       if not (config.shuffle_classes and k == "class_groups")},
+                    **benchmark_info(ds, input_stats)},
       "acc_matrix": mean.tolist(),
       "acc_matrix_std": std.tolist(),
       **metrics.summarize(mean),

@@ -35,7 +35,7 @@ from experiments import train as train_lib
 
 def _groups(config: config_lib.SweepConfig, configs) -> list[list[int]]:
   """Config indices by data: one group, or one per seed when the data follow the seed."""
-  follows = config.experiment.bench.data_follows_seed
+  follows = config.experiment.data_follows_seed
   groups: dict = {}
   for k, cfg in enumerate(configs):
     groups.setdefault(cfg.seed if follows else None, []).append(k)
@@ -56,11 +56,14 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   diverged: dict = {}
   timings: dict = {"data": 0.0}
   layouts, built, result = [], None, None
+  class_groups = [None] * len(configs)
   preprocess = input_norm.make(exp.input_norm_name, ds.train_images)
   for g, members in enumerate(groups):
     first = configs[members[0]]
     t0 = time.perf_counter()
     built = train_lib.build_tasks(exp, ds, first)
+    for k in members:
+      class_groups[k] = [list(map(int, c)) for c in built.class_groups]
     train, test = tasks.to_device(built.train), tasks.to_device(built.test)
     timings["data"] += time.perf_counter() - t0
     train_lib.check_batch_size(first.batch_size, built.train.counts,
@@ -115,8 +118,12 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
                           val_summaries=None if val is None else [metrics.summarize(a)
                                                                   for a in val],
                           diverged=diverged)
+  info = dict(built.info)
+  if exp.shuffle_classes:  # each seed has its own class groups: in each config's entry
+    info.pop("class_groups", None)
+    info["class_groups_per_config"] = class_groups
   return res, layouts, built._replace(info={
-      **built.info, **train_lib.benchmark_info(ds, getattr(preprocess, "stats", None))})
+      **info, **train_lib.benchmark_info(ds, getattr(preprocess, "stats", None))})
 
 
 def diverged_entry(result, k: int) -> dict:
@@ -205,6 +212,8 @@ def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layo
     entry = {"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
              "acc_matrix": acc.tolist(), **summ, "curves": curves,
              "diverged": (result.diverged or {}).get(k)}
+    if "class_groups_per_config" in built.info:
+      entry["class_groups"] = built.info["class_groups_per_config"][k]
     if result.val_acc_matrix is not None:
       entry["val_acc_matrix"] = result.val_acc_matrix[k].tolist()
       entry["validation"] = result.val_summaries[k]
@@ -213,7 +222,7 @@ def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layo
       "benchmark": {"name": exp.benchmark, "scenario": base.scenario,
                     "dataset": f"{ds.name}:{ds.version}", "num_tasks": exp.task_count,
                     "max_examples": exp.max_examples, "input_norm": exp.input_norm,
-                    **built.info},
+                    **{k: v for k, v in built.info.items() if k != "class_groups_per_config"}},
       "swept": list(result.swept),
       "values": {n: list(v) for n, v in config.values.items()},
       "num_configs": len(result.configs),

@@ -165,6 +165,34 @@ def test_benchmark_registry_builds_tasks():
   assert not np.array_equal(a.train.inputs[1], b.train.inputs[1])       # then per-seed permutations
 
 
+def test_shuffled_classes_follow_the_seed_and_only_split_benchmarks_take_them():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from experiments import data  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  images, labels = rng.integers(0, 255, (60, 4, 4, 1), dtype=np.uint8), np.arange(60) % 10
+  ds = data.Dataset(images, labels, images[:20], labels[:20], "tiny", "1.0.0", 0.0, False)
+  split = benchmark.get("split_mnist")
+  a, b = (split.build(ds, "task", 5, None, s, shuffle_classes=True) for s in (0, 1))
+  assert a.class_groups != b.class_groups  # each seed its own pairs
+  assert sorted(c for g in a.class_groups for c in g) == list(range(10))
+  assert a.class_groups == split.build(ds, "task", 5, None, 0, shuffle_classes=True).class_groups
+  assert [list(g) for g in a.class_groups] == [benchmark.class_order(10, 0, True)[i:i + 2]
+                                               for i in range(0, 10, 2)]
+  # task t's examples are those of its classes, labelled 0/1 in the group's order
+  first = a.train.inputs[0][:a.train.counts[0]]
+  want = images[np.isin(labels, a.class_groups[0])]
+  np.testing.assert_array_equal(np.sort(first.reshape(len(first), -1), 0),
+                                np.sort(want.reshape(len(want), -1), 0))
+  got = np.asarray(a.train.labels[0][:a.train.counts[0]])
+  assert sorted(got) == sorted(a.class_groups[0].index(v) for v in labels[np.isin(
+      labels, a.class_groups[0])])
+  c = config.make("split_mnist", shuffle_classes=True)
+  assert c.data_follows_seed and c.build_options == {"shuffle_classes": True}
+  assert not config.make("split_mnist").data_follows_seed
+  with pytest.raises(errors.SettingError, match="shuffle_classes.*every task holds every class"):
+    config.make("permuted_mnist", shuffle_classes=True).validate()
+
+
 def test_train_and_evaluate_reads_no_flag(tiny_mnist_dir, tmp_path):
   """The runner works in a process that defined no flag at all (a library caller)."""
   code = f"""

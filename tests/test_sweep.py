@@ -318,3 +318,24 @@ def test_cnn_sweep_over_lam_and_seeds_equals_its_single_runs():
           np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
   assert swept.acc_matrix[:, 0, 0].min() > 0.9  # they learn (a meaningful comparison)
   assert swept.curves[2][1]["loss_reg"][-1] > swept.curves[0][1]["loss_reg"][-1] > 0
+
+
+def test_cli_sweep_with_shuffled_classes_trains_each_seed_on_its_own_pairs(tiny_mnist_dir,
+                                                                           tmp_path):
+  """--shuffle_classes: each seed its own class pairs (van de Ven's Split MNIST), recorded per
+  config; the sweep's seed-1 config is the single run with --seed=1 --shuffle_classes."""
+  common = ("--algo=ewc", "--lam=100", "--num_tasks=2", "--max_examples=200", "--epochs=1",
+            "--hidden=16", "--noprogress", "--shuffle_classes", f"--data_dir={tiny_mnist_dir}")
+  proc = run_cli(*common, "--seeds=0,1", f"--workdir={tmp_path / 'sweep'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / "sweep" / "results.json").read_text())
+  groups = [c["class_groups"] for c in res["configs"]]
+  assert groups[0] != groups[1] and "class_groups" not in res["benchmark"]
+  single = subprocess.run([sys.executable, "-m", "experiments.split_mnist", *common, "--seed=1",
+                           "--validation_fraction=0.1", "--nocheckpoint", "--noplots",
+                           f"--workdir={tmp_path / 'single'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  one = json.loads((tmp_path / "single" / "results.json").read_text())
+  assert one["runs"][0]["class_groups"] == groups[1]
+  assert one["runs"][0]["acc_matrix"] == res["configs"][1]["acc_matrix"]
