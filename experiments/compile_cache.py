@@ -88,16 +88,18 @@ def run_executables(config, run, built, preprocess, train, test, *,
   """The store and key of the programs of ``run`` (an experiment's ``continual.Config``):
   they are built from its settings but the programs' arguments
   (``continual.program_arguments(dynamic_p)``: the seed's PRNG keys, λ, γ and the learning
-  rate, and p when a sweep varies it), the class groups,
-  the input normalisation (``config.input_norm_name`` and ``preprocess``'s statistics) and the
+  rate, and p when a sweep varies it), the class groups (class-incremental: the classes each
+  task makes active; otherwise only their sizes shape the heads, so seeds with their own
+  shuffled pairs share the programs), the input normalisation (``config.input_norm_name`` and ``preprocess``'s statistics) and the
   shapes of ``train`` / ``test``."""
 
   arguments = continual.program_arguments(dynamic_p)
   settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in arguments}
   norm = {"name": config.input_norm_name, "mean": getattr(preprocess, "mean", None),
           "std": getattr(preprocess, "std", None)}
-  parts = {"run": settings, "class_groups": [list(map(int, g)) for g in built.class_groups],
-           "input_norm": norm}
+  groups = ([list(map(int, g)) for g in built.class_groups] if run.scenario == "class"
+            else [len(g) for g in built.class_groups])
+  parts = {"run": settings, "class_groups": groups, "input_norm": norm}
   return executables(parts, train, test)
 
 

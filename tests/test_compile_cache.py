@@ -22,3 +22,21 @@ def test_the_command_lines_key_follows_every_part(tmp_path, monkeypatch):
   assert len({base.key, *(o.key for o in others)}) == 1 + len(others)
   with pytest.raises(TypeError, match="is not part of a compiled program's key"):
     compile_cache.executables({"f": object()}, data)
+
+
+def test_the_class_groups_enter_the_key_where_they_shape_the_heads(tmp_path, monkeypatch):
+  """Task/domain heads depend on the groups' sizes only (seeds with their own shuffled pairs
+  share programs); class-incremental heads on which classes each task makes active."""
+  import types  # pylint: disable=import-outside-toplevel
+  from experiments import config  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("EWC_JAX_CACHE_DIR", str(tmp_path))
+  data = synthetic_tasks(120, 0)
+  keys = {}
+  for scenario in ("task", "class"):
+    c = config.make("split_mnist", scenario=scenario)
+    for groups in (((0, 1), (2, 3)), ((3, 1), (0, 2))):
+      built = types.SimpleNamespace(class_groups=groups)
+      keys[scenario, groups] = compile_cache.run_executables(c, c.run, built, None, data,
+                                                             data).key
+  assert keys["task", ((0, 1), (2, 3))] == keys["task", ((3, 1), (0, 2))]
+  assert keys["class", ((0, 1), (2, 3))] != keys["class", ((3, 1), (0, 2))]
