@@ -10,7 +10,9 @@ files and writes the table (JSON and markdown):
     python -m experiments.fisher_kinds --runs=/tmp/sci --out=docs/fisher_kinds.json
 
 ``--runs`` holds ``select_<kind>/`` (and ``extend_<kind>_*/``, grid extensions) and
-``final_<kind>_s*/`` folders, ``<kind>`` one of :data:`KINDS` (``finetune``: no λ).
+``final_<kind>_s*/`` folders, ``<kind>`` one of :data:`KINDS` (``finetune``: no λ), and
+optionally ``shuffled_<kind>/``: the chosen λ again with ``--shuffle_classes`` (each seed its
+own class pairs, as in the blog's runs), a second table.
 
 Their mean ± SEM uses ``np.sqrt(np.var(x)) / np.sqrt(n)`` (ddof 0, ``compare_FI.py``); ours is
 given both ways. ``z`` is (ours − theirs) / √(SEM_ours² + SEM_theirs²).
@@ -72,6 +74,24 @@ def kind_row(runs: Path, kind: str) -> dict | None:
                         "val_average_accuracy": 100 * row["val_average_accuracy"],
                         "test_average_accuracy": 100 * row["average_accuracy"]})
   selection.sort(key=lambda r: r["lam"])
+  return {"kind": kind, "blog_name": blog_name, "flags": flags, "selection": selection,
+          **_test_results(kind, finals)}
+
+
+def shuffled_row(runs: Path, kind: str) -> dict | None:
+  """One kind's test results with each seed's own class pairs (``shuffled_<kind>/``:
+  ``--shuffle_classes``, as the blog's seeds), at the λ chosen with the fixed pairs."""
+  finals = _load(str(runs / f"shuffled_{kind}" / "results.json"))
+  if not finals:
+    return None
+  flags, blog_name = KINDS[kind][:2]
+  return {"kind": kind, "blog_name": blog_name, "flags": flags + " --shuffle_classes",
+          **_test_results(kind, finals)}
+
+
+def _test_results(kind: str, finals: list[dict]) -> dict:
+  """The test AA per seed of ``finals`` (sweeps' results.json), against the blog's."""
+  blog_mean, blog_sem = KINDS[kind][2]
   per_seed, lams, walls = {}, set(), []
   for rec in finals:
     walls.append(rec["timings"].get("total"))
@@ -82,11 +102,11 @@ def kind_row(runs: Path, kind: str) -> dict | None:
   stats = mean_sem([per_seed[s] for s in seeds])
   sem_both = math.sqrt((stats["sem"] or 0.0) ** 2 + blog_sem ** 2)
   return {
-      "kind": kind, "blog_name": blog_name, "flags": flags,
-      "selection": selection,
       "chosen_lam": None if kind == "finetune" else sorted(lams)[0],
       "seeds": seeds, "test_average_accuracy": [per_seed[s] for s in seeds], **stats,
-      "blog": {"mean": blog_mean, "sem": blog_sem, "seeds": 30},
+      "std": (stats["sem"] or 0.0) * math.sqrt(stats["n"]),
+      "blog": {"mean": blog_mean, "sem": blog_sem, "seeds": 30,
+               "std": blog_sem * math.sqrt(30)},  # their SEM is ddof 0: std = SEM * sqrt(n)
       "difference": stats["mean"] - blog_mean,
       "z": (stats["mean"] - blog_mean) / sem_both,
       "within_2_blog_sem": abs(stats["mean"] - blog_mean) <= 2 * blog_sem,
@@ -96,15 +116,16 @@ def kind_row(runs: Path, kind: str) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-  """The table: ours (mean ± SEM, seeds, λ) beside the blog's."""
-  lines = ["| kind (blog) | ours: flags | λ (validation) | ours AA (%) | blog AA (%) | Δ | z |",
-           "|---|---|---|---|---|---|---|"]
+  """The table: ours (mean ± SEM, seeds, λ; the std over seeds) beside the blog's."""
+  lines = ["| kind (blog) | ours: flags | λ (validation) | ours AA (%) | blog AA (%) | Δ | z "
+           "| std over seeds: ours / blog |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lam = "–" if r["chosen_lam"] is None else f"{r['chosen_lam']:g}"
     lines.append(
         f"| {r['blog_name']} | `{r['flags']}` | {lam} | {r['mean']:.2f} ± {r['sem']:.2f} "
         f"({r['n']}) | {r['blog']['mean']:.2f} ± {r['blog']['sem']:.2f} (30) | "
-        f"{r['difference']:+.2f} | {r['z']:+.1f} |")
+        f"{r['difference']:+.2f} | {r['z']:+.1f} | {r['std']:.2f} / {r['blog']['std']:.2f} |")
   return "\n".join(lines)
 
 
@@ -127,12 +148,16 @@ def main(argv=None) -> None:
   parser.add_argument("--out", required=True, help="the JSON to write")
   args = parser.parse_args(argv)
   rows = [r for r in (kind_row(Path(args.runs), k) for k in KINDS) if r is not None]
+  shuffled = [r for r in (shuffled_row(Path(args.runs), k) for k in KINDS) if r is not None]
   record = {"protocol": PROTOCOL, "reference": "van de Ven 2025, arXiv:2502.11756",
-            "rows": rows}
+            "rows": rows, "rows_shuffled_classes": shuffled}
   Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
   print(markdown(rows))
   print()
   print(selection_markdown(rows))
+  if shuffled:
+    print()
+    print(markdown(shuffled))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,14 @@ def test_row_takes_the_final_seeds_and_the_validation_grid(tmp_path):
   assert "| EXACT | `--fisher=true` | 10000 | 98.00 ± 0.58 (3)" in fisher_kinds.markdown([row])
   table = fisher_kinds.selection_markdown([row])
   assert "1e+03: 95.00, **1e+04: 98.00**, 1e+08: 90.00" in table
+  assert row["std"] == pytest.approx(1.0) and row["blog"]["std"] == pytest.approx(0.16 * 30 ** .5)
+
+
+def test_shuffled_row_reads_the_shuffled_sweep(tmp_path):
+  _write(tmp_path / "shuffled_true500", [], [
+      {"seed": 0, "lam": 1e7, "average_accuracy": 0.99},
+      {"seed": 1, "lam": 1e7, "average_accuracy": 0.97}])
+  row = fisher_kinds.shuffled_row(tmp_path, "true500")
+  assert row["flags"].endswith("--shuffle_classes") and row["seeds"] == [0, 1]
+  assert row["mean"] == pytest.approx(98.0) and row["chosen_lam"] == 1e7
+  assert fisher_kinds.shuffled_row(tmp_path, "true") is None
