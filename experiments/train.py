@@ -15,7 +15,7 @@ import importlib.util
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -112,8 +112,12 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str | os.Pa
 
 
 def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess, *,
-              workdir: Path, savers: contextlib.ExitStack, identity: dict) -> tuple[Any, dict]:
-  """One seed, checkpointed (resumed when a checkpoint exists): ``(result, entry fields)``."""
+              workdir: Path, savers: contextlib.ExitStack, identity: dict,
+              on_training: Callable[[], Any] | None = None) -> tuple[Any, dict]:
+  """One seed, checkpointed (resumed when a checkpoint exists): ``(result, entry fields)``.
+
+  ``on_training``: called once, when the first chunk of training has run (work for a
+  background thread: from then on the main thread mostly waits on XLA, without the GIL)."""
   seeds = config.seed_list
   train, test = tasks.to_device(built.train), tasks.to_device(built.test)
   net = continual.make_network(run, built.class_groups)
@@ -137,11 +141,23 @@ def _run_seed(config: config_lib.ExperimentConfig, run: continual.Config, built,
                                       start=resume)
     savers.callback(logger.close)
     hook = tensorboard.chain(logger, hook)
+  if on_training is not None:
+    hook = tensorboard.chain(_once(on_training), hook)
   result = continual.run(run, net, train, test, preprocess=preprocess, resume=resume,
                          on_checkpoint=hook, progress=progress_lib.make(config.progress, prefix),
                          compile_fn=_compiler(config, run, built, preprocess, train, test))
   return result, {"resumed_from": resumed_from,
                   "checkpoint": ckpt.save_seconds if ckpt is not None else 0.0}
+
+
+def _once(fn: Callable[[], Any]) -> Callable[..., None]:
+  """An ``on_checkpoint`` hook calling ``fn()`` at its first call only."""
+  pending = [fn]
+
+  def hook(*_):
+    if pending:
+      pending.pop()()
+  return hook
 
 
 def _compiler(config: config_lib.ExperimentConfig, run: continual.Config, built, preprocess,
@@ -171,11 +187,11 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
                        config.run.validation_fraction, config.max_examples)
       if config.checkpoint:
         prepare_checkpoints(config, workdir / "checkpoints", identity=identity)
-      if config.plots:
-        # matplotlib's import overlaps the training (not the data: both hold the GIL).
-        plots.prefetch()
+    # matplotlib's import overlaps the training, started once the first chunk has run: before
+    # that (data to the device, programs loaded) the main thread needs the GIL too.
     result, extra = _run_seed(config, run, built, preprocess, workdir=workdir, savers=savers,
-                              identity=identity)
+                              identity=identity,
+                              on_training=plots.prefetch if config.plots and not runs else None)
     timings = {"import": start["import"], "data": data_seconds, **result.timings,
                "checkpoint": extra["checkpoint"]}
     entry = {"seed": seed, "resumed_from": extra["resumed_from"],
