@@ -320,6 +320,7 @@ def test_cnn_sweep_over_lam_and_seeds_equals_its_single_runs():
   assert swept.curves[2][1]["loss_reg"][-1] > swept.curves[0][1]["loss_reg"][-1] > 0
 
 
+@pytest.mark.extended
 def test_cli_sweep_with_shuffled_classes_trains_each_seed_on_its_own_pairs(tiny_mnist_dir,
                                                                            tmp_path):
   """--shuffle_classes: each seed its own class pairs (van de Ven's Split MNIST), recorded per
