@@ -199,7 +199,7 @@ def _train_and_evaluate(config: config_lib.ExperimentConfig, workdir: Path, ds,
              **metrics.summarize(result.acc_matrix), "curves": result.curves,
              "timings": timings}
     if config.shuffle_classes:  # each seed has its own class groups
-      entry["class_groups"] = [list(map(int, g)) for g in built.class_groups]
+      entry["class_groups"] = built.info["class_groups"]
     if result.val_acc_matrix is not None:
       entry["val_acc_matrix"] = np.asarray(result.val_acc_matrix).tolist()
       entry["validation"] = metrics.summarize(result.val_acc_matrix)

@@ -63,7 +63,7 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
     t0 = time.perf_counter()
     built = train_lib.build_tasks(exp, ds, first)
     for k in members:
-      class_groups[k] = [list(map(int, c)) for c in built.class_groups]
+      class_groups[k] = built.info["class_groups"]
     train, test = tasks.to_device(built.train), tasks.to_device(built.test)
     timings["data"] += time.perf_counter() - t0
     train_lib.check_batch_size(first.batch_size, built.train.counts,
