@@ -66,6 +66,7 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from ewc_jax import per_example_rules
+from ewc_jax.loop_conv import loop_conv
 
 SingleFn = Callable[[Sequence[jax.Array], Any], jax.Array]
 LossFn = Callable[[jax.Array, Any], jax.Array]
@@ -424,7 +425,10 @@ def _tapped_sq_grad_sum(closed, num_args: int, num_leaves: int, loss: LossFn, si
         k = 1 - sites[i].operand
         invals[k] = jnp.broadcast_to(invals[k], (b,) + jnp.shape(invals[k]))
         axes[k] = 0
-      if any(a is not None for a in axes):
+      if _merges_batch(eqn, axes):
+        out = _merged_conv(eqn, *invals)
+        batched.update(eqn.outvars)
+      elif any(a is not None for a in axes):
         out = jax.vmap(lambda *iv, eqn=eqn: _bind(eqn, iv), in_axes=axes)(*invals)
         batched.update(eqn.outvars)
       else:
@@ -453,6 +457,30 @@ def _tapped_sq_grad_sum(closed, num_args: int, num_leaves: int, loss: LossFn, si
       out[i] = g_leaves[i]
     return out, outs
   return fn
+
+
+def _merges_batch(eqn, axes) -> bool:
+  """Whether ``eqn`` is a convolution of batched images by one kernel whose image axis leads
+  (the example's images and the batch merge into it, as ``vmap`` of the primitive does)."""
+  if eqn.primitive.name != "conv_general_dilated" or list(axes) != [0, None]:
+    return False
+  dn = eqn.params["dimension_numbers"]
+  return eqn.params["batch_group_count"] == 1 and dn.lhs_spec[0] == 0 and dn.out_spec[0] == 0
+
+
+def _merged_conv(eqn, lhs, rhs):
+  """The convolution of the ``[B, n, ...]`` images ``lhs`` as one convolution of ``B·n`` images
+  by :func:`~ewc_jax.loop_conv.loop_conv` (the same values as the primitive's ``vmap``):
+  the backward pass to the layer's input then stays fast inside the Fisher's loop over batches
+  on the CPU (autodiff's input gradient there: 26.7 ms per batch of 128 for the cnn backbone's
+  second convolution, against 6.9 ms)."""
+  p = eqn.params
+  y = loop_conv(lhs.reshape((-1,) + lhs.shape[2:]), rhs, p["window_strides"], p["padding"],
+                lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
+                dimension_numbers=p["dimension_numbers"],
+                feature_group_count=p["feature_group_count"], precision=p["precision"],
+                preferred_element_type=p["preferred_element_type"])
+  return y.reshape(lhs.shape[:2] + y.shape[1:])
 
 
 def _undo_chain(s, chain):

@@ -30,7 +30,7 @@ Your own module works the same way (pass the instance where a name is accepted, 
 * Dropout draws from the ``"dropout"`` PRNG stream, which the runner derives from the run's seed
   for every train step (see :func:`ewc_jax.continual.run`).
 * On CPU, pass ``conv_general_dilated=loop_conv if train else None`` to your ``nn.Conv`` layers
-  (:mod:`ewc_jax.backbones.conv`): XLA:CPU runs the plain convolution's gradients up to ~35x
+  (:mod:`ewc_jax.loop_conv`): XLA:CPU runs the plain convolution's gradients up to ~35x
   slower inside the runner's compiled loop; the built-in backbones do this.
 
 An NNX module: wrap its *class* with ``flax.nnx.bridge.to_linen`` (the arguments after the class
@@ -52,7 +52,7 @@ from typing import Callable
 import flax.linen as nn
 
 from ewc_jax.backbones.cnn import CNN, cnn
-from ewc_jax.backbones.conv import loop_conv
+from ewc_jax.loop_conv import loop_conv
 from ewc_jax.backbones.mlp import MLP, mlp
 from ewc_jax.backbones.resnet import BasicBlock, ResNet18, resnet18, resnet18_full
 

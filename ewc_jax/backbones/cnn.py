@@ -5,20 +5,18 @@ flatten -> Dense(256) -> relu``; the heads (``Dense(classes)``) are the last lay
 example. Convolutions use ``SAME`` padding, so a 28x28x1 input gives 7·7·64 = 3,136 features
 before the Dense layer (824,458 parameters with one 10-way head, as flax's example). Inputs: NHWC
 images (see :func:`ewc_jax.backbones.images.as_images`). No BatchNorm, no dropout; in train mode
-the convolutions are :func:`ewc_jax.backbones.conv.loop_conv` (same values, gradients
-that stay fast inside the runner's scan on CPU) with its kernel gradient as one matmul of the
-unfolded input (``kernel_grad="unfold"``).
+the convolutions are :func:`ewc_jax.loop_conv.loop_conv` (same values, gradients
+that stay fast inside the runner's loop on CPU).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 
-from ewc_jax.backbones.conv import loop_conv
+from ewc_jax.loop_conv import loop_conv
 from ewc_jax.backbones.images import as_images
 
 
@@ -29,7 +27,7 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = as_images(x, self.input_shape, "cnn")
-    conv = functools.partial(loop_conv, kernel_grad="unfold") if train else None
+    conv = loop_conv if train else None
     for features in (32, 64):
       x = nn.relu(nn.Conv(features, kernel_size=(3, 3), conv_general_dilated=conv)(x))
       x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))

@@ -13,7 +13,7 @@ Padding as PyTorch's: 1 on every side of the 3x3 convolutions (also with stride 
 ``torch.nn.BatchNorm2d``'s defaults: running averages with momentum 0.1 (Flax ``momentum=0.9``)
 and epsilon 1e-5. Initialisation: Flax's defaults (LeCun normal convolutions, BatchNorm scale 1
 and bias 0), not PyTorch's. In train mode the convolutions are
-:func:`ewc_jax.backbones.conv.loop_conv` (same values; gradients that stay fast inside
+:func:`ewc_jax.loop_conv.loop_conv` (same values; gradients that stay fast inside
 the runner's scan on CPU).
 
 ``train=True``: BatchNorm normalises with the batch statistics and updates the running averages
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewc_jax.backbones.conv import loop_conv
+from ewc_jax.loop_conv import loop_conv
 from ewc_jax.backbones.images import as_images
 
 STAGES = (2, 2, 2, 2)
@@ -38,7 +38,7 @@ _PAD1 = ((1, 1), (1, 1))
 
 
 def _conv(train: bool):
-  """Bias-free ``nn.Conv``; :func:`~ewc_jax.backbones.conv.loop_conv` in train mode."""
+  """Bias-free ``nn.Conv``; :func:`~ewc_jax.loop_conv.loop_conv` in train mode."""
   return functools.partial(nn.Conv, use_bias=False,
                            conv_general_dilated=loop_conv if train else None)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from ewc_jax import algorithms
 from ewc_jax import augment as augment_lib
+from ewc_jax import compiler_options
 from ewc_jax import errors
 from ewc_jax import fisher as fisher_lib
 from ewc_jax import heads
@@ -264,13 +265,14 @@ class Compiler(Protocol):
 
 
 def compile_lowered(lowered: Mapping[str, Any]) -> dict[str, Any]:
-  """Compiles every ``jax.stages.Lowered`` of ``lowered`` on a thread pool (the XLA
+  """Compiles every ``jax.stages.Lowered`` of ``lowered`` with the options of
+  :mod:`ewc_jax.compiler_options`, on a thread pool (the XLA
   compilations release the GIL; the init program, one random op per parameter, compiles about
   as long as the train chunk)."""
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers,
                                              thread_name_prefix="ewc_jax-compile") as ex:
-    return dict(zip(lowered, ex.map(lambda lo: lo.compile(), lowered.values())))
+    return dict(zip(lowered, ex.map(compiler_options.compile_program, lowered.values())))
 
 
 def default_compiler(programs_: Uncompiled) -> dict[str, Any]:
