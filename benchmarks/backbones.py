@@ -8,7 +8,8 @@ not depend on the values). Train step: EWC with p = 2 and one anchor (the merged
 the train chunk of the runner (:func:`ewc_jax.continual.step.train_chunk`) over batches drawn from
 device-resident data, as in training (BatchNorm
 in train mode, its running statistics updated). Fisher: the empirical Fisher of the
-consolidated parameters (evaluation mode), as the runner computes it after a task.
+consolidated parameters (evaluation mode), as the runner computes it after a task. Both compiled
+with the runner's options (:mod:`ewc_jax.compiler_options`).
 ``--scale`` multiplies the number of examples timed (default sized for a CPU).
 """
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.train_step import filled_memory
-from ewc_jax import algorithms, fisher, heads
+from ewc_jax import algorithms, compiler_options, fisher, heads
 from ewc_jax.continual import step as step_lib
 from ewc_jax.continual import task_data
 
@@ -42,6 +43,7 @@ def images(shape, n, seed):
 def bench(name, scale):
   shape, batch, steps, fisher_n, fisher_batch = SETUPS[name]
   steps, fisher_n = steps * scale, fisher_n * scale
+  options = compiler_options.for_platform(jax.default_backend())
   net = heads.make_network("task", [[0, 1], [2, 3]], backbone=name)
   params, model_state = heads.init_variables(net, jax.random.key(0),
                                              step_lib.scale_pixels(images(shape, 1, 0)))
@@ -57,7 +59,7 @@ def bench(name, scale):
                         jnp.array([n], jnp.int32))
   order = step_lib.epoch_order(jax.random.key(4), data.counts[0], n, n)
   chunk = jax.jit(functools.partial(step_lib.train_chunk, step_lib.Step(
-      net, algo, tx, batch_size=batch, num_steps=steps)))
+      net, algo, tx, batch_size=batch, num_steps=steps)), compiler_options=options)
   state = step_lib.init_train_state(tx, params, 1e-3, model_state)
   inputs = step_lib.ChunkInputs(data=data, order=order, start_step=jnp.int32(0),
                                 task_index=jnp.int32(1), memory=memory, hyper=hyper,
@@ -68,7 +70,7 @@ def bench(name, scale):
   y = jax.random.randint(jax.random.key(7), (fisher_n,), 0, 2)
   weigh = jax.jit(lambda p, s, x, y: fisher.fisher_diagonal(
       heads.consolidated_logits_fn(net, p, 0, s), heads.consolidated(net, p), x, y,
-      batch_size=fisher_batch))
+      batch_size=fisher_batch), compiler_options=options)
   fisher_t = common.time_call(lambda: jax.block_until_ready(weigh(params, model_state, x, y)),
                               repeats=3)
   return {"backbone": name, "input_shape": list(shape),
