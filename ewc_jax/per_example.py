@@ -300,7 +300,8 @@ def make_sq_grad_sum(closed, num_args: int, num_leaves: int, loss: LossFn, *,
   ``method="vmap"`` computes every leaf with ``vmap(grad)``.
 
   Otherwise one backward pass of the summed loss computes everything: the jaxpr is evaluated on
-  the batch one equation at a time (each under ``vmap``), and a "tap" (a ``custom_vjp``
+  the batch one equation at a time (each under ``vmap``; a convolution as one convolution of
+  the batch's images by :func:`~ewc_jax.loop_conv.loop_conv`), and a "tap" (a ``custom_vjp``
   identity) on each site's output applies the site's rule to (a, δ) when the backward pass
   reaches it, so δ and the per-example gradients of one layer are freed before the next layer's
   are formed (peak memory close to a training step's). A leaf without a single-site rule

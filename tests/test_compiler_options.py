@@ -56,17 +56,11 @@ def test_options_by_platform():
 
 
 @cpu_only
-def test_an_option_xla_does_not_know_compiles_with_the_defaults(monkeypatch):
-  monkeypatch.setitem(compiler_options._BY_PLATFORM, "cpu",
-                      {"xla_cpu_no_such_option_for_this_test": "1"})
+@pytest.mark.parametrize("options", [
+    {"xla_cpu_no_such_option_for_this_test": "1"},                   # an option it lacks
+    {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"},   # a value it lacks
+], ids=["unknown_option", "unknown_value"])
+def test_what_xla_does_not_know_compiles_with_its_defaults(monkeypatch, options):
+  monkeypatch.setitem(compiler_options._BY_PLATFORM, "cpu", options)
   lowered = jax.jit(lambda x: x - 0.25).lower(jnp.ones(5))
-  np.testing.assert_array_equal(compiler_options.compile_program(lowered)(jnp.ones(5)), 0.75)
-
-
-@cpu_only
-def test_a_value_xla_does_not_know_compiles_with_the_defaults(monkeypatch):
-  monkeypatch.setitem(compiler_options._BY_PLATFORM, "cpu",
-                      {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
-  lowered = jax.jit(lambda x: x - 0.25).lower(jnp.ones(5))
-  # A known option, a value this XLA does not have (a renamed fusion type): its defaults.
   np.testing.assert_array_equal(compiler_options.compile_program(lowered)(jnp.ones(5)), 0.75)
