@@ -43,7 +43,8 @@ def _groups(config: config_lib.SweepConfig, configs) -> list[list[int]]:
 
 
 def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict] | None = None):
-  """Runs the sweep; ``(SweepResult, layouts, built tasks)``.
+  """Runs the sweep; ``(SweepResult, layouts, built tasks, class groups)``: the last, with
+  ``--shuffle_classes``, each config's class groups (each seed has its own), else None.
 
   ``checkpoints``: ``(root folder, identity)``: group g checkpoints under ``root/group_<g>``.
   """
@@ -121,9 +122,9 @@ def run_sweep(config: config_lib.SweepConfig, ds, checkpoints: tuple[Path, dict]
   info = dict(built.info)
   if exp.shuffle_classes:  # each seed has its own class groups: in each config's entry
     info.pop("class_groups", None)
-    info["class_groups_per_config"] = class_groups
   return res, layouts, built._replace(info={
-      **info, **train_lib.benchmark_info(ds, getattr(preprocess, "stats", None))})
+      **info, **train_lib.benchmark_info(ds, getattr(preprocess, "stats", None))}), (
+          class_groups if exp.shuffle_classes else None)
 
 
 def diverged_entry(result, k: int) -> dict:
@@ -189,17 +190,20 @@ def train_and_evaluate_sweep(config: config_lib.SweepConfig, workdir, *, writer:
     root = workdir / "checkpoints"
     train_lib.prepare_checkpoints(exp, root, "group_*/chunk_*")
     saves = (root, config.identity(f"{ds.name}:{ds.version}"))
-  result, layouts, built = run_sweep(config, ds, saves)
+  result, layouts, built, class_groups = run_sweep(config, ds, saves)
   if not writer:
     return None
   return write_outputs(config, result, workdir, layouts=layouts, built=built, ds=ds,
+                       class_groups=class_groups,
                        extra_timings={"import": import_seconds, "load": load_seconds},
                        start_time=start_time)
 
 
 def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layouts, built, ds,
-                  extra_timings: dict, start_time: float | None = None) -> dict:
-  """results.json, average_accuracy.png and the printed table."""
+                  extra_timings: dict, start_time: float | None = None,
+                  class_groups: list | None = None) -> dict:
+  """results.json, average_accuracy.png and the printed table; ``class_groups``: each config's
+  (``--shuffle_classes``), written into its entry."""
   exp, base = config.experiment, config.experiment.run
   rows = sweep.table(result)
   keys = [n for n in result.swept if n != "seed"]
@@ -212,8 +216,8 @@ def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layo
     entry = {"index": k, **{n: getattr(cfg, n) for n in sweep.SWEEPABLE},
              "acc_matrix": acc.tolist(), **summ, "curves": curves,
              "diverged": (result.diverged or {}).get(k)}
-    if "class_groups_per_config" in built.info:
-      entry["class_groups"] = built.info["class_groups_per_config"][k]
+    if class_groups is not None:
+      entry["class_groups"] = class_groups[k]
     if result.val_acc_matrix is not None:
       entry["val_acc_matrix"] = result.val_acc_matrix[k].tolist()
       entry["validation"] = result.val_summaries[k]
@@ -222,7 +226,7 @@ def write_outputs(config: config_lib.SweepConfig, result, workdir: Path, *, layo
       "benchmark": {"name": exp.benchmark, "scenario": base.scenario,
                     "dataset": f"{ds.name}:{ds.version}", "num_tasks": exp.task_count,
                     "max_examples": exp.max_examples, "input_norm": exp.input_norm,
-                    **{k: v for k, v in built.info.items() if k != "class_groups_per_config"}},
+                    **built.info},
       "swept": list(result.swept),
       "values": {n: list(v) for n, v in config.values.items()},
       "num_configs": len(result.configs),
