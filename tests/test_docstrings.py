@@ -9,7 +9,7 @@ import pytest
 
 import ewc_jax
 
-WITH_EXAMPLES = {"ewc_jax.fisher", "ewc_jax.fisher_stream", "ewc_jax.penalty", "ewc_jax.per_example", "ewc_jax.masks",
+WITH_EXAMPLES = {"ewc_jax.compiler_options", "ewc_jax.fisher", "ewc_jax.fisher_stream", "ewc_jax.penalty", "ewc_jax.per_example", "ewc_jax.masks",
                  "ewc_jax.variables", "ewc_jax.transform", "ewc_jax.continual.holdout",
                  "ewc_jax.continual.task_data", "ewc_jax.errors", "ewc_jax.backbones",
                  "ewc_jax.initializers", "ewc_jax.interrupt"}
