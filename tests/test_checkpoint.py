@@ -417,6 +417,9 @@ def test_checkpoints_from_before_the_backbone_fields_count_as_the_mlp():
   assert [d.split(" ")[0] for d in checkpoint.config_diff(chunk, resnet)] == ["chunk_configs"]
 
 
+# A second backbone for what the default suite checks on the mlp / cnn and on a user's BatchNorm
+# module (tests/test_backbones.py): its shared run costs ~45 s of compiling on 2 cores.
+@pytest.mark.extended
 @pytest.mark.xdist_group("resnet18_run")  # one process builds the shared run
 def test_resnet18_batchnorm_run_resumes_bit_identically(resnet18_run):
   """ResNet-18 with BatchNorm: killed mid-epoch of task 2 (its running statistics half-way

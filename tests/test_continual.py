@@ -51,6 +51,9 @@ def test_no_compilation_after_the_first_task(backbone):
   assert result.acc_matrix.shape == (T, T)
 
 
+# A second backbone for what the default suite checks on the mlp / cnn and on a user's BatchNorm
+# module (tests/test_backbones.py): its shared run costs ~45 s of compiling on 2 cores.
+@pytest.mark.extended
 @pytest.mark.xdist_group("resnet18_run")  # one process builds the shared run
 def test_no_compilation_after_the_first_task_resnet18(resnet18_run):
   """ResNet-18 with BatchNorm: the model state changes every step, still one program."""
