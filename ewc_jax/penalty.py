@@ -41,8 +41,9 @@ class Anchor(_AnchorFields):
   Building an Anchor (a) replaces Flax NNX Variables by their current values, so that an anchor
   made from ``nnx.split(model, nnx.Param)`` or ``nnx.state(model, nnx.Param)`` -- the model's
   *live* Variables -- stays θ*_k while the model trains on (JAX arrays are immutable: holding the
-  values is a copy); (b) checks that a concrete importance is finite and >= 0 everywhere.
-  Inside ``jit`` (traced importance) the check is skipped. JAX's own tree operations
+  values is a copy); (b) checks that the importance has the structure and shapes of ``params``
+  and, when concrete, is finite and >= 0 everywhere (inside ``jit``, traced importance, that
+  value check is skipped). JAX's own tree operations
   (``jax.tree.map``, ``jit`` arguments, unflattening) rebuild anchors without either step.
 
   Attributes:
@@ -64,6 +65,7 @@ class Anchor(_AnchorFields):
     misuse.check_params(importance, "Anchor.importance")
     misuse.check_anchor_not_traced(params)
     params, importance = variables.as_arrays(params), variables.as_arrays(importance)
+    validation.check_same_structure("Anchor.importance", params, importance, "Anchor.params")
     validation.check_importance("Anchor.importance", importance)
     return super().__new__(cls, params, importance)
 
@@ -270,9 +272,9 @@ def ewc_loss(params: PyTree, anchors: Anchors, *, lam: Any, p: Any = 2.0,
       :class:`Anchor` (leaves ``[K, ...]``); one task's anchor alone is ``(anchor,)``.
     lam: λ >= 0; ``lam=0`` switches the penalty off (value and gradient exactly 0 for finite
       parameters, eagerly and under ``jit``). May be traced (e.g. ``vmap`` over a sweep): a
-      traced λ cannot be checked, and a negative one gives a negative penalty -- check it
-      before ``jit`` when it comes from user input.
-    p: exponent p > 0 (default 2).
+      traced λ that is negative or non-finite cannot raise, so it makes the penalty and its
+      gradient NaN (never a silently negative penalty).
+    p: exponent p > 0 (default 2); a traced p <= 0 gives NaN likewise.
     leaf_mask: which leaves to penalise (``ewc_jax.masks``: a bool pytree, a prefix of one, or
       ``mask_fn(params)``); the anchors still cover every leaf of ``params``.
 
@@ -293,6 +295,7 @@ def ewc_loss(params: PyTree, anchors: Anchors, *, lam: Any, p: Any = 2.0,
   """
   validation.check_non_negative("lam", lam)
   validation.check_positive("p", p)
+  lam, p = validation.non_negative_or_nan(lam), validation.positive_or_nan(p)  # traced: NaN if bad
   misuse.check_params(params, "params")
   params = variables.as_arrays(params)
   misuse.check_not_self_anchored(jax.tree.leaves(params), jax.tree.leaves(anchors), "anchors")
@@ -405,6 +408,9 @@ def seed_parity_loss(params: PyTree, anchors: Anchors, *, factor: Any, p: Any = 
   """
   validation.check_positive("factor", factor)
   validation.check_positive("p", p)
+  # Traced (the runner's sweeps): NaN for a negative or non-finite factor or p <= 0 (a factor of
+  # 0, refused when concrete, is the harmless "no penalty" there).
+  factor, p = validation.non_negative_or_nan(factor), validation.positive_or_nan(p)
   params = variables.as_arrays(params)
   stacked = _as_stacked(params, anchors)
   if stacked is None:

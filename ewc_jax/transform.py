@@ -62,7 +62,8 @@ def add_ewc_gradient(anchors: penalty.Anchors | None = None, *, lam: Any = None,
   Args:
     anchors: as in :func:`ewc_jax.ewc_loss` (a sequence of Anchor or one stacked Anchor); None:
       only those given to ``update`` as ``ewc_anchors=`` (none given: the identity).
-    lam: λ >= 0 (0: the identity), checked when concrete; ``update(..., ewc_lam=)`` overrides it.
+    lam: λ >= 0 (0: the identity), checked when concrete (a traced negative or non-finite λ
+      makes the updates NaN); ``update(..., ewc_lam=)`` overrides it.
       Required, here or at every update.
     mask: which leaves are penalised, as in ``optax.add_decayed_weights`` (a bool pytree, a
       prefix of one, or a function of params); ``leaf_mask`` is the same (the library's name).
@@ -91,6 +92,7 @@ def add_ewc_gradient(anchors: penalty.Anchors | None = None, *, lam: Any = None,
                        "tx.update(..., ewc_lam=...).")
     misuse.check_number("ewc_lam" if ewc_lam is not None else "lam", strength)
     validation.check_non_negative("ewc_lam" if ewc_lam is not None else "lam", strength)
+    strength = validation.non_negative_or_nan(strength)  # traced and bad: NaN updates
     misuse.check_params(params, "params")
     plain = variables.as_arrays(params)
     name = "ewc_anchors" if ewc_anchors is not None else "anchors"

@@ -64,6 +64,30 @@ def check_non_negative(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` should be >= 0 and finite, but got {name}={_fmt(bad)}.")
 
 
+def non_negative_or_nan(value: Any) -> Any:
+  """``value`` as it is when concrete (:func:`check_non_negative` checks it); a traced one (under
+  ``jit``/``vmap``, where no check can raise) as NaN wherever it is negative or non-finite, so a
+  bad λ makes the penalty and its gradient NaN -- a loss that shows it -- instead of a silently
+  negative penalty. Valid values pass through unchanged, bit for bit.
+
+  >>> import jax
+  >>> float(jax.jit(non_negative_or_nan)(-1.0)), float(jax.jit(non_negative_or_nan)(2.0))
+  (nan, 2.0)
+  """
+  if is_concrete(value):
+    return value
+  v = jnp.asarray(value)
+  return jnp.where(jnp.isfinite(v) & (v >= 0), v, jnp.nan)
+
+
+def positive_or_nan(value: Any) -> Any:
+  """As :func:`non_negative_or_nan` for a value that must be > 0 (:func:`check_positive`)."""
+  if is_concrete(value):
+    return value
+  v = jnp.asarray(value)
+  return jnp.where(jnp.isfinite(v) & (v > 0), v, jnp.nan)
+
+
 def check_unit_interval(name: str, value: Any) -> None:
   """Raises ``ValueError`` unless every concrete value lies in (0, 1]."""
   vals = _scalar_values(name, value)

@@ -107,9 +107,11 @@ def test_anchor_persistence_errors_name_the_problem(tmp_path):
     ewc_jax.restore_anchors(tmp_path / "a", like=anchors)
   with pytest.raises(ValueError, match="stacked"):
     ewc_jax.restore_anchors(tmp_path / "a", like=ewc_jax.stack_anchors(anchors))
-  bad = Anchor(params=_params(1), importance={"dense": jax.tree.map(jnp.abs, _params(1)["dense"])})
+  mismatched = {"dense": jax.tree.map(jnp.abs, _params(1)["dense"])}
+  with pytest.raises(ValueError, match=r"`Anchor\.importance` does not match `Anchor\.params`"):
+    Anchor(params=_params(1), importance=mismatched)           # refused when it is built
   with pytest.raises(ValueError, match=r"anchors\[0\]\.importance"):
-    ewc_jax.save_anchors(tmp_path / "b", [bad])
+    ewc_jax.save_anchors(tmp_path / "b", [(_params(1), mismatched)])   # a plain pair
   neg = jax.tree.map(lambda x: -jnp.ones_like(x), _params(1))
   with pytest.raises(ValueError, match=r"anchors\[0\]\.importance"):
     ewc_jax.save_anchors(tmp_path / "c", [(_params(1), neg)])   # a plain (params, F) pair

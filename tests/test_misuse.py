@@ -222,6 +222,8 @@ CASES = {
     "anchor_of_other_model": (lambda: ewc_loss(P, (Anchor({"v": jnp.ones(2)}, {"v": jnp.ones(2)}),),
                                                lam=1.0), "does not match"),
     "stack_nothing": (lambda: stack_anchors([]), "at least one Anchor"),
+    "anchor_importance_of_other_shape": (lambda: Anchor(P, {**F, "w": jnp.ones((3, 1))}),
+                                         "`Anchor.importance` does not match `Anchor.params`"),
     # --- the optax transformation.
     "transform_lam_string": (lambda: add_ewc_gradient((Anchor(P, F),), lam="10"), "string"),
     "transform_without_lam": (
@@ -236,6 +238,19 @@ CASES = {
         lambda: add_ewc_gradient().update(P, optax.EmptyState(), P, ewc_anchors=(Anchor(P, F),),
                                           ewc_lam=-2.0), "`ewc_lam` should be >= 0"),
 }
+
+
+def test_a_traced_negative_lam_makes_the_transformations_updates_nan():
+  """Under jit a λ cannot raise: a negative one gives NaN updates, not a silent push away from
+  the anchor; a valid traced λ the eager updates."""
+  tx = add_ewc_gradient()
+  update = jax.jit(lambda lam: tx.update(P, optax.EmptyState(), P, ewc_anchors=(Anchor(
+      jax.tree.map(jnp.zeros_like, P), F),), ewc_lam=lam)[0])
+  assert all(np.all(np.isnan(u)) for u in jax.tree.leaves(update(-2.0)))
+  eager = tx.update(P, optax.EmptyState(), P, ewc_anchors=(Anchor(jax.tree.map(jnp.zeros_like, P),
+                                                                  F),), ewc_lam=2.0)[0]
+  for got, want in zip(jax.tree.leaves(update(2.0)), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_the_table_is_large():

@@ -271,6 +271,39 @@ def test_bad_lambda_or_p_raise(kwargs, needle):
       clarena_loss(params, anchors, **factor_kwargs)
 
 
+def test_a_traced_bad_lambda_or_p_gives_nan_never_a_silently_wrong_penalty():
+  """Under jit no check can raise: a negative or non-finite traced λ (or p <= 0, or the reference
+  modes' factor) makes the value and the gradient NaN, while a valid traced λ gives exactly the
+  eager numbers."""
+  rng = np.random.default_rng(16)
+  params, anchors = _tree(rng), _anchors(rng, 2)
+  f = jax.jit(jax.value_and_grad(lambda q, lam, p: ewc_loss(q, anchors, lam=lam, p=p)),
+              compiler_options=_FAST_COMPILE)
+  for lam, p in ((-1.0, 2.0), (float("nan"), 2.0), (float("inf"), 2.0), (1.0, 0.0),
+                 (1.0, -2.0)):
+    value, grad = f(params, lam, p)
+    assert np.isnan(float(value)), (lam, p)
+    assert all(np.all(np.isnan(g)) for g in jax.tree.leaves(grad)), (lam, p)
+  value, grad = f(params, 2.5, 2.0)
+  want_value, want_grad = jax.value_and_grad(lambda q: ewc_loss(q, anchors, lam=2.5))(params)
+  assert float(value) == float(want_value)
+  assert_trees_close(grad, want_grad, rtol=0, atol=0)
+  bad_factor = jax.jit(lambda q, fa: seed_parity_loss(q, anchors, factor=fa, p=2.0))
+  assert np.isnan(float(bad_factor(params, -1.0)))
+  assert np.isfinite(float(bad_factor(params, 1.0)))
+
+
+def test_anchor_refuses_importance_of_another_structure_or_shape_when_built():
+  rng = np.random.default_rng(17)
+  params, importance = _tree(rng), _tree(rng, low=0.0)
+  with pytest.raises(ValueError, match=re.escape("`Anchor.importance` does not match "
+                                                 "`Anchor.params`: leaf ['layer']['b'] is missing")):
+    Anchor(params=params, importance={"layer": {"w": importance["layer"]["w"]},
+                                      "out": importance["out"]})
+  with pytest.raises(ValueError, match=re.escape("leaf ['out']['w'] has shape (4, 1)")):
+    Anchor(params=params, importance={**importance, "out": {"w": np.ones((4, 1), np.float32)}})
+
+
 def test_reference_modes_refuse_factor_zero():
   # The reference raises for parameter_change_reg_factor <= 0; ewc_loss's lam=0 means "off".
   rng = np.random.default_rng(11)
