@@ -147,6 +147,8 @@ def fisher_diagonal(
     key: PRNG key, required for ``"sampled"``.
     mask: optional ``[N]`` 0/1 row weights; masked-out rows are ignored and not counted in N.
       This lets one compiled program serve data sets of different sizes padded to one shape.
+      A ``mask`` (or ``label_mask``) that counts nothing is refused; traced under ``jit``, it
+      gives NaN importance (a mean over no row), never a silent 0.
     normalize_by_num_params: divide by the number of weighed scalars (seed parity).
     method: ``"auto"`` (exact fast paths where they apply, ``vmap(grad)`` elsewhere) or
       ``"vmap"``.
@@ -181,6 +183,7 @@ def fisher_diagonal(
   setup = checks.setup_call(logits_fn, params, inputs, leaf_mask, "logits_fn")
   traced, n = setup.traced, setup.n
   labels, label_mask, weights = checks.checked_targets(setup, labels, label_mask, mask, kind, key)
+  checks.check_something_counted(weights, label_mask, n)
   consts = traced.closed.consts
   spec = prog.Spec(kind, method, setup.active, prog.Likelihood(True, reduction), len(consts),
                    prog.shardings_of(traced.leaves))

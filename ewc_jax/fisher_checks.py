@@ -144,6 +144,23 @@ def checked_targets(setup: Setup, labels, label_mask, mask, kind: str, key):
   return Targets(labels, label_mask, weights)
 
 
+def check_something_counted(weights, lmask, n: int) -> None:
+  """Raises when concrete ``mask`` / ``label_mask`` count no example: the Fisher is a mean over
+  the counted rows, undefined over none (under ``jit``, traced masks, the result is NaN)."""
+  given = [(name, a) for name, a in (("mask", weights), ("label_mask", lmask)) if a is not None]
+  if not given or not all(validation.is_concrete(a) and validation.host_readable(a)
+                          for _, a in given):
+    return
+  counted = np.ones((n,), bool) if weights is None else np.asarray(weights).reshape(n) > 0
+  if lmask is not None:
+    counted &= (np.asarray(lmask).reshape(n, -1) > 0).any(axis=1)
+  if not counted.any():
+    names = " and ".join(f"`{name}`" for name, _ in given)
+    verb = "counts" if len(given) == 1 else "count"
+    raise ValueError(f"{names} {verb} no example (every weight is 0): the Fisher is a mean over "
+                     "the counted rows, undefined over none; give at least one nonzero weight.")
+
+
 def row_weights(mask, n: int):
   """``mask`` as a checked ``[n]`` array of row weights (None stays None)."""
   if mask is None:

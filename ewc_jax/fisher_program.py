@@ -367,7 +367,7 @@ def data_program(batch_fn: Callable, spec: Spec, shapes: list, out_shape: tuple,
     return acc0, [jnp.zeros((), bool)] * num_flags
 
   def finish(acc, flags, total):
-    denom = jnp.maximum(total, 1.0)
+    denom = jnp.where(total > 0, total, jnp.nan)  # no counted row (traced masks): NaN, not 0
     if normalize:
       denom = denom * sum(int(np.prod(s, dtype=np.int64)) for s in active_shapes)
     values = _constrain([a / denom for a in acc], spec)

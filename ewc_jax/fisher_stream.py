@@ -21,6 +21,7 @@ from ewc_jax import fisher_checks as checks
 from ewc_jax import fisher_program as prog
 from ewc_jax import masks as masks_lib
 from ewc_jax import misuse
+from ewc_jax import validation
 from ewc_jax import variables
 from ewc_jax.fisher import LogitsFn
 
@@ -131,7 +132,11 @@ def _update(call: checks.Setup, how: _How, state: FisherState, targets: checks.T
 
 
 def _result(state: FisherState, leaf_mask, normalize: bool) -> PyTree:
-  denom = jnp.maximum(state.count, 1.0)
+  if validation.is_concrete(state.count) and validation.host_readable(state.count) and not (
+      float(np.asarray(state.count)) > 0):
+    raise ValueError("the Fisher has counted no example (every row or label position seen was "
+                     "masked out): it is a mean over the counted rows, undefined over none.")
+  denom = jnp.where(state.count > 0, state.count, jnp.nan)  # traced and empty: NaN, not 0
   if normalize:
     active = masks_lib.resolve(leaf_mask, state.sums)
     denom = denom * sum(int(np.prod(np.shape(x), dtype=np.int64))
@@ -214,7 +219,7 @@ def fisher_from_batches(logits_fn: LogitsFn, params: PyTree, batches: Iterable, 
                            runtime_checks=runtime_checks)
   if kind == "sampled" and key is None:
     raise ValueError("`key` (a PRNG key) is required for kind='sampled'.")
-  state = [acc.init(params)]
+  state, labelled = [acc.init(params)], [False]  # labelled: some label position counted
 
   def update_one(batch, weights, i):
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
@@ -222,7 +227,14 @@ def fisher_from_batches(logits_fn: LogitsFn, params: PyTree, batches: Iterable, 
                        f"label_mask), got {type(batch).__name__}.")
     k = None if key is None else jax.random.fold_in(key, i)
     state[0] = acc.update(state[0], params, *batch, key=k, mask=weights)
+    lmask = batch[2] if len(batch) == 3 else None
+    labelled[0] = labelled[0] or lmask is None or not (
+        validation.is_concrete(lmask) and validation.host_readable(lmask)) or bool(
+            np.any(np.asarray(lmask) > 0))
   _stream(batches, "batches", max_examples, update_one)
+  if not labelled[0] and validation.is_concrete(state[0].count):
+    raise ValueError("every batch's `label_mask` counts no label position (all 0): the Fisher "
+                     "over no label is undefined; give at least one nonzero label_mask entry.")
   return acc.result(state[0])
 
 

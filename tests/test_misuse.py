@@ -222,6 +222,17 @@ CASES = {
     "anchor_of_other_model": (lambda: ewc_loss(P, (Anchor({"v": jnp.ones(2)}, {"v": jnp.ones(2)}),),
                                                lam=1.0), "does not match"),
     "stack_nothing": (lambda: stack_anchors([]), "at least one Anchor"),
+    # --- a Fisher over no counted example (a mean over none).
+    "fisher_mask_all_zero": (lambda: fisher_diagonal(fn, P, X, Y, mask=jnp.zeros(6)),
+                             "`mask` counts no example"),
+    "fisher_label_mask_all_zero": (
+        lambda: fisher_diagonal(fn, P, X, Y, label_mask=jnp.zeros(6)),
+        "`label_mask` counts no example"),
+    "fisher_stream_every_batch_masked": (
+        lambda: fisher_from_batches(fn, P, [(X, Y, jnp.zeros(6))]), "counts no label position"),
+    "fisher_accumulator_result_of_nothing": (
+        lambda: fisher_accumulator(fn).result(fisher_accumulator(fn).init(P)),
+        "counted no example"),
     "anchor_importance_of_other_shape": (lambda: Anchor(P, {**F, "w": jnp.ones((3, 1))}),
                                          "`Anchor.importance` does not match `Anchor.params`"),
     # --- the optax transformation.
@@ -251,6 +262,16 @@ def test_a_traced_negative_lam_makes_the_transformations_updates_nan():
                                                                   F),), ewc_lam=2.0)[0]
   for got, want in zip(jax.tree.leaves(update(2.0)), jax.tree.leaves(eager)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_traced_mask_that_counts_nothing_gives_nan_importance():
+  """Under jit the mask cannot raise: a mean over no row is NaN (refused by an Anchor, NaN in
+  the loss), never a silent zero importance; a mask with rows gives the eager numbers."""
+  f = jax.jit(lambda m: fisher_diagonal(fn, P, X, Y, mask=m))
+  assert all(np.all(np.isnan(v)) for v in jax.tree.leaves(f(jnp.zeros(6))))
+  for got, want in zip(jax.tree.leaves(f(jnp.ones(6))), jax.tree.leaves(fisher_diagonal(fn, P, X,
+                                                                                         Y))):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_the_table_is_large():
