@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.xla_flags import with_xla_flags as _with_xla_flags
 
 HERE = Path(__file__).resolve().parent
 CHECK = HERE / "multiprocess_check.py"
@@ -41,7 +42,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  return {**os.environ, "XLA_FLAGS": _with_xla_flags(f"--xla_force_host_platform_device_count={devices}"),
           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
 
 

@@ -12,12 +12,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from tests.xla_flags import with_xla_flags as _with_xla_flags
 
 HERE = Path(__file__).resolve().parent
 
 
 def test_sharded_parameters_keep_their_shardings_and_values():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": _with_xla_flags("--xla_force_host_platform_device_count=8"),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
   proc = subprocess.run([sys.executable, str(HERE / "sharded_check.py")], env=env,
                         capture_output=True, text=True, timeout=600, check=False)

@@ -16,6 +16,7 @@ from ewc_jax import continual, heads
 from ewc_jax.continual import sweep
 from tests import runs
 from tests.test_continual import T, synthetic_tasks
+from tests.xla_flags import with_xla_flags as _with_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = continual.Config(epochs=2, batch_size=32, hidden=(32,), chunk_steps=4,
@@ -166,7 +167,7 @@ FOUR_DEVICES = textwrap.dedent("""
 
 @pytest.mark.extended
 def test_sharded_over_four_forced_cpu_devices_equals_unsharded():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**os.environ, "XLA_FLAGS": _with_xla_flags("--xla_force_host_platform_device_count=4"),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
@@ -199,7 +200,7 @@ def test_two_processes_distributed_equal_one_process(full_sweep):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{sock.getsockname()[1]}"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  env = {**os.environ, "XLA_FLAGS": _with_xla_flags("--xla_force_host_platform_device_count=2"),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, address, str(i)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

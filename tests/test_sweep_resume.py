@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import pause
+from tests.xla_flags import with_xla_flags as _with_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ("--benchmark=split_mnist", "--lam=1,1000", "--seeds=0,1", "--num_tasks=3",
@@ -139,7 +140,8 @@ def test_sweep_sigterm_saves_the_position_and_resumes_bit_identical(reference, t
 def test_sharded_sweep_killed_and_resumed_on_the_same_mesh(tiny_mnist_dir, tmp_path):
   """Two forced host devices: the config axis sharded over a (2, 1) mesh; each device's shard
   saved and restored onto the same mesh."""
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = {"XLA_FLAGS": _with_xla_flags("--xla_force_host_platform_device_count=2"),
+         "JAX_PLATFORMS": "cpu"}
   ref = tmp_path / "reference"
   run_ok(ref, tiny_mnist_dir, env=env)
   layout = json.loads((ref / "results.json").read_text())["layout"][0]
