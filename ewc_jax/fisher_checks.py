@@ -144,18 +144,25 @@ def checked_targets(setup: Setup, labels, label_mask, mask, kind: str, key):
   return Targets(labels, label_mask, weights)
 
 
-def check_something_counted(weights, lmask, n: int) -> None:
-  """Raises when concrete ``mask`` / ``label_mask`` count no example: the Fisher is a mean over
-  the counted rows, undefined over none (under ``jit``, traced masks, the result is NaN)."""
-  given = [(name, a) for name, a in (("mask", weights), ("label_mask", lmask)) if a is not None]
+def counts_nothing(weights, lmask, n: int) -> bool:
+  """Whether concrete ``[n]`` row weights and ``[n, ...]`` label mask (either may be None) count
+  no example; False when neither is given or either is traced."""
+  given = [a for a in (weights, lmask) if a is not None]
   if not given or not all(validation.is_concrete(a) and validation.host_readable(a)
-                          for _, a in given):
-    return
+                          for a in given):
+    return False
   counted = np.ones((n,), bool) if weights is None else np.asarray(weights).reshape(n) > 0
   if lmask is not None:
     counted &= (np.asarray(lmask).reshape(n, -1) > 0).any(axis=1)
-  if not counted.any():
-    names = " and ".join(f"`{name}`" for name, _ in given)
+  return not counted.any()
+
+
+def check_something_counted(weights, lmask, n: int) -> None:
+  """Raises when concrete ``mask`` / ``label_mask`` count no example: the Fisher is a mean over
+  the counted rows, undefined over none (under ``jit``, traced masks, the result is NaN)."""
+  if counts_nothing(weights, lmask, n):
+    given = [name for name, a in (("mask", weights), ("label_mask", lmask)) if a is not None]
+    names = " and ".join(f"`{name}`" for name in given)
     verb = "counts" if len(given) == 1 else "count"
     raise ValueError(f"{names} {verb} no example (every weight is 0): the Fisher is a mean over "
                      "the counted rows, undefined over none; give at least one nonzero weight.")

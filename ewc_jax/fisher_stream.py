@@ -228,9 +228,8 @@ def fisher_from_batches(logits_fn: LogitsFn, params: PyTree, batches: Iterable, 
     k = None if key is None else jax.random.fold_in(key, i)
     state[0] = acc.update(state[0], params, *batch, key=k, mask=weights)
     lmask = batch[2] if len(batch) == 3 else None
-    labelled[0] = labelled[0] or lmask is None or not (
-        validation.is_concrete(lmask) and validation.host_readable(lmask)) or bool(
-            np.any(np.asarray(lmask) > 0))
+    labelled[0] = labelled[0] or lmask is None or not checks.counts_nothing(
+        None, lmask, np.shape(lmask)[0])
   _stream(batches, "batches", max_examples, update_one)
   if not labelled[0] and validation.is_concrete(state[0].count):
     raise ValueError("every batch's `label_mask` counts no label position (all 0): the Fisher "

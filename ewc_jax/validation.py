@@ -74,18 +74,20 @@ def non_negative_or_nan(value: Any) -> Any:
   >>> float(jax.jit(non_negative_or_nan)(-1.0)), float(jax.jit(non_negative_or_nan)(2.0))
   (nan, 2.0)
   """
-  if is_concrete(value):
-    return value
-  v = jnp.asarray(value)
-  return jnp.where(jnp.isfinite(v) & (v >= 0), v, jnp.nan)
+  return _nan_unless(value, lambda v: v >= 0)
 
 
 def positive_or_nan(value: Any) -> Any:
   """As :func:`non_negative_or_nan` for a value that must be > 0 (:func:`check_positive`)."""
+  return _nan_unless(value, lambda v: v > 0)
+
+
+def _nan_unless(value: Any, ok) -> Any:
+  """``value`` when concrete; traced, NaN wherever it is non-finite or not ``ok``."""
   if is_concrete(value):
     return value
   v = jnp.asarray(value)
-  return jnp.where(jnp.isfinite(v) & (v > 0), v, jnp.nan)
+  return jnp.where(jnp.isfinite(v) & ok(v), v, jnp.nan)
 
 
 def check_unit_interval(name: str, value: Any) -> None:

@@ -5,14 +5,15 @@ import pathlib
 
 import pytest
 
+from tests.xla_flags import with_xla_flags
+
 # XLA's code generation at its cheapest for the test processes and the command lines they start
 # (inherited through the environment; set before any backend starts): most of the suite's time
 # is compiling small programs, and nothing the tests check depends on LLVM's optimisation (the
 # suite: 568 -> 500 s on 2 cores, 1,129 -> 963 s of CPU). Subprocesses that set flags of their
 # own add them to these (tests/xla_flags.py).
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true"]))
+os.environ["XLA_FLAGS"] = with_xla_flags("--xla_backend_optimization_level=0",
+                                         "--xla_llvm_disable_expensive_passes=true")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = ROOT.parent / "shared" / "tensorflow_datasets"
